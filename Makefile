@@ -1,0 +1,44 @@
+# nodulekit: two commands do all setup on a fresh machine.
+#   make demo   - create .venv, install, run the whole pipeline on the synthetic dataset (runs/demo/)
+#   make test   - create .venv, install, run the test suite (slow tests included, as CI does)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+QUICK ?= 0
+DEMO_ARGS := $(if $(filter 1,$(QUICK)),--quick,)
+PYTEST_ARGS ?=
+
+.PHONY: demo demo-rknn test test-fast rknn venv clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/nodulekit demo --out runs/demo $(DEMO_ARGS)
+
+demo-rknn: rknn demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# rknn-toolkit2 pins clash with the main environment, so it lives in its own venv and
+# nodulekit reaches it only through a subprocess.
+rknn: .venv-rknn/.installed
+
+.venv-rknn/.installed: requirements-rknn.txt
+	test -x .venv-rknn/bin/python || $(PYTHON) -m venv .venv-rknn
+	.venv-rknn/bin/pip install -q --no-deps rknn-toolkit2==2.5.0
+	.venv-rknn/bin/pip install -q -r requirements-rknn.txt
+	touch $@
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from nodulekit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from nodulekit.models.checkpoint import atomic_torch_save, load_cls_model, load_seg_model, save_seg_checkpoint
+from nodulekit.models.classifier import LunaModel
+from nodulekit.models.unet import SegModel, UNetWidths, widths_from_state_dict
+from nodulekit.errors import InputError
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_seg_parameter_count():
+    assert n_params(SegModel()) == 118_271
+
+
+def test_classifier_parameter_count():
+    assert n_params(LunaModel()) == 222_220
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (96, 128)])
+def test_seg_output_shape(hw):
+    out = SegModel().eval()(torch.randn(2, 7, *hw))
+    assert out.shape == (2, 1, *hw)
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+UNEVEN = UNetWidths(down=((9, 11), (17, 23), (40, 29)), up=((13, 10, 12), (7, 5, 6)))
+
+
+def _dlwpt_checkpoint(model, path):
+    # dlwpt-code's layout: model_state plus bookkeeping, no widths
+    torch.save({"sys_argv": ["x"], "time": "t", "model_name": "UNetWrapper", "model_state": model.state_dict(),
+                "optimizer_name": "Adam", "optimizer_state": {}, "epoch": 3, "totalTrainingSamples_count": 10}, path)
+
+
+@pytest.mark.parametrize("widths", [UNetWidths.default(), UNEVEN], ids=["default", "uneven"])
+def test_dlwpt_seg_checkpoint_loads_identically(tmp_path, widths):
+    torch.manual_seed(0)
+    src = SegModel(widths)
+    for m in src.modules():  # non-trivial BN statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    src.eval()
+    path = tmp_path / "seg.state"
+    _dlwpt_checkpoint(src, path)
+    loaded, _ = load_seg_model(path)
+    assert loaded.widths == widths
+    x = torch.randn(1, 7, 32, 32) * 500
+    assert torch.equal(src(x), loaded(x))
+
+
+def test_widths_round_trip():
+    assert widths_from_state_dict(SegModel(UNEVEN).state_dict()) == UNEVEN
+    assert UNetWidths.from_dict(UNEVEN.to_dict()) == UNEVEN
+
+
+def test_dlwpt_classifier_checkpoint_loads_identically(tmp_path):
+    torch.manual_seed(0)
+    src = LunaModel().eval()
+    path = tmp_path / "cls.state"
+    torch.save({"model_name": "LunaModel", "model_state": src.state_dict(), "epoch": 1}, path)
+    loaded, _ = load_cls_model(path)
+    x = torch.randn(2, 1, 32, 48, 48) * 300
+    assert torch.equal(src(x)[0], loaded(x)[0])
+
+
+def test_wrong_shape_checkpoint_is_named(tmp_path):
+    good = SegModel()
+    save_seg_checkpoint(tmp_path / "a.pt", good)
+    state = good.state_dict()
+    state["unet.last.weight"] = torch.zeros(1, 5, 1, 1)
+    atomic_torch_save({"widths": good.widths.to_dict(), "model_state": state}, tmp_path / "bad.pt")
+    with pytest.raises(InputError, match="bad.pt: tensor 'unet.last.weight' has shape"):
+        load_seg_model(tmp_path / "bad.pt")
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model_state": {}, "obj": object()}, path)
+    with pytest.raises(InputError, match="evil.pt: not a readable checkpoint"):
+        load_seg_model(path)
+
+
+def test_missing_and_truncated_checkpoint(tmp_path):
+    with pytest.raises(InputError, match="checkpoint file not found"):
+        load_seg_model(tmp_path / "nope.pt")
+    save_seg_checkpoint(tmp_path / "t.pt", SegModel())
+    data = (tmp_path / "t.pt").read_bytes()
+    (tmp_path / "t.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="t.pt: not a readable checkpoint"):
+        load_seg_model(tmp_path / "t.pt")
