@@ -1,0 +1,206 @@
+"""LUNA16 tables (annotations, candidates, seriesuids) and the scans of a dataset folder.
+
+Tables are all-or-nothing: the first bad row raises an ``InputError`` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from nodulekit.errors import InputError
+
+ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
+CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "class")
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """A nodule (or, in annotations_excluded.csv, a finding to ignore) at world (x, y, z) mm."""
+
+    seriesuid: str
+    center_xyz: tuple[float, float, float]
+    diameter_mm: float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A candidate location; ``diameter_mm`` is 0.0 until :func:`merge_candidates` matches it."""
+
+    seriesuid: str
+    center_xyz: tuple[float, float, float]
+    is_nodule: bool
+    diameter_mm: float = 0.0
+
+
+def _rows(path: str | Path, columns: tuple[str, ...]):
+    """Yield ``(line_number, row_dict)`` for each non-blank data row, after checking the header."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such file")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        while header is not None and not any(c.strip() for c in header):
+            header = next(reader, None)
+        if header is None:
+            raise InputError(path, "empty file (expected a header: " + ",".join(columns) + ")")
+        header = [c.strip() for c in header]
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise InputError(path, f"line {reader.line_num}: missing column(s) {', '.join(missing)}; "
+                                   f"header is {','.join(header)}")
+        index = {c: header.index(c) for c in columns}
+        for row in reader:
+            if not any(c.strip() for c in row):
+                continue
+            if len(row) < len(header):
+                raise InputError(path, f"line {reader.line_num}: {len(row)} fields, header has {len(header)}")
+            yield reader.line_num, {c: row[i].strip() for c, i in index.items()}
+
+
+def _number(path, line: int, column: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(path, f"line {line}: {column} {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise InputError(path, f"line {line}: {column} is {text}")
+    return value
+
+
+def _center(path, line: int, row: dict) -> tuple[float, float, float]:
+    return tuple(_number(path, line, c, row[c]) for c in ("coordX", "coordY", "coordZ"))
+
+
+def _uid(path, line: int, row: dict) -> str:
+    if not row["seriesuid"]:
+        raise InputError(path, f"line {line}: empty seriesuid")
+    return row["seriesuid"]
+
+
+def read_annotations(path: str | Path) -> list[Annotation]:
+    """Read ``annotations.csv`` or ``annotations_excluded.csv`` (columns in :data:`ANNOTATION_COLUMNS`).
+
+    Raises:
+        InputError: missing file or columns, a non-numeric or non-finite value, a negative diameter.
+    """
+    out = []
+    for line, row in _rows(path, ANNOTATION_COLUMNS):
+        diameter = _number(path, line, "diameter_mm", row["diameter_mm"])
+        if diameter < 0:
+            raise InputError(path, f"line {line}: negative diameter_mm {diameter}")
+        out.append(Annotation(_uid(path, line, row), _center(path, line, row), diameter))
+    return out
+
+
+def read_candidates(path: str | Path) -> list[Candidate]:
+    """Read ``candidates.csv`` or ``candidates_V2.csv`` (columns in :data:`CANDIDATE_COLUMNS`).
+
+    Raises:
+        InputError: missing file or columns, bad coordinates, a ``class`` other than 0 or 1.
+    """
+    out = []
+    for line, row in _rows(path, CANDIDATE_COLUMNS):
+        cls = _number(path, line, "class", row["class"])
+        if cls not in (0.0, 1.0):
+            raise InputError(path, f"line {line}: class {row['class']!r} is not 0 or 1")
+        out.append(Candidate(_uid(path, line, row), _center(path, line, row), cls == 1.0))
+    return out
+
+
+def read_seriesuids(path: str | Path) -> list[str]:
+    """Read LUNA16's ``seriesuids.csv``: one uid per line, no header (a ``seriesuid`` header is
+    accepted too). Order is kept; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such file")
+    uids = []
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        for row in csv.reader(fh):
+            if row and row[0].strip():
+                uids.append(row[0].strip())
+    if uids and uids[0].lower() == "seriesuid":
+        uids = uids[1:]
+    if not uids:
+        raise InputError(path, "empty file: no seriesuid")
+    return uids
+
+
+def find_series(data_dir: str | Path) -> dict[str, Path]:
+    """Map seriesuid -> ``.mhd`` path over ``data_dir/subset*/*.mhd`` and ``data_dir/*.mhd``.
+
+    Raises:
+        InputError: ``data_dir`` is missing, or one uid appears in two files.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise InputError(data_dir, "no such folder")
+    files = sorted(data_dir.glob("*.mhd")) + sorted(data_dir.glob("subset*/*.mhd"))
+    out: dict[str, Path] = {}
+    for f in files:
+        uid = f.name[: -len(".mhd")]
+        if uid in out:
+            raise InputError(f, f"seriesuid {uid} also in {out[uid]}")
+        out[uid] = f
+    return out
+
+
+def annotations_by_series(rows: Iterable[Annotation | Candidate]) -> dict[str, list]:
+    """Group annotations (or candidates) by seriesuid, keeping their order."""
+    out: dict[str, list] = {}
+    for row in rows:
+        out.setdefault(row.seriesuid, []).append(row)
+    return out
+
+
+def merge_candidates(candidates: Iterable[Candidate], annotations: Iterable[Annotation]) -> list[Candidate]:
+    """Give each candidate the diameter of the first annotation of its series that lies within a
+    quarter of that annotation's diameter on every axis (dlwpt-code's rule); otherwise 0.0.
+
+    Classes are kept as they are (a non-nodule close to a nodule gets its diameter too), and so is
+    the order of ``candidates``.
+    """
+    by_uid = annotations_by_series(annotations)
+    out = []
+    for cand in candidates:
+        diameter = 0.0
+        for ann in by_uid.get(cand.seriesuid, ()):
+            if all(abs(c - a) <= ann.diameter_mm / 4 for c, a in zip(cand.center_xyz, ann.center_xyz)):
+                diameter = ann.diameter_mm
+                break
+        out.append(Candidate(cand.seriesuid, tuple(cand.center_xyz), cand.is_nodule, diameter))
+    return out
+
+
+def _write(path: str | Path, header: tuple[str, ...] | None, rows: Iterable[Iterable]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        if header:
+            w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def write_annotations(path: str | Path, rows: Iterable[Annotation]) -> Path:
+    """Write annotations in LUNA16's ``annotations.csv`` format."""
+    return _write(path, ANNOTATION_COLUMNS,
+                  ([a.seriesuid, *(repr(float(v)) for v in a.center_xyz), repr(float(a.diameter_mm))]
+                   for a in rows))
+
+
+def write_candidates(path: str | Path, rows: Iterable[Candidate]) -> Path:
+    """Write candidates in LUNA16's ``candidates.csv`` format (the diameter is not a column there)."""
+    return _write(path, CANDIDATE_COLUMNS,
+                  ([c.seriesuid, *(repr(float(v)) for v in c.center_xyz), int(bool(c.is_nodule))]
+                   for c in rows))
+
+
+def write_seriesuids(path: str | Path, uids: Iterable[str]) -> Path:
+    """Write ``seriesuids.csv``: one uid per line, no header (as LUNA16)."""
+    return _write(path, None, ([u] for u in uids))

@@ -1,0 +1,120 @@
+"""Runners: one callable interface over PyTorch models and deployed artifacts.
+
+A segmentation runner maps ``np.float32 (N, 7, H, W)`` HU (already clipped) to ``np.float32
+(N, 1, H, W)`` probabilities; a classifier runner maps ``(N, 1, 32, 48, 48)`` to ``(N,)`` nodule
+probabilities. Metrics and the detection app only ever see runners, so the file a runtime executes
+is what gets measured.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nodulekit.errors import InputError
+
+
+class TorchSegRunner:
+    def __init__(self, model: torch.nn.Module, threads: int | None = None):
+        self.model = model.eval()
+        self.threads = threads
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+
+class OnnxRunner:
+    """ONNX Runtime session on the CPU with a fixed thread count; returns the first output."""
+
+    def __init__(self, path: str | Path, threads: int = 2):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(self.path, "ONNX file not found")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise InputError(self.path, f"ONNX Runtime cannot load it ({exc})") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def load_seg_runner(path: str | Path, backend: str = "torch", threads: int | None = 2):
+    """A segmentation runner from a checkpoint (``torch``) or an exported ``.onnx`` file (``onnx``)."""
+    path = Path(path)
+    if backend == "onnx" or path.suffix == ".onnx":
+        return OnnxRunner(path, threads=threads or 2)
+    if backend == "torch":
+        from nodulekit.models.checkpoint import load_seg_model
+
+        model, _ = load_seg_model(path)
+        return TorchSegRunner(model, threads)
+    raise ValueError(f"unknown backend {backend!r} (torch, onnx, rknn)")
+
+
+def _class1_probability(out: np.ndarray) -> np.ndarray:
+    """``(N,)`` nodule probability from a classifier output: ``(N, 2)`` probabilities or logits,
+    or ``(N,)`` / ``(N, 1)`` probabilities."""
+    out = np.asarray(out, dtype=np.float32)
+    if out.ndim == 2 and out.shape[1] == 2:
+        if np.all(out >= 0) and np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
+            return out[:, 1]
+        e = np.exp(out - out.max(axis=1, keepdims=True))
+        return (e[:, 1] / e.sum(axis=1)).astype(np.float32)
+    return out.reshape(out.shape[0])
+
+
+class TorchClsRunner:
+    """A ``LunaModel`` (or any module returning ``(logits, probabilities)``) as a classifier runner."""
+
+    def __init__(self, model: torch.nn.Module, threads: int | None = None):
+        self.model = model.eval()
+        self.threads = threads
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        if isinstance(out, (tuple, list)):
+            out = out[-1]
+        return _class1_probability(out.numpy())
+
+
+class OnnxClsRunner(OnnxRunner):
+    """ONNX classifier; takes the last output (probabilities when both logits and probabilities
+    are exported, as ``LunaModel.forward`` returns them)."""
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+        return _class1_probability(outs[-1])
+
+
+def load_cls_runner(path: str | Path, backend: str = "torch", threads: int | None = 2):
+    """A classifier runner: ``(N, 1, 32, 48, 48)`` clipped HU -> ``(N,)`` nodule probability.
+
+    Args:
+        path: a ``LunaModel`` checkpoint (nodulekit or dlwpt) or an exported ``.onnx`` file.
+        backend: ``torch`` or ``onnx``; an ``.onnx`` suffix selects ``onnx``.
+        threads: CPU threads.
+    """
+    path = Path(path)
+    if backend == "onnx" or path.suffix == ".onnx":
+        return OnnxClsRunner(path, threads=threads or 2)
+    if backend == "torch":
+        from nodulekit.models.checkpoint import load_cls_model
+
+        model, _ = load_cls_model(path)
+        return TorchClsRunner(model, threads)
+    raise ValueError(f"unknown backend {backend!r} (torch, onnx, rknn)")
