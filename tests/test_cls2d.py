@@ -1,0 +1,129 @@
+"""The classifier's Conv2d rewrite: same function, NPU-only operators, runners, study rows."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from nodulekit.models.classifier import LunaModel
+from nodulekit.models.cls2d import Cls2p5dModel, conv_macs, to_conv2d
+
+NPU_OPS = {"Conv", "Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Gemm", "MatMul", "Add", "Mul",
+           "Softmax", "Constant", "Identity"}
+
+
+def _model(crop=(32, 48, 48), widths=None, seed=0) -> LunaModel:
+    torch.manual_seed(seed)
+    m = LunaModel(widths=widths, crop=crop).eval()
+    bn = m.tail_batchnorm
+    bn.running_mean.fill_(-350.0)
+    bn.running_var.fill_(420.0**2)
+    bn.weight.data.fill_(1.7)
+    bn.bias.data.fill_(-0.3)
+    return m
+
+
+def _crops(n, crop, seed=1) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).uniform(-1000, 1000, (n, 1, *crop)).astype(np.float32))
+
+
+@pytest.mark.parametrize("crop, widths", [
+    ((32, 48, 48), None),
+    ((16, 32, 32), [(4, 4), (8, 8), (8, 16), (16, 16)]),
+])
+def test_conv2d_rewrite_is_exact(crop, widths):
+    m = _model(crop, widths)
+    c = to_conv2d(m)
+    x = _crops(3, crop)
+    with torch.no_grad():
+        (a, pa), (b, pb) = m(x), c(x)
+    assert a.shape == b.shape == (3, 2)
+    assert (a - b).abs().max().item() <= 1e-4
+    assert torch.allclose(pa, pb, atol=1e-5)
+
+
+def test_conv2d_rewrite_exports_npu_ops_only(tmp_path):
+    import onnx
+
+    from nodulekit.optimize.classifier import export_cls_onnx
+
+    m = _model((16, 32, 32), [(4, 4), (8, 8), (8, 16), (16, 16)])
+    path = export_cls_onnx(to_conv2d(m), tmp_path / "c2d.onnx", m.crop)
+    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert set(ops) <= NPU_OPS, ops
+    assert "Conv" in ops and ops["Conv"] == 16  # 8 banded convs + 2 grouped 1x1 per depth pool
+
+
+def test_onnx_runner_runs_the_rewrite(tmp_path):
+    from nodulekit.deploy.runtime import load_cls_runner
+    from nodulekit.optimize.classifier import export_cls_onnx
+
+    m = _model()
+    path = export_cls_onnx(to_conv2d(m), tmp_path / "c2d.onnx")
+    runner = load_cls_runner(path, backend="onnx")
+    x = _crops(2, m.crop)
+    probs = np.concatenate([runner(x[i:i + 1].numpy()) for i in range(2)])
+    with torch.no_grad():
+        ref = m(x)[1][:, 1].numpy()
+    assert probs.shape == (2,) and np.allclose(probs, ref, atol=1e-4)
+
+
+def test_sizes_and_macs():
+    m = _model()
+    c = to_conv2d(m)
+    n3, n2 = (sum(p.numel() for p in mod.parameters()) for mod in (m, c))
+    assert n2 > 10 * n3  # the depth band costs weights: the reason for Cls2p5dModel
+    assert conv_macs(c) > 5 * conv_macs(m)
+    small = Cls2p5dModel()
+    out = small(_crops(2, (32, 48, 48)))
+    assert out[0].shape == (2, 2) and sum(p.numel() for p in small.parameters()) < n3
+
+
+def test_auc():
+    from nodulekit.optimize.classifier import auc
+
+    assert auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert auc([0.5, 0.5], [0, 1]) == 0.5
+    assert np.isnan(auc([0.1, 0.2], [0, 0]))
+
+
+def test_classifier_study_rows(tmp_path):
+    from nodulekit.models.checkpoint import save_cls_checkpoint
+    from nodulekit.optimize.classifier import classifier_study
+
+    m = _model((16, 32, 32), [(4, 4), (8, 8), (8, 16), (16, 16)])
+    ckpt = save_cls_checkpoint(tmp_path / "cls.pt", m)
+    crops = _crops(12, m.crop).numpy()
+    labels = np.array([0, 1] * 6)
+    rows = classifier_study(ckpt, None, tmp_path / "out", rknn=False, crops=crops, labels=labels)
+    by = {r["name"]: r for r in rows}
+    assert set(by) == {"cls3d_onnx_fp32", "cls2d_onnx_fp32", "cls2d_onnx_int8"}
+    assert all("error" not in r for r in rows), rows
+    assert by["cls2d_onnx_fp32"]["max_abs_diff_vs_3d"] <= 1e-4
+    assert by["cls3d_onnx_fp32"]["latency_us"] > 0 and 0 <= by["cls2d_onnx_int8"]["auc"] <= 1
+
+
+@pytest.mark.slow
+def test_rknn_runs_the_rewrite_on_the_npu(tmp_path):
+    from nodulekit.deploy import rknn
+    from nodulekit.optimize.classifier import export_cls_onnx
+
+    if os.environ.get("NODULEKIT_SKIP_RKNN") == "1":
+        pytest.skip("NODULEKIT_SKIP_RKNN=1")
+    if not rknn.rknn_available():
+        pytest.fail("the rknn-toolkit2 environment .venv-rknn is missing: run `make rknn`")
+    m = _model((16, 32, 32), [(4, 4), (8, 8), (8, 16), (16, 16)])
+    path = export_cls_onnx(to_conv2d(m), tmp_path / "c2d.onnx", m.crop)
+    x = _crops(1, m.crop).numpy()
+    info = rknn.export_rknn(path, tmp_path / "c2d.rknn", quantize=False, input_size=x.shape, eval_inputs=[x])
+    # the toolkit reshapes the two (1, 2) outputs on the CPU; every compute layer is on the NPU
+    assert all(name.startswith("Reshape:") and name.endswith(("_rs", "-rs")) for name in info["cpu_fallback_layers"])
+    assert all(r["target"] == "NPU" for r in info["layers"] if r["op_type"].startswith(("Conv", "MaxPool", "Add", "Relu")))
+    with torch.no_grad():
+        ref = m(torch.from_numpy(x))[0].numpy()
+    logits = info["outputs"][0][0].reshape(ref.shape)
+    assert np.abs(logits - ref).max() <= 1e-2 * max(1.0, np.abs(ref).max())  # fp16 on the NPU
