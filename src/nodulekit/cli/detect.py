@@ -1,0 +1,44 @@
+"""``nodulekit detect CT... --seg CKPT --cls CKPT --out DIR``: find nodules in CT scans."""
+
+from __future__ import annotations
+
+
+def add_parser(sub):
+    p = sub.add_parser("detect", help="detect lung nodules in CT scans (table, JSON and PNGs)",
+                       description="Segment the lung slices, group the segmentation into 3D candidates, classify "
+                                   "a crop around each, and write nodules.csv (every candidate), nodules.json and "
+                                   "a PNG per nodule above --threshold.")
+    p.add_argument("inputs", nargs="+", help=".mhd / .nii.gz files, DICOM folders or LUNA16 subset folders")
+    p.add_argument("--seg", required=True, help="segmentation checkpoint (nodulekit or dlwpt) or .onnx file")
+    p.add_argument("--cls", required=True, help="classifier checkpoint (nodulekit or dlwpt) or .onnx file")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="segmentation runtime")
+    p.add_argument("--cls-backend", default="torch", choices=("torch", "onnx"), help="classifier runtime")
+    p.add_argument("--threshold", type=float, default=0.5, help="classifier probability of a reported nodule")
+    p.add_argument("--seg-threshold", type=float, default=0.5, help="segmentation probability threshold")
+    p.add_argument("--min-volume", type=float, default=None, help="smallest candidate in mm^3 (default 7)")
+    p.add_argument("--batch-size", type=int, default=4, help="slices per segmentation call")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of the runtimes")
+    p.add_argument("--no-png", action="store_true", help="do not draw the nodules")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from nodulekit.detect import run_detection
+    from nodulekit.detect.candidates import MIN_VOLUME_MM3
+
+    summary = run_detection(
+        args.inputs, args.seg, args.cls, args.out,
+        backend=args.backend, cls_backend=args.cls_backend, threshold=args.threshold,
+        seg_threshold=args.seg_threshold, batch_size=args.batch_size, threads=args.threads,
+        min_volume_mm3=MIN_VOLUME_MM3 if args.min_volume is None else args.min_volume,
+        png=not args.no_png, progress=False if args.no_progress else None,
+    )
+    for f in summary["failed"]:
+        print(f"FAILED {f['error']}")
+    per_scan = summary["seconds_per_scan"]
+    print(f"scans ok {summary['scans_ok']}, failed {summary['scans_failed']}; candidates {summary['n_candidates']}, "
+          f"nodules >= {args.threshold} {summary['n_nodules']}; "
+          f"{'-' if per_scan is None else f'{per_scan:.1f}'} s per scan -> {summary['csv']}")
+    return 1 if summary["scans_ok"] == 0 else 0

@@ -1,0 +1,37 @@
+"""``nodulekit evaluate``: LUNA16 FROC of a detections table."""
+
+from __future__ import annotations
+
+
+def add_parser(sub):
+    p = sub.add_parser("evaluate", help="LUNA16 FROC (sensitivity at 1/8..8 FP per scan, CPM) of detections",
+                       description="Score CAD marks (nodules.csv of `nodulekit detect`) with the LUNA16 FROC "
+                                   "protocol; writes froc.json and froc.png.")
+    p.add_argument("--detections", required=True, help="seriesuid,coordX,coordY,coordZ,probability CSV")
+    p.add_argument("--annotations", required=True, help="LUNA16 annotations.csv")
+    p.add_argument("--excluded", help="annotations_excluded.csv: marks on these findings are ignored")
+    p.add_argument("--seriesuids", help="scans to evaluate, one uid per line (default: all named in the tables)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples for the 95%% CI (0: none)")
+    p.add_argument("--max-marks", type=int, default=100, help="most probable marks kept per scan")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability of the reported operating point")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from nodulekit.evaluate.froc import evaluate_froc
+
+    res = evaluate_froc(args.detections, args.annotations, args.excluded, args.seriesuids, args.out,
+                        n_bootstrap=args.bootstrap, seed=args.seed, max_marks=args.max_marks,
+                        threshold=args.threshold)
+    sens = "  ".join(f"{r:g}:{'-' if s is None else f'{s:.3f}'}"
+                     for r, s in zip(res["fps_per_scan"], res["sensitivities"]))
+    ci = res["cpm_ci"]
+    print(f"scans {res['n_scans']}  nodules {res['n_nodules']}  detected {res['n_detected']}  "
+          f"marks {res['n_detections']}  FP {res['n_false_positives']}")
+    print(f"sensitivity @ FP/scan  {sens}")
+    print(f"CPM {res['cpm']}" + (f"  95% CI [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+    for name, op in res["operating_points"].items():
+        print(f"{name}: threshold {op['threshold']}  sensitivity {op['sensitivity']}  FP/scan {op['fps_per_scan']}")
+    return 0

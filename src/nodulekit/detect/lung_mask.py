@@ -1,0 +1,130 @@
+"""A cheap lung mask from thresholds and connected components.
+
+It only decides which slices to segment and where candidates may lie, so it errs on the generous
+side: it is dilated by a few millimetres so that nodules touching the pleura stay inside.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+# Aerated lung is about -850 HU, soft tissue about 0: -400 separates them with a wide margin
+# and keeps ground-glass lung (around -600) on the lung side.
+AIR_THRESHOLD_HU = -400.0
+# Lungs of an adult hold several litres; anything under this is bowel gas, a trachea segment or noise.
+MIN_LUNG_ML = 50.0
+DILATE_MM = 5.0
+# The mask is computed on a grid of about this in-plane spacing: 4x fewer voxels on a 512x512 scan,
+# and a lung mask needs no sub-millimetre detail.
+WORK_SPACING_MM = 1.0
+
+
+def _spacing_zyx(spacing_xyz) -> np.ndarray:
+    return np.asarray(spacing_xyz, dtype=np.float64)[::-1]
+
+
+def _dilate(mask: np.ndarray, radius_mm: float, spacing_zyx: np.ndarray) -> np.ndarray:
+    """Dilate by a cylinder: a disk of ``radius_mm`` in plane, then as many slices along z.
+
+    A cylinder is a little more generous than a ball and three times faster to apply.
+    """
+    r = np.floor(radius_mm / spacing_zyx).astype(int)
+    rows, cols = np.ogrid[-r[1]: r[1] + 1, -r[2]: r[2] + 1]
+    disk = (rows * spacing_zyx[1]) ** 2 + (cols * spacing_zyx[2]) ** 2 <= radius_mm**2
+    out = ndimage.binary_dilation(mask, structure=disk[None])
+    if r[0] > 0:
+        out = ndimage.binary_dilation(out, structure=np.ones((3, 1, 1), dtype=bool), iterations=int(r[0]))
+    return out
+
+
+def _body_mask(hu: np.ndarray) -> np.ndarray:
+    """Per slice: the body is everything enclosed by soft tissue (holes filled in 2D).
+
+    Filling slice by slice keeps the lungs inside the body even where the 3D outline is open
+    (the trachea reaches the top of the scan, the couch gap, a cropped field of view).
+    """
+    tissue = hu > AIR_THRESHOLD_HU
+    body = np.zeros_like(tissue)
+    for z in range(hu.shape[0]):
+        labels, n = ndimage.label(tissue[z])
+        if n == 0:
+            continue
+        # the largest tissue blob on each slice is the patient; the couch and cables are smaller
+        sizes = np.bincount(labels.ravel())
+        body[z] = ndimage.binary_fill_holes(labels == (int(np.argmax(sizes[1:])) + 1))
+    return body
+
+
+def lung_mask(
+    hu: np.ndarray,
+    spacing_xyz,
+    *,
+    threshold_hu: float = AIR_THRESHOLD_HU,
+    min_lung_ml: float = MIN_LUNG_ML,
+    dilate_mm: float = DILATE_MM,
+) -> np.ndarray:
+    """Boolean lung mask of a CT volume.
+
+    Steps: air (HU below ``threshold_hu``) inside the body outline; 3D connected components; drop
+    the ones touching the in-plane border (outside air) and those smaller than ``min_lung_ml``;
+    fill holes per slice (vessels, nodules); dilate by ``dilate_mm``.
+
+    Args:
+        hu: volume in HU, (index, row, col).
+        spacing_xyz: voxel size (x, y, z) in mm.
+        threshold_hu: air/tissue threshold.
+        min_lung_ml: smallest air component kept, in millilitres.
+        dilate_mm: final dilation radius, so juxtapleural nodules stay inside.
+
+    Returns:
+        ``bool`` array of the shape of ``hu``; all False when no lung is found.
+    """
+    hu = np.asarray(hu)
+    full_shape = hu.shape
+    spacing = _spacing_zyx(spacing_xyz)
+    step = max(1, int(round(WORK_SPACING_MM / max(min(spacing[1], spacing[2]), 1e-3))))
+    if step > 1:
+        hu = hu[:, ::step, ::step]
+        spacing = spacing * np.array([1, step, step])
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+
+    body = _body_mask(hu)
+    air = (hu < threshold_hu) & body
+    labels, n = ndimage.label(air)
+    if n == 0:
+        return np.zeros(full_shape, dtype=bool)
+
+    border = np.zeros(hu.shape, dtype=bool)
+    border[:, 0, :] = border[:, -1, :] = border[:, :, 0] = border[:, :, -1] = True
+    touching = np.unique(labels[border])
+    keep = np.bincount(labels.ravel(), minlength=n + 1) * voxel_ml >= min_lung_ml
+    keep[0] = False
+    keep[touching] = False
+    if not keep.any():
+        return np.zeros(full_shape, dtype=bool)
+    mask = keep[labels]
+
+    for z in range(mask.shape[0]):
+        if mask[z].any():
+            mask[z] = ndimage.binary_fill_holes(mask[z])
+    if dilate_mm > 0:
+        mask = _dilate(mask, dilate_mm, spacing)
+    if step > 1:
+        mask = np.repeat(np.repeat(mask, step, axis=1), step, axis=2)[:, : full_shape[1], : full_shape[2]]
+        mask = np.pad(mask, [(0, 0), (0, full_shape[1] - mask.shape[1]), (0, full_shape[2] - mask.shape[2])])
+    return mask
+
+
+def lung_volume_ml(mask: np.ndarray, spacing_xyz) -> float:
+    """Volume of a mask in millilitres."""
+    return float(mask.sum()) * float(np.prod(spacing_xyz)) / 1000.0
+
+
+def lung_components(mask: np.ndarray, min_ml: float, spacing_xyz) -> int:
+    """Number of 3D components of ``mask`` of at least ``min_ml`` millilitres."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return 0
+    sizes = np.bincount(labels.ravel())[1:] * float(np.prod(spacing_xyz)) / 1000.0
+    return int((sizes >= min_ml).sum())

@@ -1,0 +1,74 @@
+"""PNG views of a detected nodule: axial, coronal and sagittal planes through its centre."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# Lung window W1500 / L-600: parenchyma, vessels and solid nodules all visible at once.
+WINDOW = (-1350.0, 150.0)
+HALF_FIELD_MM = 40.0
+
+
+def _window(center: int, half: int, dim: int) -> slice:
+    return slice(max(center - half, 0), min(center + half + 1, dim))
+
+
+def render_nodule(ct, labels: np.ndarray, candidate, path: str | Path, *,
+                  half_field_mm: float = HALF_FIELD_MM, dpi: int = 100) -> Path:
+    """Write a three-panel PNG around ``candidate``.
+
+    Each panel is a ``2 * half_field_mm`` square field centred on the nodule, displayed in the
+    lung window with its aspect corrected by the voxel spacing, and the candidate's segmentation
+    outlined. The title holds the probability, diameter and world coordinates.
+
+    Args:
+        ct: the :class:`~nodulekit.data.volume.CTVolume`.
+        labels: label volume of the candidates (same shape as ``ct.hu``).
+        candidate: a :class:`~nodulekit.detect.candidates.Candidate`.
+        path: output PNG.
+        half_field_mm: half the side of each panel's field of view.
+        dpi: resolution of the figure.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hu = ct.hu
+    sx, sy, sz = ct.spacing
+    zc, yc, xc = (int(round(v)) for v in candidate.center_irc)
+    zc, yc, xc = (min(max(v, 0), d - 1) for v, d in zip((zc, yc, xc), hu.shape))
+    zs = _window(zc, int(half_field_mm / sz), hu.shape[0])
+    ys = _window(yc, int(half_field_mm / sy), hu.shape[1])
+    xs = _window(xc, int(half_field_mm / sx), hu.shape[2])
+    comp = labels == candidate.label if labels is not None else None
+    # with the usual direction matrix z grows towards the head: show the head at the top
+    head_up = float(np.asarray(ct.direction)[2, 2]) >= 0
+    vert = "lower" if head_up else "upper"
+    planes = [
+        ("axial", hu[zc, ys, xs], None if comp is None else comp[zc, ys, xs], sy / sx, "upper"),
+        ("coronal", hu[zs, yc, xs], None if comp is None else comp[zs, yc, xs], sz / sx, vert),
+        ("sagittal", hu[zs, ys, xc], None if comp is None else comp[zs, ys, xc], sz / sy, vert),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.6))
+    for ax, (name, img, outline, aspect, origin) in zip(axes, planes):
+        ax.imshow(img, cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1], aspect=aspect, origin=origin,
+                  interpolation="nearest")
+        if outline is not None and outline.any() and min(outline.shape) > 1:
+            rows, cols = outline.shape
+            ax.contour(np.arange(cols), np.arange(rows), outline.astype(np.float32), levels=[0.5],
+                       colors="tab:red", linewidths=1.0)
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    x, y, z = candidate.center_xyz
+    fig.suptitle(f"{ct.seriesuid}\np={candidate.probability:.3f}  d={candidate.diameter_mm:.1f} mm  "
+                 f"(x, y, z) = ({x:.1f}, {y:.1f}, {z:.1f}) mm", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

@@ -1,0 +1,171 @@
+"""Detection app: candidates from a phantom with known answers, outputs, bad inputs, real scans."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nodulekit.data.volume import CTVolume
+from nodulekit.detect import detect_scan, run_detection
+from nodulekit.detect.candidates import crop, seg_batch
+
+SPACING = (2.5, 2.5, 4.0)  # x, y, z mm
+ORIGIN = (-150.0, -120.0, -300.0)
+NODULE_IRC = (14, 60, 40)
+NODULE_MM = 8.0  # diameter
+
+
+def _ellipsoid(shape, center_zyx, radii_mm):
+    z, y, x = np.ogrid[tuple(slice(0, s) for s in shape)]
+    sx, sy, sz = SPACING
+    return sum(((g - c) * s / r) ** 2 for g, c, s, r in zip((z, y, x), center_zyx, (sz, sy, sx), radii_mm)) <= 1.0
+
+
+def phantom_ct(depth: int = 28, uid: str = "1.2.3.phantom") -> CTVolume:
+    """Soft tissue (100 HU) body in air with two lungs (-850 HU) and a 0 HU nodule in the right lung."""
+    shape = (depth, 112, 112)
+    hu = np.full(shape, -1000, dtype=np.int16)
+    hu[_ellipsoid(shape, (depth / 2, 56, 56), (400, 120, 135))] = 100
+    for cx in (32, 80):
+        hu[_ellipsoid(shape, (depth / 2, 56, cx), (45, 70, 45))] = -850
+    hu[_ellipsoid(shape, NODULE_IRC, (NODULE_MM / 2,) * 3)] = 0
+    return CTVolume(hu, ORIGIN, SPACING, np.eye(3), uid, "phantom")
+
+
+def fake_seg(x: np.ndarray) -> np.ndarray:
+    """'Segments' the centre slice's voxels between -300 and 50 HU: the nodule and nothing else."""
+    c = x[:, 3]
+    return ((c > -300) & (c < 50)).astype(np.float32)[:, None]
+
+
+def fake_cls(x: np.ndarray) -> np.ndarray:
+    assert x.shape[1:] == (1, 32, 48, 48) and x.min() >= -1000 and x.max() <= 1000
+    return np.full(len(x), 0.7, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from nodulekit.models.checkpoint import save_cls_checkpoint, save_seg_checkpoint
+    from nodulekit.models.classifier import LunaModel
+    from nodulekit.models.unet import SegModel
+
+    d = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    return save_seg_checkpoint(d / "seg.pt", SegModel()), save_cls_checkpoint(d / "cls.pt", LunaModel())
+
+
+def test_seg_batch_clamps_neighbours_and_clips():
+    hu = np.arange(5, dtype=np.float32)[:, None, None] * 1000 - 2000 + np.zeros((5, 4, 4), np.float32)
+    x = seg_batch(hu, [0, 4])
+    assert x.shape == (2, 7, 4, 4) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[0, :, 0, 0], np.clip([-2000] * 4 + [-1000, 0, 1000], -1000, 1000))
+    np.testing.assert_array_equal(x[1, :, 0, 0], [-1000, 0, 1000, 1000, 1000, 1000, 1000])
+
+
+def test_crop_pads_with_air_at_the_border():
+    hu = np.full((10, 20, 20), 500, dtype=np.int16)
+    c = crop(hu, (0, 0, 0))
+    assert c.shape == (32, 48, 48)
+    assert c[0, 0, 0] == -1000 and c[16, 24, 24] == 500
+    assert (c == 500).sum() == 10 * 20 * 20  # the whole volume fits in the crop's lower corner
+    assert crop(hu, (100, 100, 100)).max() == -1000
+
+
+def test_candidate_position_and_size():
+    ct = phantom_ct()
+    res = detect_scan(ct, fake_seg, fake_cls)
+    cands = res["candidates"]
+    assert len(cands) == 1
+    c = cands[0]
+    np.testing.assert_allclose(c.center_irc, NODULE_IRC, atol=0.3)
+    expected_xyz = np.array(ORIGIN) + np.array(NODULE_IRC[::-1]) * np.array(SPACING)
+    np.testing.assert_allclose(c.center_xyz, expected_xyz, atol=1.0)
+    assert abs(c.diameter_mm - NODULE_MM) / NODULE_MM < 0.25
+    assert c.probability == pytest.approx(0.7)
+    assert 0 < res["slices_segmented"] <= ct.shape[0]
+
+
+def test_candidates_outside_the_lung_are_dropped():
+    ct = phantom_ct()
+    ct.hu[14, 5:9, 50:54] = 0  # a 0 HU blob in the air outside the body
+    assert len(detect_scan(ct, fake_seg, fake_cls)["candidates"]) == 1
+
+
+def test_specks_below_min_volume_are_dropped():
+    ct = phantom_ct()
+    ct.hu[14, 56, 80] = 0  # one voxel (25 mm^3) in the left lung
+    assert len(detect_scan(ct, fake_seg, fake_cls, min_volume_mm3=7)["candidates"]) == 2
+    assert len(detect_scan(ct, fake_seg, fake_cls, min_volume_mm3=30)["candidates"]) == 1
+
+
+def test_run_detection_outputs_and_bad_inputs(tmp_path, models, monkeypatch):
+    from nodulekit.data.ct import write_ct
+    from nodulekit.deploy import runtime
+
+    good = write_ct(phantom_ct(), tmp_path / "in" / "1.2.3.phantom.mhd")
+    thin = write_ct(phantom_ct(depth=5, uid="thin"), tmp_path / "in" / "thin.mhd")
+    broken = tmp_path / "in" / "broken.mhd"
+    broken.write_text("not a metaimage header\n")
+    monkeypatch.setattr(runtime, "load_seg_runner", lambda *a, **k: fake_seg)
+    monkeypatch.setattr(runtime, "load_cls_runner", lambda *a, **k: fake_cls)
+    out = tmp_path / "out"
+    s = run_detection([good, thin, broken, tmp_path / "missing.nii.gz"], *models, out, progress=False)
+    assert s["scans_ok"] == 1 and s["scans_failed"] == 3
+    assert {f["input"] for f in s["failed"]} == {str(thin), str(broken), str(tmp_path / "missing.nii.gz")}
+    rows = list(csv.reader(open(out / "nodules.csv")))
+    assert rows[0] == ["seriesuid", "coordX", "coordY", "coordZ", "probability", "diameter_mm"]
+    assert len(rows) == 2 and rows[1][0] == "1.2.3.phantom" and float(rows[1][4]) == pytest.approx(0.7)
+    report = json.loads((out / "nodules.json").read_text())
+    scan = report["scans"][0]
+    assert scan["geometry"]["spacing_xyz"] == list(SPACING)
+    assert {"lung_mask", "segmentation", "classification", "total"} <= set(scan["timings_s"])
+    assert len(scan["nodules"]) == 1 and len(report["failed"]) == 3
+    assert (out / "png" / "1.2.3.phantom_0.png").stat().st_size > 5000
+
+    s = run_detection([good], *models, tmp_path / "out2", threshold=0.8, png=True, progress=False)
+    assert s["n_candidates"] == 1 and s["n_nodules"] == 0
+    assert not (tmp_path / "out2" / "png").exists() or not any((tmp_path / "out2" / "png").iterdir())
+
+
+def test_untrained_models_torch_and_onnx(tmp_path, models):
+    """Real runners end to end: untrained checkpoints, and the classifier also through ONNX."""
+    from nodulekit.data.ct import write_ct
+    from nodulekit.deploy.runtime import load_cls_runner
+    from nodulekit.models.checkpoint import load_cls_model
+
+    seg, cls = models
+    model, _ = load_cls_model(cls)
+    onnx_path = tmp_path / "cls.onnx"
+    x = torch.rand(2, 1, 32, 48, 48) * 2 - 1
+    torch.onnx.export(model, (x,), str(onnx_path), dynamo=True, opset_version=18, external_data=False,
+                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+    np.testing.assert_allclose(load_cls_runner(onnx_path, "onnx")(x.numpy()), load_cls_runner(cls)(x.numpy()),
+                               atol=1e-4)
+
+    scan = write_ct(phantom_ct(depth=10), tmp_path / "p.mhd")
+    s = run_detection([scan], seg, onnx_path, tmp_path / "out", cls_backend="onnx", png=False, progress=False)
+    assert s["scans_ok"] == 1 and s["scans_failed"] == 0
+
+
+@pytest.mark.slow
+def test_cli_detect_on_real_scans(tmp_path, models, cptac_mhd, lidc_dicom):
+    from nodulekit.cli import main
+
+    seg, cls = models
+    out = tmp_path / "out"
+    rc = main(["detect", str(lidc_dicom), str(cptac_mhd), "--seg", str(seg), "--cls", str(cls), "--out", str(out),
+               "--no-png", "--no-progress", "--threads", "2", "--min-volume", "100"])  # fewer crops to classify
+    assert rc == 0
+    report = json.loads((out / "nodules.json").read_text())
+    assert report["scans_ok"] == 2 and report["scans_failed"] == 0
+    uids = {s["seriesuid"] for s in report["scans"]}
+    from conftest import CPTAC_UID, LIDC_UID
+
+    assert uids == {CPTAC_UID, LIDC_UID}
+    for s in report["scans"]:
+        assert 0 < s["slices_segmented"] <= s["geometry"]["shape_zyx"][0]
+        assert s["lung_ml"] > 100
