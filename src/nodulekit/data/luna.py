@@ -15,6 +15,7 @@ from nodulekit.errors import InputError
 
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "class")
+MARK_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,12 @@ def _uid(path, line: int, row: dict) -> str:
     return row["seriesuid"]
 
 
-def read_annotations(path: str | Path) -> list[Annotation]:
+def read_annotations(path: str | Path, *, unknown_diameter_mm: float | None = None) -> list[Annotation]:
     """Read ``annotations.csv`` or ``annotations_excluded.csv`` (columns in :data:`ANNOTATION_COLUMNS`).
+
+    Args:
+        unknown_diameter_mm: LUNA16's ``annotations_excluded.csv`` writes -1 for findings of unknown
+            size; with this set, a negative diameter takes this value instead of being an error.
 
     Raises:
         InputError: missing file or columns, a non-numeric or non-finite value, a negative diameter.
@@ -92,7 +97,9 @@ def read_annotations(path: str | Path) -> list[Annotation]:
     for line, row in _rows(path, ANNOTATION_COLUMNS):
         diameter = _number(path, line, "diameter_mm", row["diameter_mm"])
         if diameter < 0:
-            raise InputError(path, f"line {line}: negative diameter_mm {diameter}")
+            if unknown_diameter_mm is None:
+                raise InputError(path, f"line {line}: negative diameter_mm {diameter}")
+            diameter = unknown_diameter_mm
         out.append(Annotation(_uid(path, line, row), _center(path, line, row), diameter))
     return out
 
@@ -110,6 +117,28 @@ def read_candidates(path: str | Path) -> list[Candidate]:
             raise InputError(path, f"line {line}: class {row['class']!r} is not 0 or 1")
         out.append(Candidate(_uid(path, line, row), _center(path, line, row), cls == 1.0))
     return out
+
+
+@dataclass(frozen=True)
+class Mark:
+    """One row of a LUNA16 submission (a CAD mark): where, and how likely a nodule."""
+
+    seriesuid: str
+    center_xyz: tuple[float, float, float]
+    probability: float
+
+
+def read_marks(path: str | Path) -> list[Mark]:
+    """Read a LUNA16 submission table (``seriesuid,coordX,coordY,coordZ,probability``; extra columns
+    such as ``diameter_mm`` are ignored).
+
+    Raises:
+        InputError: missing file or column, a non-numeric, non-finite or empty field (naming the line).
+    """
+    return [
+        Mark(_uid(path, line, row), _center(path, line, row), _number(path, line, "probability", row["probability"]))
+        for line, row in _rows(path, MARK_COLUMNS)
+    ]
 
 
 def read_seriesuids(path: str | Path) -> list[str]:

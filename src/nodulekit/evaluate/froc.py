@@ -31,7 +31,6 @@ log = get_logger("evaluate")
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 MAX_MARKS = 100
 EXCLUDED_UNKNOWN_DIAMETER_MM = 10.0
-DETECTION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
 
 
 @dataclass
@@ -56,36 +55,27 @@ class ScanResult:
 
 
 def read_detections(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Read a CAD marks table (``seriesuid,coordX,coordY,coordZ,probability``; extra columns such as
-    ``diameter_mm`` are ignored).
+    """Read a CAD marks table (LUNA16 submission format, see :func:`nodulekit.data.luna.read_marks`).
 
     Returns:
         ``{uid: (centers (N, 3) mm, probabilities (N,))}`` in file order.
-
-    Raises:
-        InputError: missing file or column, a non-numeric, non-finite or empty field (naming the line).
     """
-    from nodulekit.data.luna import _center, _number, _rows, _uid
+    from nodulekit.data.luna import read_marks
 
     rows = defaultdict(list)
-    for line, row in _rows(path, DETECTION_COLUMNS):
-        rows[_uid(path, line, row)].append((*_center(path, line, row),
-                                            _number(path, line, "probability", row["probability"])))
+    for mark in read_marks(path):
+        rows[mark.seriesuid].append((*mark.center_xyz, mark.probability))
     return {uid: (np.array(r)[:, :3], np.array(r)[:, 3]) for uid, r in rows.items()}
 
 
 def _read_findings(path, allow_unknown_size: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{uid: (centers (N, 3), radii (N,))}`` from an annotations table."""
-    from nodulekit.data.luna import ANNOTATION_COLUMNS, _center, _number, _rows, _uid
+    from nodulekit.data.luna import read_annotations
 
+    unknown = EXCLUDED_UNKNOWN_DIAMETER_MM if allow_unknown_size else None
     rows = defaultdict(list)
-    for line, row in _rows(path, ANNOTATION_COLUMNS):
-        diameter = _number(path, line, "diameter_mm", row["diameter_mm"])
-        if diameter < 0:
-            if not allow_unknown_size:
-                raise InputError(path, f"line {line}: negative diameter_mm {diameter}")
-            diameter = EXCLUDED_UNKNOWN_DIAMETER_MM
-        rows[_uid(path, line, row)].append((*_center(path, line, row), diameter / 2.0))
+    for ann in read_annotations(path, unknown_diameter_mm=unknown):
+        rows[ann.seriesuid].append((*ann.center_xyz, ann.diameter_mm / 2.0))
     return {uid: (np.array(r)[:, :3], np.array(r)[:, 3]) for uid, r in rows.items()}
 
 
