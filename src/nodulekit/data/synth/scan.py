@@ -1,0 +1,183 @@
+"""One synthetic chest CT: anatomy, vessels, airways, nodules, scanner, and the candidate list."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nodulekit.data.synth import nodules as nod
+from nodulekit.data.synth import skeleton, vessels
+from nodulekit.data.synth.anatomy import CoarseFields, compose, sample_anatomy, table_slice
+from nodulekit.data.synth.scanner import (MAX_DEFAULT_SLICES, Grid, blur_and_noise, flip_geometry,
+                                          sample_acquisition, to_int16)
+from nodulekit.data.synth.tubes import paint
+from nodulekit.data.volume import CTVolume
+from nodulekit.errors import InputError
+
+UID_ROOT = "1.3.6.1.4.1.55555"
+
+
+@dataclass
+class SyntheticScan:
+    """A generated scan.
+
+    Attributes:
+        ct: the volume, int16 HU.
+        labels: uint16 array of ``ct``'s shape; 0 background, k = the k-th entry of ``nodules``.
+        nodules: annotated findings (3-30 mm), each a :class:`~nodulekit.data.synth.nodules.Nodule`.
+        excluded: findings below 3 mm (drawn, not labelled), same type.
+        negatives: class-0 candidates, world (x, y, z) mm.
+        meta: scan parameters (spacing, kernel, dose, flip, ...), plain values.
+    """
+
+    ct: CTVolume
+    labels: np.ndarray
+    nodules: list
+    excluded: list
+    negatives: list
+    meta: dict = field(default_factory=dict)
+
+
+def series_uid(seed: int, index: int) -> str:
+    """Deterministic DICOM-like series UID of scan ``index`` of a dataset drawn with ``seed``."""
+    tail = np.random.default_rng([seed, index, 7]).integers(10**11, 10**12)
+    return f"{UID_ROOT}.{seed}.{index}.{tail}"
+
+
+def generate_scan(seed: int, index: int, *, size: int = 512, max_slices: int | None = None) -> SyntheticScan:
+    """Generate scan ``index`` of the dataset drawn with ``seed`` (deterministic).
+
+    Args:
+        seed: dataset seed (non-negative).
+        index: scan number within the dataset.
+        size: in-plane voxels per side; below 512 the spacing grows by 512/size so the field of
+            view stays a real chest.
+        max_slices: cap on the slice count; the z-extent shrinks around the middle of the lungs.
+
+    Returns:
+        A :class:`SyntheticScan`.
+    """
+    return render_scan(seed, index, size=size, max_slices=max_slices)
+
+
+def render_scan(seed: int, index: int, *, size: int = 512, max_slices: int | None = None,
+                flip: str | None = None) -> SyntheticScan:
+    """:func:`generate_scan` with an optional forced storage flip (``''``, ``'x'``, ``'y'``, ``'z'``)."""
+    if seed < 0 or index < 0:
+        raise InputError("synth", f"seed and index must be >= 0, got {seed}, {index}")
+    if size < 64 or (max_slices is not None and max_slices < 8):
+        raise InputError("synth", f"size must be >= 64 and max_slices >= 8, got {size}, {max_slices}")
+    rng = np.random.default_rng([seed, index, 55555])
+    an = sample_anatomy(rng)
+    acq = sample_acquisition(rng, size, an.body_width)
+    flip_axis = acq.flip if flip is None else flip
+    sx, _, sz = acq.spacing
+    fov = acq.fov_mm
+
+    ox = -fov / 2 + rng.uniform(-6, 6)
+    oy = -fov / 2 + rng.uniform(-15, 15)
+    an.cx = ox + fov / 2 + rng.uniform(-8, 8)
+    body_top = an.Ba + 0.7 * an.wall
+    body_bot = an.Bp + 0.9 * an.wall + 32
+    an.yc = oy + fov * rng.uniform(0.47, 0.52) + (body_top - body_bot) / 2
+    an.z0 = rng.uniform(-380, -170)
+    h_lo, h_hi = -rng.uniform(15, 45), an.H + rng.uniform(10, 40)
+    n = int(np.ceil((h_hi - h_lo) / sz)) + 1
+    cap = min(MAX_DEFAULT_SLICES, max_slices or MAX_DEFAULT_SLICES)
+    if n > cap:
+        n = cap
+        h_lo = 0.5 * an.H - (n - 1) * sz / 2
+    fine = Grid((n, size, size), (ox, oy, an.z0 + h_lo), acq.spacing)
+    cs = max(2.5, fov / 128)
+    ch_lo, ch_hi = min(h_lo, -50.0) - 6, max(h_lo + (n - 1) * sz, an.H + 50) + 6
+    coarse = Grid((int((ch_hi - ch_lo) / 4.0) + 2, int((fov + 20) / cs) + 2, int((fov + 20) / cs) + 2),
+                  (ox - 10, oy - 10, an.z0 + ch_lo), (cs, cs, 4.0))
+    cf = CoarseFields(an, coarse, rng)
+
+    hu, lung = compose(an, cf, fine, table_slice(an, fine, rng))
+    ribs = skeleton.rib_paths(an, rng)
+    skeleton.render_ribs(hu, fine, ribs)
+    skeleton.render_spine(hu, fine, an, rng)
+    skeleton.render_sternum(hu, fine, an)
+    skeleton.render_scapulae(hu, fine, an, rng)
+    blood, air, eso = skeleton.mediastinal_tubes(an, rng)
+    for s in eso:
+        paint(hu, fine, s, 35.0)
+    vessels.render_vessels(hu, fine, blood, an.blood_hu)
+
+    hi = skeleton.hila(an)
+    pts = cf.sample_points(rng, "lung", 2.0, np.inf, 5000)
+    trees, airways = [], []
+    for side, key in ((-1, "r"), (1, "l")):
+        own = pts[np.sign(pts[:, 0] - an.cx) == side]
+        k = len(own) // 3
+        trees += vessels.grow_tree(rng, hi[f"artery_{key}"], 7.0, own[:k])
+        trees += vessels.grow_tree(rng, hi[f"vein_{key}"], 6.5, own[k: 2 * k])
+        airways += vessels.grow_tree(rng, hi[f"bronchus_{key}"], 4.5, own[2 * k: 2 * k + 24], min_radius=0.8)
+    lung_blood = an.blood_hu * 0.6 + 20
+    vessels.render_vessels(hu, fine, trees, lung_blood)
+    vessels.render_airways(hu, fine, air + airways)
+
+    labels = np.zeros(fine.shape, np.uint16)
+    z_range = (fine.origin[2], fine.origin[2] + (n - 1) * sz)
+    specs, tiny = nod.sample_specs(rng)
+    found, excluded, taken = [], [], []
+    for d, kind, attached in specs:
+        c = nod.place(rng, d, attached, cf, trees, z_range, taken)
+        if c is None:
+            continue
+        irc = nod.render(hu, labels, lung, fine, c, d, kind, rng, len(found) + 1)
+        if irc is None:
+            continue
+        taken.append((c, d / 2))
+        found.append(nod.Nodule(tuple(float(v) for v in _world(fine, irc)), round(d, 2), kind, attached))
+    for d, kind, attached in tiny:
+        c = nod.place(rng, d, attached, cf, trees, z_range, taken)
+        if c is not None:
+            nod.render(hu, labels, lung, fine, c, d, kind, rng, 0)
+            taken.append((c, d / 2))
+            excluded.append(nod.Nodule(tuple(float(v) for v in c), round(d, 2), kind, attached))
+
+    negatives = _negatives(rng, cf, fine, trees, airways, ribs, found, excluded)
+    blur_and_noise(hu, acq, rng)
+    arr, origin, direction = flip_geometry(to_int16(hu), fine.origin, fine.spacing, fine.shape, flip_axis)
+    labels, _, _ = flip_geometry(labels, fine.origin, fine.spacing, fine.shape, flip_axis)
+    uid = series_uid(seed, index)
+    ct = CTVolume(arr, origin, fine.spacing, direction, seriesuid=uid, source=f"synth:{seed}:{index}")
+    meta = {"index": index, "seriesuid": uid, "shape_zyx": list(arr.shape), "spacing_xyz": list(fine.spacing),
+            "origin_xyz": list(origin), "flip": flip_axis, "noise_sd": round(acq.noise_sd, 2),
+            "psf_sigma_px": round(acq.psf_sigma_px, 3), "contrast": bool(an.blood_hu > 100),
+            "nodules": len(found), "excluded": len(excluded), "negatives": len(negatives)}
+    return SyntheticScan(ct, labels, found, excluded, negatives, meta)
+
+
+def _world(grid: Grid, irc) -> np.ndarray:
+    return np.asarray(grid.origin) + np.asarray(grid.spacing) * np.asarray(irc)[::-1]
+
+
+def _negatives(rng, cf, fine: Grid, trees, airways, ribs, found, excluded) -> list[tuple]:
+    """Class-0 candidates at things that look like nodules: vessels, forks, pleura, ribs, airway walls."""
+    lo = np.asarray(fine.origin)
+    hi = lo + np.asarray(fine.spacing) * (np.array(fine.shape[::-1]) - 1)
+    zr = (lo[2], hi[2])
+    lung_trees = [s for s in trees if s.depth > 0]
+    forks = vessels.bifurcations(lung_trees)
+    groups = [
+        vessels.points_on(lung_trees, rng, 420, (0.6, 4.5)),
+        forks[rng.permutation(len(forks))[:200]],
+        cf.sample_points(rng, "lung", 0.5, 4.0, 120, zr),
+        cf.sample_points(rng, "lung", 5.0, np.inf, 100, zr),
+    ]
+    rib_pts = [pts[-1] for pts, _ in ribs] + [pts[rng.integers(2, len(pts) - 2)] for pts, _ in ribs]
+    groups.append(np.array(rib_pts))
+    aw = vessels.points_on(airways, rng, 40, (0.8, 6.0))
+    if len(aw):
+        aw = aw + rng.normal(size=aw.shape) * 1.5
+        groups.append(aw)
+    groups.append(np.array([e.center_xyz for e in excluded]).reshape(-1, 3))
+    pts = np.concatenate([g.reshape(-1, 3) for g in groups])
+    ok = np.all((pts >= lo + 2) & (pts <= hi - 2), axis=1)
+    for f in found:
+        ok &= np.linalg.norm(pts - np.asarray(f.center_xyz), axis=1) > f.diameter_mm / 2 + 3
+    return [tuple(round(float(v), 3) for v in p) for p in pts[ok]]

@@ -1,0 +1,136 @@
+"""The synthetic LUNA16-format generator: layout, determinism, geometry of labels, realism bounds."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from nodulekit.data.synth import generate_dataset, generate_scan
+from nodulekit.data.synth.scan import render_scan
+
+SMALL = dict(size=128, max_slices=24)
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.reader(fh))
+
+
+def _read(path):
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(path))
+    return img, sitk.GetArrayFromImage(img)
+
+
+def test_layout_and_headers(synth_data):
+    assert _rows(synth_data / "annotations.csv")[0] == ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
+    assert _rows(synth_data / "annotations_excluded.csv")[0] == ["seriesuid", "coordX", "coordY", "coordZ",
+                                                                 "diameter_mm"]
+    assert _rows(synth_data / "candidates.csv")[0] == ["seriesuid", "coordX", "coordY", "coordZ", "class"]
+    uids = (synth_data / "seriesuids.csv").read_text().split()
+    assert len(uids) == 4 and len(set(uids)) == 4
+    for uid in uids:
+        assert uid.startswith("1.3.6.1.4.1.55555.0.")
+        assert (synth_data / "subset0" / f"{uid}.mhd").is_file() and (synth_data / "subset0" / f"{uid}.raw").is_file()
+        assert (synth_data / "masks" / f"{uid}.zraw").is_file()
+    meta = json.loads((synth_data / "synth.json").read_text())
+    assert meta["summary"]["scans"] == 4 and len(meta["scans"]) == 4
+
+
+def test_annotations_fall_inside_their_labels(synth_data):
+    rows = _rows(synth_data / "annotations.csv")[1:]
+    assert rows, "every scan draws at least one nodule"
+    by_uid: dict[str, list] = {}
+    for r in rows:
+        by_uid.setdefault(r[0], []).append(r)
+    for uid, ann in by_uid.items():
+        img, hu = _read(synth_data / "subset0" / f"{uid}.mhd")
+        mimg, labels = _read(synth_data / "masks" / f"{uid}.mhd")
+        assert hu.dtype == np.int16 and labels.dtype == np.uint16 and labels.shape == hu.shape
+        assert mimg.GetOrigin() == img.GetOrigin() and mimg.GetDirection() == img.GetDirection()
+        assert labels.max() == len(ann)
+        for k, r in enumerate(ann, start=1):
+            xyz = tuple(float(v) for v in r[1:4])
+            ijk = mimg.TransformPhysicalPointToIndex(xyz)
+            assert labels[ijk[2], ijk[1], ijk[0]] == k
+            assert 3.0 <= float(r[4]) <= 30.0
+
+
+def test_class_balance_and_excluded(synth_data):
+    cand = _rows(synth_data / "candidates.csv")[1:]
+    pos = sum(r[4] == "1" for r in cand)
+    neg = sum(r[4] == "0" for r in cand)
+    assert pos == len(_rows(synth_data / "annotations.csv")) - 1
+    assert neg > 30 * pos and neg >= 4 * 100
+    for r in _rows(synth_data / "annotations_excluded.csv")[1:]:
+        assert float(r[4]) < 3.0
+
+
+def test_same_seed_same_bytes(tmp_path):
+    a = generate_scan(3, 1, **SMALL)
+    b = generate_scan(3, 1, **SMALL)
+    assert np.array_equal(a.ct.hu, b.ct.hu) and np.array_equal(a.labels, b.labels)
+    assert a.negatives == b.negatives and a.ct.seriesuid == b.ct.seriesuid
+    c = generate_scan(4, 1, **SMALL)
+    assert not np.array_equal(a.ct.hu, c.ct.hu) if a.ct.shape == c.ct.shape else True
+    generate_dataset(tmp_path / "a", 2, 5, progress=False, **SMALL)
+    generate_dataset(tmp_path / "b", 2, 5, progress=False, workers=2, **SMALL)
+    for name in ("annotations.csv", "candidates.csv", "annotations_excluded.csv", "seriesuids.csv", "synth.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    uid = (tmp_path / "a" / "seriesuids.csv").read_text().split()[0]
+    for sub in ("subset0", "masks"):
+        for ext in ("mhd", "raw" if sub == "subset0" else "zraw"):
+            f = f"{sub}/{uid}.{ext}"
+            assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_hu_statistics_and_geometry():
+    s = generate_scan(0, 2, size=256, max_slices=40)
+    hu = s.ct.hu.astype(np.float32)
+    assert hu.dtype == np.float32 and s.ct.hu.dtype == np.int16
+    sx, sy, sz = s.ct.spacing
+    assert sx == sy and 0.55 * 2 <= sx <= 0.95 * 2 + 1e-9 and 0.6 <= sz <= 2.5
+    assert s.ct.shape[0] <= 40 and s.ct.shape[1:] == (256, 256)
+    assert s.ct.origin[2] < 0
+    # lung parenchyma: dark voxels that are not airway lumen
+    from scipy import ndimage as ndi
+
+    smooth = ndi.uniform_filter(hu, (1, 5, 5))
+    lung = (smooth > -950) & (smooth < -700)
+    assert -900 < np.median(hu[lung]) < -800
+    assert hu.min() >= -1024 and np.percentile(hu, 99.9) > 300  # bone
+    for k, n in enumerate(s.nodules, start=1):
+        if n.kind == "solid" and n.diameter_mm >= 6:
+            core = ndi.binary_erosion(s.labels == k, iterations=1)
+            if core.any():
+                assert -60 < np.median(hu[core]) < 130
+
+
+@pytest.mark.parametrize("flip", ["x", "y", "z"])
+def test_flipped_direction_keeps_labels_in_place(flip):
+    s = render_scan(1, 0, flip=flip, **SMALL)
+    ref = render_scan(1, 0, flip="", **SMALL)
+    k = "xyz".index(flip)
+    assert s.ct.direction[k, k] == -1.0
+    assert np.array_equal(np.flip(s.labels, axis=2 - k), ref.labels)
+    for lab, n in enumerate(s.nodules, start=1):
+        irc = np.rint(s.ct.world_to_voxel(n.center_xyz)).astype(int)
+        assert s.labels[tuple(irc)] == lab
+    # the first stored voxel along the flipped axis is the last one of the unflipped scan
+    expected = list(ref.ct.origin)
+    expected[k] += ref.ct.spacing[k] * (ref.ct.shape[2 - k] - 1)
+    np.testing.assert_allclose(s.ct.origin, expected)
+
+
+def test_cli_summary(tmp_path, capsys):
+    from nodulekit.cli import main
+
+    rc = main(["synth", "--out", str(tmp_path / "d"), "--scans", "1", "--seed", "2", "--size", "128",
+               "--max-slices", "16", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "nodules" in out and "candidates" in out and "time" in out
+    assert (tmp_path / "d" / "candidates.csv").is_file()
