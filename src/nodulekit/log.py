@@ -21,3 +21,5 @@ def setup_logging(verbose: bool = False) -> None:
     handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # some libraries configure the root logger on import; without this every line would print twice
+    root.propagate = False

@@ -18,7 +18,6 @@ def add_parser(sub):
     p.add_argument("--scans", type=int, default=None, help="number of synthetic scans (default 12, quick 6)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and training (default 0)")
     p.add_argument("--no-rknn", action="store_true", help="skip the RKNN builds even when .venv-rknn exists")
-    p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
     p.set_defaults(func=run)
 
 
@@ -26,6 +25,6 @@ def run(args) -> int:
     from nodulekit.demo import DemoConfig, run_demo
 
     cfg = DemoConfig.for_mode(quick=args.quick, out=args.out, seed=args.seed, scans=args.scans,
-                              rknn=not args.no_rknn, fresh=args.fresh)
+                              rknn=not args.no_rknn)
     run_demo(cfg)
     return 0

@@ -1,0 +1,161 @@
+"""Classifier datasets: ``(1, 32, 48, 48)`` crops around candidates, balanced for training.
+
+Candidates come from ``candidates.csv`` merged with ``annotations.csv``
+(:func:`nodulekit.data.luna.merge_candidates`); crops are cut by the VolumeCache (cached on disk,
+so later epochs read small ``.npy`` files instead of whole scans). Real nodules are a tiny share
+of the candidates, so training draws positives and negatives 1:1, each sample from
+``(seed, epoch, index)`` alone (reproducible with any number of workers or DDP ranks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from nodulekit import CLS_CROP, HU_MAX, HU_MIN
+from nodulekit.errors import InputError
+from nodulekit.log import get_logger
+
+log = get_logger("data")
+
+
+@dataclass(frozen=True)
+class ClsSample:
+    """A candidate located in its scan: ``path`` of the scan, voxel centre (index, row, col)."""
+
+    seriesuid: str
+    path: str
+    center_irc: tuple[float, float, float]
+    is_nodule: bool
+    diameter_mm: float = 0.0
+
+
+class _Crops:
+    def __init__(self, cache, crop=CLS_CROP):
+        self.cache, self.crop = cache, tuple(crop)
+
+    def __call__(self, s: ClsSample) -> torch.Tensor:
+        hu = np.asarray(self.cache.crop(s.path, s.center_irc, self.crop), dtype=np.float32)
+        return torch.from_numpy(np.clip(hu, HU_MIN, HU_MAX, out=hu)[None])
+
+
+class ClsTrainDataset(Dataset):
+    """Balanced training crops: even indices are nodules, odd ones non-nodules.
+
+    Items are ``(crop (1, 32, 48, 48) float32, label int64)``. Positives are few, so each epoch
+    walks a fresh permutation of them (repeating as needed); negatives are drawn at random.
+
+    Args:
+        samples: training candidates (both classes needed).
+        cache: a :class:`nodulekit.data.cache.VolumeCache`.
+        samples_per_epoch: ``len(dataset)``.
+        seed: base seed; call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, samples: Sequence[ClsSample], cache, samples_per_epoch: int, seed: int = 0,
+                 crop=CLS_CROP):
+        self.pos = [s for s in samples if s.is_nodule]
+        self.neg = [s for s in samples if not s.is_nodule]
+        if not self.pos or not self.neg:
+            raise ValueError(f"classifier training needs both classes: {len(self.pos)} nodules, "
+                             f"{len(self.neg)} non-nodules")
+        self.crops = _Crops(cache, crop)
+        self.samples_per_epoch, self.seed, self.epoch = int(samples_per_epoch), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def __getitem__(self, index: int):
+        if index % 2 == 0:
+            j = index // 2
+            cycle, k = divmod(j, len(self.pos))
+            perm = np.random.default_rng((self.seed, self.epoch, cycle, 1)).permutation(len(self.pos))
+            return self.crops(self.pos[perm[k]]), 1
+        rng = np.random.default_rng((self.seed, self.epoch, int(index), 0))
+        return self.crops(self.neg[rng.integers(len(self.neg))]), 0
+
+
+class ClsValDataset(Dataset):
+    """Held-out candidates: every nodule and up to ``max_negatives`` non-nodules (a fixed sample).
+
+    Items are ``(crop, label)``; :attr:`samples` keeps them in order.
+    """
+
+    def __init__(self, samples: Sequence[ClsSample], cache, max_negatives: int | None = 2000, seed: int = 0,
+                 crop=CLS_CROP):
+        pos = [s for s in samples if s.is_nodule]
+        neg = [s for s in samples if not s.is_nodule]
+        if max_negatives is not None and len(neg) > max_negatives:
+            keep = np.sort(np.random.default_rng(seed).choice(len(neg), max_negatives, replace=False))
+            neg = [neg[i] for i in keep]
+        self.samples = pos + neg
+        self.crops = _Crops(cache, crop)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        s = self.samples[index]
+        return self.crops(s), int(s.is_nodule)
+
+
+def load_cls_samples(data_dir: str | Path, uids: Sequence[str] | None = None, cache=None) -> list[ClsSample]:
+    """Candidates of a LUNA16-layout folder, merged with its annotations and located in voxels.
+
+    Args:
+        data_dir: folder with ``subset*/``, ``candidates.csv`` and ``annotations.csv``.
+        uids: keep only these series (default: every scan found).
+        cache: VolumeCache used to read each scan's geometry.
+    """
+    from nodulekit.data.cache import VolumeCache
+    from nodulekit.data.luna import find_series, merge_candidates, read_annotations, read_candidates
+
+    data_dir = Path(data_dir)
+    series = find_series(data_dir)
+    if not (data_dir / "candidates.csv").is_file():
+        raise InputError(data_dir / "candidates.csv", "no such file (needed to train the classifier)")
+    cands = read_candidates(data_dir / "candidates.csv")
+    ann = read_annotations(data_dir / "annotations.csv") if (data_dir / "annotations.csv").is_file() else []
+    keep = set(series if uids is None else uids) & set(series)
+    cache = cache if cache is not None else VolumeCache(data_dir / ".cache")
+    by_uid: dict[str, list] = {}
+    for c in merge_candidates([c for c in cands if c.seriesuid in keep], ann):
+        by_uid.setdefault(c.seriesuid, []).append(c)
+    out = []
+    for uid in sorted(by_uid):
+        ct = cache.get(series[uid])
+        irc = ct.world_to_voxel(np.array([c.center_xyz for c in by_uid[uid]]).reshape(-1, 3))
+        out += [ClsSample(uid, str(series[uid]), tuple(float(v) for v in p), c.is_nodule, c.diameter_mm)
+                for c, p in zip(by_uid[uid], irc)]
+    return out
+
+
+def build_cls_datasets(data_dir: str | Path, *, val_fraction: float = 0.25, samples_per_epoch: int = 2048,
+                       val_max_negatives: int | None = 2000, seed: int = 0, cache=None
+                       ) -> tuple[ClsTrainDataset, ClsValDataset]:
+    """Balanced training and held-out validation datasets, split by seriesuid like segmentation."""
+    from nodulekit.data.cache import VolumeCache
+    from nodulekit.data.luna import find_series
+    from nodulekit.data.split import train_val_split
+
+    uids = sorted(find_series(data_dir))
+    if not uids:
+        raise InputError(data_dir, "no CT scans found (expected subset*/<uid>.mhd)")
+    cache = cache if cache is not None else VolumeCache(Path(data_dir) / ".cache")
+    train_uids, val_uids = train_val_split(uids, val_fraction)
+    samples = load_cls_samples(data_dir, uids, cache)
+    val_set = set(val_uids)
+    train = [s for s in samples if s.seriesuid not in val_set]
+    val = [s for s in samples if s.seriesuid in val_set]
+    log.info("classifier data: %d training candidates (%d nodules), %d validation (%d nodules)",
+             len(train), sum(s.is_nodule for s in train), len(val), sum(s.is_nodule for s in val))
+    return (ClsTrainDataset(train, cache, samples_per_epoch, seed),
+            ClsValDataset(val, cache, val_max_negatives, seed))

@@ -1,0 +1,232 @@
+"""The main job: the whole product on the synthetic default dataset, end to end.
+
+Stages, each timed into ``report.json["timings_s"]``:
+synthetic data -> train seg -> train cls -> six compression variants (+ RKNN builds when
+``.venv-rknn`` exists) -> classifier on the NPU -> detection on held-out scans -> FROC -> report.
+Everything is written under ``cfg.out`` (``runs/demo`` by default).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from nodulekit.log import get_logger
+
+log = get_logger("demo")
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of a demo run. ``for_mode`` gives the full run (about 20 minutes on 2 cores) or the
+    quick one (about 5 minutes, every stage touched on small data)."""
+
+    out: str = "runs/demo"
+    quick: bool = False
+    seed: int = 0
+    scans: int = 12
+    size: int = 512
+    max_slices: int | None = None
+    seg_epochs: int = 8
+    seg_steps: int = 100
+    cls_epochs: int = 6
+    cls_steps: int = 40
+    finetune_epochs: int = 3
+    qat_epochs: int = 5
+    optimize_steps: int = 60
+    calib_slices: int = 64
+    bench_runs: int = 20
+    val_slices: int | None = None
+    rknn: bool = True
+    workers: int = 2
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_mode(cls, *, quick: bool, out: str = "runs/demo", seed: int = 0, scans: int | None = None,
+                 rknn: bool = True) -> "DemoConfig":
+        if not quick:
+            return cls(out=out, seed=seed, scans=scans or 12, rknn=rknn)
+        return cls(out=out, quick=True, seed=seed, scans=scans or 6, size=256, max_slices=64, seg_epochs=2,
+                   seg_steps=25, cls_epochs=1, cls_steps=10, finetune_epochs=1, qat_epochs=1, optimize_steps=8,
+                   calib_slices=8, bench_runs=5, val_slices=12, rknn=rknn)
+
+
+class _Timer:
+    """Records how long each stage took."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                log.info("== %s ==", name)
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.timings[name] = round(time.perf_counter() - self.t0, 1)
+                if exc[0] is None:
+                    log.info("== %s done in %.1f s ==", name, timer.timings[name])
+
+        return _Ctx()
+
+
+def _synth(cfg: DemoConfig, data: Path) -> dict:
+    from nodulekit.data.synth import generate_dataset
+
+    marker = data / "synth.json"
+    wanted = {"n_scans": cfg.scans, "seed": cfg.seed, "size": cfg.size, "max_slices": cfg.max_slices}
+    if marker.is_file():
+        # the generator is deterministic: the same arguments give the same bytes, so reuse them
+        doc = json.loads(marker.read_text())
+        if all(doc.get(k) == v for k, v in wanted.items()):
+            log.info("reusing the synthetic dataset in %s", data)
+            return doc.get("summary", doc)
+    shutil.rmtree(data, ignore_errors=True)
+    return generate_dataset(data, cfg.scans, cfg.seed, size=cfg.size, max_slices=cfg.max_slices,
+                            workers=cfg.workers)
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run every stage and write ``<out>/report/``. Returns the combined report dict."""
+    from nodulekit.data.luna import find_series, write_seriesuids
+    from nodulekit.data.split import train_val_split
+    from nodulekit.detect import run_detection
+    from nodulekit.evaluate.froc import evaluate_froc
+    from nodulekit.train.cls import ClsTrainConfig, train_cls
+    from nodulekit.train.seg import SegTrainConfig, train_seg
+
+    out = Path(cfg.out)
+    data, models = out / "data", out / "models"
+    timer = _Timer()
+    t_start = time.perf_counter()
+
+    with timer.stage("synthetic_data"):
+        synth = _synth(cfg, data)
+
+    with timer.stage("train_seg"):
+        seg_run = train_seg(SegTrainConfig(data=str(data), out=str(_fresh(out / "train" / "seg")),
+                                           epochs=cfg.seg_epochs, steps_per_epoch=cfg.seg_steps, seed=cfg.seed))
+    models.mkdir(parents=True, exist_ok=True)
+    seg_ckpt = Path(shutil.copy2(seg_run["checkpoint"], models / "seg.pt"))
+
+    with timer.stage("train_cls"):
+        cls_run = train_cls(ClsTrainConfig(data=str(data), out=str(_fresh(out / "train" / "cls")),
+                                           epochs=cfg.cls_epochs, steps_per_epoch=cfg.cls_steps, seed=cfg.seed))
+    cls_ckpt = Path(shutil.copy2(cls_run["checkpoint"], models / "cls.pt"))
+
+    report = _optimize(cfg, timer, seg_ckpt, cls_ckpt, data, out)
+
+    series = find_series(data)
+    _, val_uids = train_val_split(series)
+    with timer.stage("detect"):
+        detect_dir = _fresh(out / "detect")
+        detection = run_detection([series[u] for u in val_uids], seg_ckpt, cls_ckpt, detect_dir)
+
+    with timer.stage("evaluate"):
+        eval_dir = _fresh(out / "evaluate")
+        write_seriesuids(eval_dir / "seriesuids_val.csv", val_uids)
+        froc = evaluate_froc(detect_dir / "nodules.csv", data / "annotations.csv",
+                             excluded_csv=data / "annotations_excluded.csv",
+                             seriesuids_csv=eval_dir / "seriesuids_val.csv", out_dir=eval_dir)
+
+    timer.timings["total"] = round(time.perf_counter() - t_start, 1)
+    report = _final_report(cfg, report, synth, seg_run, cls_run, detection, froc, timer, out)
+    _print_summary(report, out / "report")
+    return report
+
+
+def _optimize(cfg: DemoConfig, timer: _Timer, seg_ckpt: Path, cls_ckpt: Path, data: Path, out: Path) -> dict:
+    """The six segmentation variants (and their RKNN builds), then the classifier's NPU forms."""
+    from nodulekit.deploy.rknn import rknn_available
+    from nodulekit.optimize.classifier import classifier_study
+    from nodulekit.optimize.study import StudyConfig, run_study
+
+    rknn = cfg.rknn and rknn_available()
+    if cfg.rknn and not rknn:
+        log.info("RKNN builds skipped: .venv-rknn is missing (`make rknn` or `make demo-rknn` creates it)")
+    with timer.stage("optimize"):
+        study_cfg = StudyConfig(finetune_epochs=cfg.finetune_epochs, qat_epochs=cfg.qat_epochs,
+                                samples_per_epoch=cfg.optimize_steps * 16, calib_slices=cfg.calib_slices,
+                                bench_runs=cfg.bench_runs, rknn=rknn, seed=cfg.seed)
+        report = run_study(seg_ckpt, data, _fresh(out / "optimize"), study_cfg)
+    with timer.stage("classifier_npu"):
+        try:
+            report["classifier"] = classifier_study(cls_ckpt, data, _fresh(out / "classifier"), rknn)
+        except Exception as exc:  # the report says what failed instead of losing the whole run
+            log.warning("classifier study failed: %s", exc)
+            report["classifier"] = [{"name": "classifier", "error": f"{type(exc).__name__}: {exc}"}]
+    return report
+
+
+def _final_report(cfg, report, synth, seg_run, cls_run, detection, froc, timer, out: Path) -> dict:
+    from nodulekit.report.render import render_report, write_report_json
+
+    report_dir = _fresh(out / "report")
+    ops = froc.get("operating_points", {})
+    labels = {"all_candidates": "segmentation alone", "at_threshold": "with classifier (p >= 0.5)"}
+    report["detection"] = {
+        "cpm": froc["cpm"],
+        "cpm_ci": froc.get("cpm_ci"),
+        "sensitivities": froc["sensitivities"],
+        "fps_per_scan": froc["fps_per_scan"],
+        "operating_points": [
+            {"operating point": labels.get(k, k), **{m: round(v, 4) if isinstance(v, float) else v
+                                                     for m, v in op.items()}}
+            for k, op in ops.items()
+        ],
+        "n_scans": froc.get("n_scans"),
+        "n_nodules": froc.get("n_nodules"),
+        "froc_png": "froc.png",
+        "seconds_per_scan": detection.get("seconds_per_scan"),
+    }
+    report["training"] = {
+        "seg": {k: v for k, v in seg_run["best"].items() if isinstance(v, (int, float))},
+        "cls": {k: v for k, v in cls_run.get("best", {}).items() if isinstance(v, (int, float))},
+    }
+    report["dataset"] = {**report.get("dataset", {}), "synthetic": True,
+                         **{k: v for k, v in synth.items() if isinstance(v, (int, float, str))}}
+    report["demo"] = {k: v for k, v in asdict(cfg).items() if k != "extra"}
+    report["timings_s"] = timer.timings
+    for src in (out / "evaluate" / "froc.png", out / "detect" / "nodules.csv", out / "evaluate" / "froc.json"):
+        if src.is_file():
+            shutil.copy2(src, report_dir / src.name)
+    write_report_json(report, report_dir / "report.json")
+    render_report(report_dir)
+    return report
+
+
+def _print_summary(report: dict, report_dir: Path) -> None:
+    base = next((r for r in report["variants"] if r["name"] == report["baseline"]), None)
+    print()
+    print(f"{'variant':<12} {'weights KiB':>12} {'x smaller':>10} {'latency ms':>11} {'x faster':>9} "
+          f"{'recall %':>9} {'change pts':>11}")
+    for r in report["variants"]:
+        if "error" in r:
+            print(f"{r['name']:<12} failed: {r['error']}")
+            continue
+        wm_ratio = base["weight_memory_kib"] / r["weight_memory_kib"] if base else float("nan")
+        lat_ratio = base["latency_us"] / r["latency_us"] if base else float("nan")
+        change = 100 * (r["recall"] - base["recall"]) if base else float("nan")
+        print(f"{r['name']:<12} {r['weight_memory_kib']:>12,.2f} {wm_ratio:>10.2f} {r['latency_us'] / 1000:>11.1f} "
+              f"{lat_ratio:>9.2f} {100 * r['recall']:>9.1f} {change:>+11.1f}")
+    det = report.get("detection", {})
+    if det:
+        print(f"\nFROC CPM on held-out scans: {det['cpm']:.3f}"
+              + (f" (95% CI {det['cpm_ci'][0]:.3f}-{det['cpm_ci'][1]:.3f})" if det.get("cpm_ci") else ""))
+        for op in det.get("operating_points", []):
+            print("  " + ", ".join(f"{k}: {v}" for k, v in op.items()))
+    t = report.get("timings_s", {})
+    print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()))
+    print(f"report: {report_dir / 'REPORT.md'} (中文: {report_dir / 'REPORT.zh.md'})")

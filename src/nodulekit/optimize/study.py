@@ -1,0 +1,376 @@
+"""The compression study: build every variant from the stage table, export, measure, report.
+
+``run_study`` reads top to bottom: data, baseline, variants (stage by stage, prefixes cached),
+exports, one measurement loop over the deployed artifacts (weight memory, size, accuracy with ONNX
+Runtime, interleaved latency), then ``report.json`` and its rendering. A variant that fails becomes
+a row with an ``error``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nodulekit.log import get_logger
+from nodulekit.optimize import variants as V
+
+log = get_logger("optimize")
+
+
+@dataclass
+class StudyConfig:
+    """Settings of a compression study (``None`` means "not set")."""
+
+    variants: tuple[str, ...] | None = None  # default: every entry of the variants table
+    prune_ratio: str = "0.5"  # channel ratio spec, see nodulekit.optimize.prune
+    finetune_epochs: int = 5
+    finetune_lr: float = 5e-4
+    fn_weight: float = 8.0  # false-negative weight of the fine-tuning loss (training default)
+    qat_epochs: int = 5
+    qat_lr: float = 1e-4
+    fn_weight_qat: float = 2.0  # lower: fake-quant noise already pushes towards over-segmentation
+    calib_slices: int = 64
+    calib_method: str = "percentile"
+    samples_per_epoch: int = 1024
+    batch_size: int = 16
+    crop: int = 64
+    workers: int = 0
+    val_every: int = 1
+    bench_runs: int = 20
+    bench_warmup: int = 3
+    bench_size: int = 512
+    threads: int = 2
+    torchscript: bool = True
+    rknn: bool = False
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Candidate:
+    """A model on its way through the stages, and how it will be deployed."""
+
+    model: torch.nn.Module
+    fmt: str = "onnx"
+    export_kwargs: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    float_model: torch.nn.Module | None = None  # the SegModel behind a QAT graph
+
+
+@dataclass
+class StudyContext:
+    cfg: StudyConfig
+    train_ds: object
+    val_ds: object
+    timings: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# stages: each takes a candidate and returns one
+
+
+def stage_prune(cand: Candidate, ctx: StudyContext) -> Candidate:
+    from nodulekit.optimize.prune import layer_widths, prune_seg
+
+    model = prune_seg(cand.model, ctx.cfg.prune_ratio)
+    meta = {**cand.meta, "prune_ratio": str(ctx.cfg.prune_ratio),
+            "widths_before": layer_widths(cand.model), "widths_after": layer_widths(model)}
+    return Candidate(model, "onnx", {}, meta)
+
+
+def stage_finetune(cand: Candidate, ctx: StudyContext) -> Candidate:
+    cfg = ctx.cfg
+    if cfg.finetune_epochs <= 0:
+        return cand
+    history = _fit(cand.model, ctx, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, fn_weight=cfg.fn_weight)
+    return Candidate(cand.model, cand.fmt, cand.export_kwargs, {**cand.meta, "finetune_history": history})
+
+
+def stage_ptq(cand: Candidate, ctx: StudyContext) -> Candidate:
+    from nodulekit.optimize.quantize import SliceReader, calibration_items
+
+    scans = ctx.train_ds.scans
+    items = calibration_items(scans, ctx.cfg.calib_slices, seed=ctx.cfg.seed)
+    kwargs = {"calibration": SliceReader(items, scans), "method": ctx.cfg.calib_method}
+    meta = {**cand.meta, "calibration": {"method": ctx.cfg.calib_method, "slices": len(items),
+                                         "nodule_slices": sum(z in scans[s].label_slices for s, z in items)}}
+    return Candidate(cand.model, "onnx-int8", kwargs, meta)
+
+
+def stage_qat(cand: Candidate, ctx: StudyContext) -> Candidate:
+    from nodulekit.optimize import quantize as Q
+
+    cfg = ctx.cfg
+    float_model = cand.model
+    prepared = Q.qat_prepare(float_model, 2 ** (float_model.widths.depth - 1), cfg.crop)
+    history = _fit(prepared, ctx, epochs=cfg.qat_epochs, lr=cfg.qat_lr, fn_weight=cfg.fn_weight_qat,
+                   set_train_mode=Q.set_train_mode, set_eval_mode=Q.set_eval_mode)
+    Q.set_eval_mode(prepared)
+    tuned = copy.deepcopy(float_model)
+    own = tuned.state_dict()
+    tuned.load_state_dict({k: v for k, v in prepared.state_dict().items() if k in own}, strict=False)
+    meta = {**cand.meta, "qat_history": history, "qat": {"epochs": cfg.qat_epochs, "lr": cfg.qat_lr,
+                                                          "fn_weight": cfg.fn_weight_qat}}
+    return Candidate(prepared, "onnx-int8", {"convert": True}, meta, float_model=tuned.eval())
+
+
+STAGE_FUNCS = {"prune": stage_prune, "finetune": stage_finetune, "ptq": stage_ptq, "qat": stage_qat}
+
+
+def _fit(model, ctx: StudyContext, **kwargs) -> list[dict]:
+    from nodulekit.train.seg import fit_seg
+
+    cfg = ctx.cfg
+    return fit_seg(model, ctx.train_ds, ctx.val_ds, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+                   val_every=cfg.val_every, progress=cfg.progress, **kwargs)
+
+
+def build_variants(baseline: torch.nn.Module, names, ctx: StudyContext) -> dict[str, Candidate | Exception]:
+    """Run the stages of each variant; a stage prefix shared by several variants runs once."""
+    cache: dict[tuple, Candidate] = {(): Candidate(baseline)}
+    built: dict[str, Candidate | Exception] = {}
+    for name in names:
+        stages = V.VARIANTS[name]
+        try:
+            done = max((k for k in cache if stages[:len(k)] == k), key=len)
+            cand = cache[done]
+            for i in range(len(done), len(stages)):
+                t0 = time.perf_counter()
+                cand = STAGE_FUNCS[stages[i]](_copy(cand), ctx)
+                ctx.timings["+".join(stages[:i + 1])] = round(time.perf_counter() - t0, 2)
+                cache[stages[:i + 1]] = cand
+            built[name] = cand
+        except Exception as exc:  # one failed variant becomes an error row
+            log.exception("variant %s failed", name)
+            built[name] = exc
+    return built
+
+
+def _copy(cand: Candidate) -> Candidate:
+    return Candidate(copy.deepcopy(cand.model), cand.fmt, dict(cand.export_kwargs), dict(cand.meta),
+                     cand.float_model)
+
+
+# ---------------------------------------------------------------------------------------------
+# export and measurement
+
+
+def export_variant(name: str, cand: Candidate, out_dir: Path, cfg: StudyConfig) -> dict:
+    """Write ``out_dir/<name>/``: the deployed ONNX, TorchScript of float models, the checkpoint."""
+    from nodulekit.deploy.export import export
+    from nodulekit.models.checkpoint import save_seg_checkpoint
+    from nodulekit.optimize import quantize as Q
+
+    vdir = out_dir / name
+    vdir.mkdir(parents=True, exist_ok=True)
+    float_model = cand.float_model or cand.model
+    ckpt = save_seg_checkpoint(vdir / "seg.pt", float_model, variant=name, stages=list(V.VARIANTS[name]),
+                               config=asdict(cfg), pruning={k: cand.meta[k] for k in ("prune_ratio",)
+                                                            if k in cand.meta})
+    model = Q.qat_convert(cand.model) if cand.export_kwargs.get("convert") else cand.model
+    kwargs = {k: v for k, v in cand.export_kwargs.items() if k != "convert"}
+    art = export(model, cand.fmt, vdir, variant=name, **kwargs)
+    files = {"deployed": art.to_dict(), "checkpoint": str(ckpt)}
+    if cfg.torchscript and cand.fmt == "onnx":
+        files["torchscript"] = export(cand.model, "torchscript", vdir, variant=name).to_dict()
+    return files
+
+
+def npu_section(rows: list[dict], out_dir: Path, train_ds, val_ds, cfg: StudyConfig) -> list[dict]:
+    """``report.json["npu"]``: each variant built for the RK3588 NPU by :mod:`nodulekit.deploy.rknn`:
+    float variants in fp16, PTQ variants quantized by the toolkit from the float ONNX of their source
+    (same calibration slices as ORT), QAT variants from their QDQ file with its learnt ranges."""
+    from nodulekit.deploy.rknn import npu_rows
+    from nodulekit.optimize.quantize import calibration_items
+
+    by_name = {r["name"]: r for r in rows if "error" not in r}
+    triples = []
+    for name, r in by_name.items():
+        stages = V.VARIANTS[name]
+        if "qat" in stages:
+            triples.append((name, out_dir / r["artifact"], "qat"))
+        elif "ptq" in stages:
+            source = "pruned" if "prune" in stages else V.BASELINE
+            if source in by_name:
+                triples.append((name, out_dir / by_name[source]["artifact"], "ptq"))
+        else:
+            triples.append((name, out_dir / r["artifact"], "fp16"))
+    scans = train_ds.scans
+    calibration = [scans[s].context(z)[None] for s, z in calibration_items(scans, cfg.calib_slices, seed=cfg.seed)]
+    return npu_rows(triples, out_dir / "npu", calibration=calibration, val_ds=val_ds)
+
+
+def _hist(model: torch.nn.Module, bins: int = 40) -> dict:
+    out = {}
+    for lname, m in model.named_modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            w = m.weight.detach().float().numpy().ravel()
+            counts, edges = np.histogram(w, bins=bins)
+            out[lname] = {"counts": counts.tolist(), "edges": [round(float(e), 6) for e in edges]}
+    return out
+
+
+def measure(rows: list[dict], val_ds, cfg: StudyConfig, timings: dict) -> None:
+    """Fill size, weight memory, accuracy (ONNX Runtime on the deployed file) and latency in place."""
+    from nodulekit.deploy.bench import bench
+    from nodulekit.deploy.onnx_utils import param_count, weight_memory_bytes
+    from nodulekit.deploy.runtime import OnnxRunner
+    from nodulekit.evaluate.seg_metrics import evaluate_seg
+
+    t0 = time.perf_counter()
+    for row in rows:
+        if "error" in row:
+            continue
+        try:
+            path = row["artifact"]
+            row["size_kib"] = os.path.getsize(path) / 1024
+            row["weight_memory_kib"] = weight_memory_bytes(path) / 1024
+            row["onnx_params"] = param_count(path)
+            metrics = evaluate_seg(OnnxRunner(path, threads=cfg.threads), val_ds)
+            row.update({k: metrics[k] for k in ("recall", "precision", "dice", "nodule_recall") if k in metrics})
+        except Exception as exc:
+            log.exception("measuring %s failed", row["name"])
+            row["error"] = f"{type(exc).__name__}: {exc}"
+    timings["evaluate"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    ok = [r for r in rows if "error" not in r]
+    size = cfg.bench_size
+    results = {b["artifact"]: b for b in bench([r["artifact"] for r in ok], runs=cfg.bench_runs,
+                                               warmup=cfg.bench_warmup, threads=cfg.threads,
+                                               shape=(1, 7, size, size))}
+    for r in ok:
+        b = results[r["artifact"]]
+        r["latency_us"] = b.get("latency_us")
+        r["latency_p10_us"], r["latency_p90_us"] = b.get("p10_us"), b.get("p90_us")
+        if "error" in b:
+            r["error"] = b["error"]
+    timings["bench"] = round(time.perf_counter() - t0, 2)
+    base = next((r for r in rows if r["name"] == V.BASELINE and "error" not in r), None)
+    if base:
+        for r in ok:
+            r["weight_memory_ratio"] = base["weight_memory_kib"] / r["weight_memory_kib"]
+            r["size_ratio"] = base["size_kib"] / r["size_kib"]
+            if r.get("latency_us"):
+                r["latency_ratio"] = base["latency_us"] / r["latency_us"]
+            r["recall_change_pts"] = 100.0 * (r["recall"] - base["recall"])
+
+
+def machine_info(threads: int) -> dict:
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def run_study(seg_ckpt, data_dir, out_dir, cfg: StudyConfig | None = None, *, datasets=None) -> dict:
+    """Build, export and measure every requested variant of a segmentation checkpoint.
+
+    Args:
+        seg_ckpt: baseline checkpoint (or a :class:`SegModel`).
+        data_dir: LUNA16-layout dataset (training crops, calibration and validation slices).
+        out_dir: study folder: ``<variant>/``, ``report.json``, ``REPORT.md``, ``REPORT.zh.md``, plots.
+        cfg: settings (defaults: :class:`StudyConfig`).
+        datasets: ``(train_ds, val_ds)`` already built (skips reading ``data_dir``).
+
+    Returns:
+        The report dict written to ``report.json``.
+    """
+    from nodulekit.models.checkpoint import load_seg_model
+    from nodulekit.report.render import render_report, write_report_json
+
+    cfg = cfg or StudyConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = V.resolve(cfg.variants)
+    timings: dict = {}
+    t_all = time.perf_counter()
+
+    if datasets is None:
+        from nodulekit.data.seg_dataset import build_seg_datasets
+
+        t0 = time.perf_counter()
+        datasets = build_seg_datasets(data_dir, samples_per_epoch=cfg.samples_per_epoch, crop=cfg.crop,
+                                      seed=cfg.seed, progress=cfg.progress)
+        timings["data"] = round(time.perf_counter() - t0, 2)
+    train_ds, val_ds = datasets
+    if isinstance(seg_ckpt, torch.nn.Module):
+        baseline = seg_ckpt.eval()
+    else:
+        baseline, _ = load_seg_model(seg_ckpt)
+    log.info("study of %s: variants %s", seg_ckpt if not isinstance(seg_ckpt, torch.nn.Module) else "model", names)
+    ctx = StudyContext(cfg, train_ds, val_ds, timings)
+    built = build_variants(baseline, names, ctx)
+
+    rows = []
+    for name in names:
+        cand = built[name]
+        row = {"name": name, "label": V.LABELS[name], "stages": list(V.VARIANTS[name])}
+        if isinstance(cand, Exception):
+            rows.append({**row, "error": f"{type(cand).__name__}: {cand}"})
+            continue
+        try:
+            t0 = time.perf_counter()
+            files = export_variant(name, cand, out_dir, cfg)
+            timings[f"export:{name}"] = round(time.perf_counter() - t0, 2)
+            float_model = cand.float_model or cand.model
+            row.update(artifact=files["deployed"]["path"], files=files,
+                       params=int(sum(p.numel() for p in float_model.parameters())),
+                       format=cand.fmt, quantization=files["deployed"]["quantization"],
+                       widths=float_model.current_widths().to_dict(), weight_hist=_hist(float_model),
+                       **{k: v for k, v in cand.meta.items() if not k.endswith("_history")},
+                       history={k: v for k, v in cand.meta.items() if k.endswith("_history")})
+        except Exception as exc:
+            log.exception("export of %s failed", name)
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+    measure(rows, val_ds, cfg, timings)
+    for row in rows:
+        if "artifact" in row:
+            row["artifact"] = os.path.relpath(row["artifact"], out_dir)
+    npu = None
+    if cfg.rknn:
+        t0 = time.perf_counter()
+        npu = npu_section(rows, out_dir, train_ds, val_ds, cfg)
+        timings["npu"] = round(time.perf_counter() - t0, 2)
+    timings["total"] = round(time.perf_counter() - t_all, 2)
+
+    report = {
+        "baseline": V.BASELINE,
+        "variants": rows,
+        "machine": machine_info(cfg.threads),
+        "dataset": _dataset_info(data_dir, train_ds, val_ds),
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "timings_s": timings,
+    }
+    if npu is not None:
+        report["npu"] = npu
+    write_report_json(report, out_dir / "report.json")
+    render_report(out_dir)
+    return report
+
+
+def _dataset_info(data_dir, train_ds, val_ds) -> dict:
+    info = {"data_dir": str(data_dir) if data_dir is not None else None}
+    for key, ds in (("train", train_ds), ("val", val_ds)):
+        scans = getattr(ds, "scans", None)
+        if scans is not None:
+            info[f"{key}_scans"] = len(scans)
+            info[f"{key}_uids"] = [s.uid for s in scans]
+    info["val_slices"] = len(val_ds)
+    info["val_nodules"] = len(getattr(val_ds, "nodules", []))
+    scans = getattr(val_ds, "scans", None)
+    if scans:
+        info["slice_size"] = list(scans[0].shape[1:])
+    return info

@@ -1,0 +1,118 @@
+"""Report strings in English and Chinese, plus the reference project's published figures."""
+
+from __future__ import annotations
+
+STRINGS = {
+    "en": {
+        "title": "Compression study: candidate-segmentation U-Net",
+        "intro": ("Every figure below is measured on the deployed artifact (ONNX Runtime, CPU), not on the "
+                  "PyTorch model. Ratios are baseline / variant; recall change is in percentage points."),
+        "main": "Variants",
+        "header": ["Variant", "Params", "Weight Memory (KiB)", "Reduction Ratio", "Size (KiB)", "Reduction Ratio",
+                   "Latency (us)", "Speed-up", "Recall (%)", "Recall Change", "Precision (%)", "Dice"],
+        "errors": "Failed variants",
+        "settings": "Settings",
+        "settings_text": ("Pruning: L1-norm structured channel pruning (torch-pruning), ratio `{prune_ratio}`, "
+                          "{finetune_epochs} fine-tuning epochs. PTQ: ONNX Runtime static QDQ, per-channel int8 "
+                          "weights, uint8 activations, `{calib_method}` calibration on {calib_slices} training "
+                          "slices (half with nodules). QAT: torchao PT2E fake-quant, {qat_epochs} epochs, "
+                          "false-negative weight {fn_weight_qat}."),
+        "why_ptq": ("What this PTQ does against the reference's 7.2-point recall loss: half of the calibration "
+                    "slices hold nodules, so the bright, rare activations of nodules set the ranges; percentile "
+                    "calibration ignores the few extreme values that would stretch the grid; weights are "
+                    "per-channel; the input BatchNorm, the last conv's logits and the Sigmoid stay float, so the "
+                    "0.5 threshold does not fall on a coarse uint8 grid. The recall change column above is the "
+                    "measured effect."),
+        "memory_note": ("Weight memory: bytes of the stored weights in the deployed ONNX at their stored precision "
+                        "(fp32 x4, int8 x1, int32 biases x4, BatchNorm parameters), including the per-channel "
+                        "scales and zero points of int8 weights, excluding the per-tensor activation "
+                        "quantization scalars. Params: trainable parameters of the model behind the file."),
+        "machine": "Machine",
+        "dataset": "Dataset",
+        "plots": "Plots",
+        "plot_bars": "Weight memory, size and latency per variant",
+        "plot_pareto": "Recall vs latency (Pareto front)",
+        "plot_widths": "Channel widths per layer before and after pruning",
+        "plot_hist": "Weight histograms per layer",
+        "reference": "Reference study (other project, for comparison)",
+        "reference_note": ("Figures published by the reference project for its RK3588S NPU deployment on LUNA16; "
+                           "they are not measurements of this study and ran on different hardware."),
+        "ref_header": ["Model", "Weight Memory (KiB)", "Reduction Ratio", "Latency (us)", "Speed-up", "Recall (%)",
+                       "Recall Change"],
+        "npu": "RK3588 NPU",
+        "npu_note": "Weight-memory ratios are against the fp16 baseline row. Latency needs a connected board.",
+        "npu_header": ["Model", "Weight Memory (KiB)", "Reduction Ratio", "Internal Memory (KiB)", "Size (KiB)",
+                       "Recall (%)", "CPU fallback layers", "Latency (us)"],
+        "classifier": "False-positive classifier (2D rewrite)",
+        "cls_header": ["Model", "Params", "Weight Memory (KiB)", "Size (KiB)", "Latency (us)", "AUC",
+                       "Max abs diff vs 3D"],
+        "detection": "Detection (FROC)",
+        "det_cpm": "CPM",
+        "det_header": ["FPs per scan", "Sensitivity"],
+        "timings": "Timings",
+        "timing_header": ["Stage", "Seconds"],
+        "needs_board": "n/a (needs board)",
+        "baseline_label": "baseline",
+    },
+    "zh": {
+        "title": "压缩实验：候选结节分割 U-Net",
+        "intro": "下列数据均在部署产物上测得（ONNX Runtime，CPU），而非 PyTorch 模型。压缩比 = 基线 / 变体；召回率变化以百分点计。",
+        "main": "模型版本对比",
+        "header": ["模型版本", "Weight Memory (KiB)", "Reduction Ratio", "Size (KiB)", "Latency (us)",
+                   "Reduction Ratio", "Recall (%)", "Recall Drop"],
+        "errors": "失败的版本",
+        "settings": "实验设置",
+        "settings_text": ("剪枝：基于 L1 范数的结构化通道剪枝（torch-pruning），比例 `{prune_ratio}`，微调 {finetune_epochs} 轮。"
+                          "PTQ：ONNX Runtime 静态 QDQ 量化，逐通道 int8 权重，uint8 激活，`{calib_method}` 校准，"
+                          "{calib_slices} 张训练切片（一半含结节）。QAT：torchao PT2E 伪量化训练 {qat_epochs} 轮，"
+                          "假阴性权重 {fn_weight_qat}。"),
+        "why_ptq": ("针对参考项目 PTQ 召回率下降 7.2 个百分点，本实验的做法：校准切片一半含结节，结节产生的少见高亮激活决定量化范围；"
+                    "百分位校准忽略少数极端值；权重逐通道量化；输入 BatchNorm、最后一层卷积的 logits 与 Sigmoid 保持浮点，"
+                    "0.5 阈值不落在粗糙的 uint8 网格上。实际效果见上表的召回率变化。"),
+        "memory_note": ("Weight Memory：部署 ONNX 中权重按存储精度计的字节数（fp32 x4、int8 x1、int32 偏置 x4、BatchNorm 参数），"
+                        "包含 int8 权重的逐通道 scale 与 zero point，不含逐张量的激活量化参数。参数量：该文件对应模型的可训练参数。"),
+        "machine": "测试机器",
+        "dataset": "数据集",
+        "plots": "图表",
+        "plot_bars": "各版本的权重内存、文件大小与延迟",
+        "plot_pareto": "召回率与延迟（帕累托前沿）",
+        "plot_widths": "剪枝前后各层通道数",
+        "plot_hist": "各层权重分布直方图",
+        "reference": "参考研究（另一项目，仅供对比）",
+        "reference_note": "以下为参考项目在 LUNA16 上、部署于 RK3588S NPU 时公布的数据，并非本实验测量结果，硬件不同。",
+        "ref_header": ["模型版本", "Weight Memory (KiB)", "Reduction Ratio", "Latency (us)", "Reduction Ratio",
+                       "Recall (%)", "Recall Drop"],
+        "npu": "RK3588 NPU",
+        "npu_note": "权重内存压缩比以 fp16 基线为准。延迟需连接开发板测量。",
+        "npu_header": ["模型版本", "Weight Memory (KiB)", "Reduction Ratio", "Internal Memory (KiB)", "Size (KiB)",
+                       "Recall (%)", "CPU 回退层数", "Latency (us)"],
+        "classifier": "假阳性分类器（2D 改写）",
+        "cls_header": ["模型版本", "参数量", "Weight Memory (KiB)", "Size (KiB)", "Latency (us)", "AUC",
+                       "与 3D 最大绝对误差"],
+        "detection": "检测（FROC）",
+        "det_cpm": "CPM",
+        "det_header": ["每例假阳性数", "灵敏度"],
+        "timings": "耗时",
+        "timing_header": ["阶段", "秒"],
+        "needs_board": "n/a（需开发板）",
+        "baseline_label": "基线",
+    },
+}
+
+VARIANT_NAMES = {
+    "en": {"baseline": "Baseline (fp32)", "pruned": "Pruned (fp32)", "ptq": "PTQ int8", "qat": "QAT int8",
+           "pruned_ptq": "Pruned + PTQ int8", "pruned_qat": "Pruned + QAT int8",
+           "baseline_fp16": "Baseline (NPU fp16)"},
+    "zh": {"baseline": "基线 (fp32)", "pruned": "剪枝 (fp32)", "ptq": "PTQ int8", "qat": "QAT int8",
+           "pruned_ptq": "剪枝 + PTQ int8", "pruned_qat": "剪枝 + QAT int8",
+           "baseline_fp16": "基线 (NPU fp16)"},
+}
+
+# The reference project's published RK3588S NPU figures on LUNA16 (weight memory in KiB, latency in
+# us, recall in %); None where it published no number.
+REFERENCE = [
+    {"name": "baseline_fp16", "weight_memory_kib": 236.81, "latency_us": 49079, "recall": 76.7, "recall_change_pts": 0.0},
+    {"name": "ptq", "weight_memory_kib": 125.44, "latency_us": None, "recall": None, "recall_change_pts": None},
+    {"name": "pruned_ptq", "weight_memory_kib": None, "latency_us": None, "recall": None, "recall_change_pts": -7.2},
+    {"name": "pruned_qat", "weight_memory_kib": 40.56, "latency_us": 30191, "recall": 77.1, "recall_change_pts": 0.4},
+]

@@ -1,0 +1,259 @@
+"""Render a study's ``report.json`` into ``REPORT.md`` (English), ``REPORT.zh.md`` (Chinese) and PNGs.
+
+``report.json`` is the only input, so ``nodulekit report DIR`` re-renders a finished study. Its
+shape: ``{"baseline": name, "variants": [row, ...], "machine": {...}, "dataset": {...}}`` with
+optional ``settings``, ``timings_s``, ``npu``, ``classifier`` and ``detection``. A variant row has
+``name, params, weight_memory_kib, size_kib, latency_us, recall, precision, dice, artifact`` (recall
+a fraction) or ``name`` and ``error``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from nodulekit.errors import InputError
+from nodulekit.log import get_logger
+from nodulekit.report.i18n import REFERENCE, STRINGS, VARIANT_NAMES
+from nodulekit.report.plots import PLOTS, draw_all
+
+log = get_logger("report")
+
+ROW_KEYS = ("name", "params", "weight_memory_kib", "size_kib", "latency_us", "recall", "precision", "dice",
+            "artifact")
+TOP_KEYS = ("baseline", "variants", "machine", "dataset")
+
+
+def _clean(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        return _clean(obj.item())
+    return obj
+
+
+def validate_report(report: dict, source="report.json") -> dict:
+    """Check the report's shape (module docstring).
+
+    Raises:
+        InputError: a missing key or a malformed row.
+    """
+    missing = [k for k in TOP_KEYS if k not in report]
+    if missing:
+        raise InputError(source, f"missing top-level key(s) {missing}")
+    if not isinstance(report["variants"], list):
+        raise InputError(source, "'variants' must be a list")
+    for row in report["variants"]:
+        if "name" not in row:
+            raise InputError(source, f"a variant row has no name: {sorted(row)}")
+        if "error" in row:
+            continue
+        absent = [k for k in ROW_KEYS if k not in row]
+        if absent:
+            raise InputError(source, f"variant {row['name']!r} lacks {absent}")
+        if row["recall"] is not None and not 0.0 <= row["recall"] <= 1.0:
+            raise InputError(source, f"variant {row['name']!r}: recall {row['recall']} is not a fraction")
+    return report
+
+
+def write_report_json(report: dict, path: str | Path) -> Path:
+    path = Path(path)
+    validate_report(report, path)
+    path.write_text(json.dumps(_clean(report), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def load_report(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report.json"
+    if not path.is_file():
+        raise InputError(path, "report.json not found")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"not valid JSON ({exc})") from None
+    return validate_report(report, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# formatting
+
+
+def _num(v, fmt="{:,.1f}", na="n/a"):
+    return na if v is None else fmt.format(v)
+
+
+def _ratio(v):
+    return "n/a" if not v else f"{v:.2f}x"
+
+
+def _pts(v):
+    return "n/a" if v is None else f"{v:+.1f}"
+
+
+def _table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _with_ratios(rows, baseline_name):
+    base = next((r for r in rows if r["name"] == baseline_name and "error" not in r), None)
+    out = []
+    for r in rows:
+        r = dict(r)
+        if base and "error" not in r:
+            for key, rkey in (("weight_memory_kib", "weight_memory_ratio"), ("size_kib", "size_ratio"),
+                              ("latency_us", "latency_ratio")):
+                if r.get(key) and base.get(key):
+                    r[rkey] = base[key] / r[key]
+            if r.get("recall") is not None and base.get("recall") is not None:
+                r["recall_change_pts"] = 100.0 * (r["recall"] - base["recall"])
+        out.append(r)
+    return out
+
+
+def _main_table(rows, lang):
+    s, names = STRINGS[lang], VARIANT_NAMES[lang]
+    ok = [r for r in rows if "error" not in r]
+    recall = lambda r: _num(None if r.get("recall") is None else 100 * r["recall"])  # noqa: E731
+    if lang == "zh":
+        body = [[names.get(r["name"], r["name"]), _num(r["weight_memory_kib"], "{:,.2f}"),
+                 _ratio(r.get("weight_memory_ratio")), _num(r["size_kib"], "{:,.2f}"),
+                 _num(r["latency_us"], "{:,.0f}"), _ratio(r.get("latency_ratio")), recall(r),
+                 _pts(r.get("recall_change_pts"))] for r in ok]
+    else:
+        body = [[names.get(r["name"], r["name"]), _num(r.get("params"), "{:,}"),
+                 _num(r["weight_memory_kib"], "{:,.2f}"), _ratio(r.get("weight_memory_ratio")),
+                 _num(r["size_kib"], "{:,.2f}"), _ratio(r.get("size_ratio")), _num(r["latency_us"], "{:,.0f}"),
+                 _ratio(r.get("latency_ratio")), recall(r), _pts(r.get("recall_change_pts")),
+                 _num(None if r.get("precision") is None else 100 * r["precision"]),
+                 _num(r.get("dice"), "{:.3f}")] for r in ok]
+    return _table(s["header"], body)
+
+
+def _reference(lang):
+    s, names = STRINGS[lang], VARIANT_NAMES[lang]
+    base = REFERENCE[0]
+    body = []
+    for r in REFERENCE:
+        wm, lat = r["weight_memory_kib"], r["latency_us"]
+        body.append([names.get(r["name"], r["name"]), _num(wm, "{:,.2f}"),
+                     _ratio(base["weight_memory_kib"] / wm if wm else None), _num(lat, "{:,.0f}"),
+                     _ratio(base["latency_us"] / lat if lat else None), _num(r["recall"]),
+                     _pts(r["recall_change_pts"])])
+    return f"## {s['reference']}\n\n{s['reference_note']}\n\n" + _table(s["ref_header"], body)
+
+
+def _npu(report, lang):
+    rows = report.get("npu")
+    if not rows:
+        return None
+    s = STRINGS[lang]
+    base = next((r for r in rows if "fp16" in r["name"] or r["name"] == report["baseline"]), rows[0])
+    body = []
+    for r in rows:
+        wm = r.get("weight_memory_kib")
+        body.append([r["name"], _num(wm, "{:,.2f}"),
+                     _ratio(base.get("weight_memory_kib") / wm if wm and base.get("weight_memory_kib") else None),
+                     _num(r.get("internal_memory_kib"), "{:,.0f}"), _num(r.get("size_kib"), "{:,.2f}"),
+                     _num(None if r.get("recall") is None else 100 * r["recall"]),
+                     _fallback(r.get("cpu_fallback_layers")),
+                     _num(r.get("latency_us"), "{:,.0f}", s["needs_board"])])
+    return f"## {s['npu']}\n\n{s['npu_note']}\n\n" + _table(s["npu_header"], body)
+
+
+def _fallback(layers) -> str:
+    """CPU-fallback layers of an RKNN build: their count, and their names when there are any."""
+    if layers is None:
+        return "n/a"
+    if isinstance(layers, (int, float)):
+        return f"{layers:g}"
+    return f"{len(layers)}" + (f" ({', '.join(map(str, layers))})" if layers else "")
+
+
+def _classifier(report, lang):
+    rows = report.get("classifier")
+    if not rows:
+        return None
+    s = STRINGS[lang]
+    body = [[r["name"], _num(r.get("params"), "{:,}"), _num(r.get("weight_memory_kib"), "{:,.2f}"),
+             _num(r.get("size_kib"), "{:,.2f}"), _num(r.get("latency_us"), "{:,.0f}", s["needs_board"]),
+             _num(r.get("auc"), "{:.4f}"), _num(r.get("max_abs_diff_vs_3d"), "{:.2e}")] for r in rows]
+    return f"## {s['classifier']}\n\n" + _table(s["cls_header"], body)
+
+
+def _detection(report, lang):
+    det = report.get("detection")
+    if not det:
+        return None
+    s = STRINGS[lang]
+    text = f"## {s['detection']}\n\n{s['det_cpm']}: {_num(det.get('cpm'), '{:.3f}')}"
+    ci = det.get("cpm_ci")
+    if ci:
+        text += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+    fps, sens = det.get("fps_per_scan") or [], det.get("sensitivities") or []
+    if fps and sens:
+        text += "\n\n" + _table(s["det_header"], [[f"{f:g}", f"{100 * v:.1f}%"] for f, v in zip(fps, sens)])
+    ops = det.get("operating_points")
+    if ops:
+        keys = list(dict.fromkeys(k for op in ops for k in op))
+        text += "\n\n" + _table(keys, [[op.get(k, "") for k in keys] for op in ops])
+    if det.get("froc_png"):
+        text += f"\n\n![FROC]({det['froc_png']})"
+    return text
+
+
+def _kv(d: dict) -> str:
+    return "\n".join(f"- {k}: {v}" for k, v in d.items() if not isinstance(v, (list, dict)) or k.endswith("size"))
+
+
+def render_markdown(report: dict, lang: str, plots: dict[str, str]) -> str:
+    """One Markdown report in ``lang`` (``en`` or ``zh``)."""
+    s = STRINGS[lang]
+    rows = _with_ratios(report["variants"], report["baseline"])
+    parts = [f"# {s['title']}", s["intro"], f"## {s['main']}", _main_table(rows, lang), s["memory_note"]]
+    errors = [r for r in rows if "error" in r]
+    if errors:
+        parts += [f"### {s['errors']}", "\n".join(f"- {r['name']}: `{r['error']}`" for r in errors)]
+    settings = report.get("settings")
+    if settings:
+        try:
+            parts += [f"## {s['settings']}", s["settings_text"].format(**settings)]
+        except KeyError:
+            parts += [f"## {s['settings']}", _kv(settings)]
+        if any(r["name"].endswith("ptq") for r in rows):
+            parts.append(s["why_ptq"])
+    parts.append(_reference(lang))
+    for section in (_npu(report, lang), _classifier(report, lang), _detection(report, lang)):
+        if section:
+            parts.append(section)
+    if plots:
+        parts.append(f"## {s['plots']}")
+        for key, fname in plots.items():
+            caption = s[PLOTS[key][0]]
+            parts.append(f"### {caption}\n\n![{caption}]({fname})")
+    parts += [f"## {s['machine']}", _kv(report["machine"]), f"## {s['dataset']}", _kv(report["dataset"])]
+    timings = report.get("timings_s")
+    if timings:
+        parts += [f"## {s['timings']}", _table(s["timing_header"], [[k, f"{v:,.1f}"] for k, v in timings.items()])]
+    return "\n\n".join(parts) + "\n"
+
+
+def render_report(study_dir: str | Path) -> dict[str, Path]:
+    """Re-render ``REPORT.md``, ``REPORT.zh.md`` and the plots of a study folder from its report.json."""
+    study_dir = Path(study_dir)
+    report = load_report(study_dir / "report.json")
+    plots = draw_all(report["variants"], study_dir)
+    out = {}
+    for lang, fname in (("en", "REPORT.md"), ("zh", "REPORT.zh.md")):
+        out[lang] = study_dir / fname
+        out[lang].write_text(render_markdown(report, lang, plots), encoding="utf-8")
+    log.info("wrote %s, %s and %d plots", out["en"], out["zh"], len(plots))
+    return {**out, **{k: study_dir / v for k, v in plots.items()}}

@@ -1,0 +1,160 @@
+import numpy as np
+import pytest
+import torch
+
+from nodulekit.data.augment import RandAffine
+from nodulekit.data.seg_dataset import SegScan, SegTrainDataset, SegValDataset
+
+
+def _scan(uid="u", n=12, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    hu = np.full((n, size, size), -1000, np.int16)
+    hu[:, 8:-8, 8:-8] = 20  # chest wall
+    hu[:, 12:-12, 12:-12] = -850  # lung
+    hu += np.arange(n, dtype=np.int16)[:, None, None]  # tells slices apart
+    lab = np.zeros(hu.shape, np.uint16)
+    z, y, x = np.mgrid[:n, :size, :size]
+    for k, (c, r) in enumerate([((5, 20, 20), 3.0), ((8, 44, 40), 2.0)], start=1):
+        m = (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= r * r
+        hu[m] = 40
+        lab[m] = k
+    hu[:, 30, 30] = rng.integers(1500, 3000)  # bright outlier: clipping must catch it
+    return SegScan.from_labels(uid, hu, lab, {1: 6.0, 2: 4.0})
+
+
+@pytest.mark.parametrize("z, expected", [(0, [0, 0, 0, 0, 1, 2, 3]), (1, [0, 0, 0, 1, 2, 3, 4]),
+                                         (6, [3, 4, 5, 6, 7, 8, 9]), (11, [8, 9, 10, 11, 11, 11, 11])])
+def test_context_clamps_at_volume_ends_and_clips_hu(z, expected):
+    scan = _scan()
+    img = scan.context(z)
+    assert img.shape == (7, 64, 64) and img.dtype == np.float32
+    assert [int(round(v)) + 850 for v in img[:, 20, 40]] == expected  # lung pixel: -850 + z
+    assert img.max() <= 1000 and img.min() >= -1000
+
+
+def test_sparse_labels_and_voxels():
+    scan = _scan()
+    assert sorted(scan.label_slices) == sorted({int(z) for v in scan.voxels.values() for z in v[:, 0]})
+    assert set(scan.voxels) == {1, 2}
+    assert scan.labels(0).sum() == 0 and scan.labels(5)[20, 20] == 1
+    assert scan.body_box == (8, 56, 8, 56)
+
+
+def test_positive_crops_contain_the_nodule():
+    ds = SegTrainDataset([_scan()], samples_per_epoch=64, crop=32, window=48, negative_share=0.0, seed=1)
+    for i in range(len(ds)):
+        img, lab = ds[i]
+        assert img.shape == (7, 32, 32) and lab.shape == (1, 32, 32)
+        assert lab.sum() > 0
+        assert float(img[3][lab[0] > 0].mean()) == pytest.approx(40.0)
+
+
+def test_negative_share_and_determinism():
+    ds = SegTrainDataset([_scan()], samples_per_epoch=400, crop=16, window=24, negative_share=0.5, seed=3)
+    pos = np.mean([bool(ds[i][1].sum()) for i in range(len(ds))])
+    assert 0.4 < pos < 0.65  # a background crop rarely grazes a nodule
+    ds.set_epoch(1)
+    a = ds[7]
+    again = SegTrainDataset([_scan()], samples_per_epoch=400, crop=16, window=24, negative_share=0.5, seed=3)
+    again.set_epoch(1)
+    assert torch.equal(a[0], again[7][0])
+    again.set_epoch(2)
+    assert not all(torch.equal(ds[i][0], again[i][0]) for i in range(8))
+
+
+def test_validation_slices():
+    ds = SegValDataset([_scan("a"), _scan("b", n=20)], negative_slices=3)
+    per_scan = [sum(1 for s, _ in ds.items if s == k) for k in (0, 1)]
+    n_pos = len(_scan().label_slices)
+    assert per_scan == [n_pos + 3, n_pos + 3]
+    img, lab, s = ds[0]
+    assert img.shape == (7, 64, 64) and lab.shape == (64, 64) and s == 0
+    assert [(s, k) for s, k, _ in ds.nodules] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+
+
+def test_augment_keeps_image_and_label_aligned():
+    # the image is the label painted in HU: after any warp, the label must still mark the bright pixels
+    lab = torch.zeros(8, 1, 32, 32)
+    lab[:, :, 10:20, 12:24] = 1
+    img = (lab * 1000 - 1000).repeat(1, 7, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    out_img, out_lab = RandAffine(noise_hu=0.0)(img, lab, generator=g)
+    assert out_img.shape == img.shape and out_lab.shape == lab.shape
+    inside = out_img[:, 3][out_lab[:, 0] > 0]
+    outside = out_img[:, 3][out_lab[:, 0] == 0]
+    # both go through one interpolation: label > 0.5 exactly where the image is above -500 HU
+    assert inside.min() >= -500 and outside.max() <= -500
+    assert not torch.equal(out_lab, lab)  # it did move things
+    assert set(out_lab.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_augment_is_seedable_and_3d():
+    x = torch.randn(4, 1, 16, 24, 24) * 300
+    a = RandAffine()(x, generator=torch.Generator().manual_seed(5))
+    b = RandAffine()(x, generator=torch.Generator().manual_seed(5))
+    assert a.shape == x.shape and torch.equal(a, b)
+    ident = RandAffine(flip=False, shift=0, scale=0, rotate_deg=0, noise_hu=0)(x.clamp(-1000, 1000))
+    assert torch.allclose(ident, x.clamp(-1000, 1000), atol=1e-3)
+    with pytest.raises(ValueError):
+        RandAffine(shift=-1)
+
+
+def test_augment_costs_less_than_a_training_step():
+    import time
+
+    from nodulekit.models.unet import SegModel
+
+    x, y = torch.randn(4, 7, 64, 64) * 300, (torch.rand(4, 1, 64, 64) > 0.9).float()
+    aug, model = RandAffine(), SegModel()
+
+    def step():
+        model(x).mean().backward()
+
+    def timed(fn, n=2):
+        fn()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t) / n
+
+    assert timed(lambda: aug(x, y)) < 0.5 * timed(step)
+
+
+def _tiny_luna(root):
+    """One 24x64x64 scan with one nodule, 1 positive and 5 negative candidates."""
+    from nodulekit.data.ct import write_ct
+    from nodulekit.data.luna import Annotation, Candidate, write_annotations, write_candidates
+    from nodulekit.data.volume import CTVolume
+
+    hu = np.full((24, 64, 64), -800, np.int16)
+    z, y, x = np.mgrid[:24, :64, :64]
+    hu[(z - 12) ** 2 + (y - 30) ** 2 + (x - 34) ** 2 <= 9] = 60
+    ct = CTVolume(hu, origin=(-10.0, -20.0, -30.0), spacing=(0.8, 0.8, 2.0), seriesuid="1.2.3")
+    write_ct(ct, root / "subset0" / "1.2.3.mhd")
+    center = tuple(ct.voxel_to_world((12, 30, 34)))
+    write_annotations(root / "annotations.csv", [Annotation("1.2.3", center, 5.0)])
+    negs = [tuple(ct.voxel_to_world((z, 10 + 8 * i, 50))) for i, z in enumerate([3, 6, 9, 15, 20])]
+    write_candidates(root / "candidates.csv", [Candidate("1.2.3", center, True)]
+                     + [Candidate("1.2.3", c, False) for c in negs])
+    return root
+
+
+def test_cls_crops_are_centred_and_balanced(tmp_path):
+    from nodulekit.data.cache import VolumeCache
+    from nodulekit.data.cls_dataset import ClsTrainDataset, ClsValDataset, load_cls_samples
+
+    root = _tiny_luna(tmp_path)
+    cache = VolumeCache(tmp_path / "cache")
+    samples = load_cls_samples(root, cache=cache)
+    assert len(samples) == 6 and sum(s.is_nodule for s in samples) == 1
+    pos = next(s for s in samples if s.is_nodule)
+    assert np.allclose(pos.center_irc, (12, 30, 34), atol=1e-6) and pos.diameter_mm == 5.0
+    ds = ClsTrainDataset(samples, cache, samples_per_epoch=10, seed=0)
+    labels = [ds[i][1] for i in range(10)]
+    assert labels == [1, 0] * 5
+    crop, _ = ds[0]
+    assert crop.shape == (1, 32, 48, 48) and crop.dtype == torch.float32
+    assert float(crop[0, 16, 24, 24]) == 60.0  # nodule at the centre
+    assert float(crop.min()) >= -1000
+    val = ClsValDataset(samples, cache, max_negatives=2)
+    assert len(val) == 3 and [val[i][1] for i in range(3)] == [1, 0, 0]

@@ -1,0 +1,158 @@
+"""Exporter: formats table, round trips in each runtime, weight-memory accounting."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from nodulekit.deploy.export import FORMATS, Artifact, export
+from nodulekit.deploy.onnx_utils import describe, param_count, weight_memory_bytes
+from nodulekit.errors import InputError
+from nodulekit.models.checkpoint import save_seg_checkpoint
+from nodulekit.models.unet import SegModel
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = SegModel().eval()
+    # non-trivial BatchNorm statistics so the round trip tests more than an identity
+    for bn in m.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    m.input_batchnorm.running_var.fill_(400.0 ** 2)
+    return m
+
+
+@pytest.fixture(scope="module")
+def slices():
+    rng = np.random.default_rng(0)
+    return rng.uniform(-1000, 1000, size=(2, 7, 64, 96)).astype(np.float32)
+
+
+def test_formats_table():
+    assert list(FORMATS) == ["onnx", "onnx-int8", "torchscript", "rknn"]
+    with pytest.raises(ValueError, match="unknown format"):
+        export(SegModel(), "tflite", "x")
+
+
+def test_onnx_round_trip_dynamic_shapes(model, slices, tmp_path):
+    from nodulekit.deploy.runtime import OnnxRunner
+
+    art = export(model, "onnx", tmp_path, variant="baseline")
+    assert isinstance(art, Artifact) and art.path.endswith("model.onnx") and art.size_bytes > 0
+    assert art.opset <= 19 and art.quantization == "fp32"
+    assert not list(tmp_path.glob("*.data"))  # one file, no external weights
+    with torch.no_grad():
+        ref = model(torch.from_numpy(slices)).numpy()
+    got = OnnxRunner(art.path)(slices)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_onnx_static_shape(model, tmp_path):
+    art = export(model, "onnx", tmp_path / "static.onnx", dynamic=False, input_shape=(1, 7, 64, 64))
+    dims = onnx.load(art.path).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [1, 7, 64, 64]
+
+
+def test_torchscript_round_trip_from_checkpoint(model, slices, tmp_path):
+    save_seg_checkpoint(tmp_path / "seg.pt", model)
+    art = export(tmp_path / "seg.pt", "torchscript", tmp_path / "out")
+    loaded = torch.jit.load(art.path)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(slices))
+        got = loaded(torch.from_numpy(slices))
+    assert (got - ref).abs().max().item() <= 1e-6
+
+
+def test_onnx_int8_ptq(model, slices, tmp_path):
+    from nodulekit.deploy.runtime import OnnxRunner
+
+    art = export(model, "onnx-int8", tmp_path, calibration=slices, method="minmax")
+    assert art.path.endswith("model.int8.onnx") and art.quantization == "int8-qdq"
+    info = describe(art.path)
+    assert info["ops"]["DequantizeLinear"] > 0 and info["opset"] <= 19
+    fp32 = export(model, "onnx", tmp_path / "fp32.onnx")
+    # int8 weights plus their scales: well under a third of the fp32 weight bytes
+    assert weight_memory_bytes(art.path) < weight_memory_bytes(fp32.path) / 3
+    assert param_count(art.path) == param_count(fp32.path)
+    assert OnnxRunner(art.path)(slices).shape == (2, 1, 64, 96)
+
+
+def test_rknn_row_delegates_lazily(model, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = {}
+
+    def fake_export_rknn(onnx_path, out_path, *, quantize, dataset, algorithm, target="rk3588"):
+        calls.update(onnx=onnx_path, quantize=quantize, target=target)
+        open(out_path, "wb").write(b"RKNN")
+        return {"weight_memory_kib": 1.0}
+
+    monkeypatch.setitem(sys.modules, "nodulekit.deploy.rknn", types.SimpleNamespace(export_rknn=fake_export_rknn))
+    art = export(model, "rknn", tmp_path, quantize=False)
+    assert art.format == "rknn" and art.path.endswith(".rknn") and art.quantization == "fp16"
+    assert art.input_shape == [1, 7, 512, 512] and calls["target"] == "rk3588"
+
+
+def test_empty_output_is_an_error(model, tmp_path, monkeypatch):
+    from nodulekit.deploy import export as E
+
+    monkeypatch.setitem(E.FORMATS, "onnx", E.Format("onnx", ".onnx", lambda m, out, **k: {}, "ort", ""))
+    with pytest.raises(InputError, match="empty or no file"):
+        export(model, "onnx", tmp_path)
+
+
+def _handmade_qdq() -> onnx.ModelProto:
+    """Conv with int8 weights (4x2x3x3, per-channel scales), an int32 bias, an fp32 BN, and
+    activation Q/DQ scalars that must not count."""
+    w = numpy_helper.from_array(np.ones((4, 2, 3, 3), np.int8), "w_q")
+    w_scale = numpy_helper.from_array(np.full(4, 0.1, np.float32), "w_scale")
+    w_zp = numpy_helper.from_array(np.zeros(4, np.int8), "w_zp")
+    b = numpy_helper.from_array(np.zeros(4, np.int32), "b_q")
+    b_scale = numpy_helper.from_array(np.full(4, 0.01, np.float32), "b_scale")
+    a_scale = numpy_helper.from_array(np.array(0.05, np.float32), "a_scale")
+    a_zp = numpy_helper.from_array(np.array(128, np.uint8), "a_zp")
+    bn = [numpy_helper.from_array(np.ones(4, np.float32), n) for n in ("g", "beta", "mean", "var")]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "a_scale", "a_zp"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "a_scale", "a_zp"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], axis=0),
+        helper.make_node("DequantizeLinear", ["b_q", "b_scale"], ["b"], axis=0),
+        helper.make_node("Conv", ["xd", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "beta", "mean", "var"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [w, w_scale, w_zp, b, b_scale, a_scale, a_zp, *bn])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_weight_memory_accounting_on_handmade_onnx(tmp_path):
+    model = _handmade_qdq()
+    # weights 72 x int8 + scales 4 x fp32 + zero points 4 x int8 + bias 4 x int32 + bias scales 4 x fp32
+    # + BN 4 x 4 x fp32; the activation scale/zero point are not weights
+    expected = 72 + 16 + 4 + 16 + 16 + 64
+    assert weight_memory_bytes(model) == expected
+    onnx.save(model, tmp_path / "m.onnx")
+    assert weight_memory_bytes(tmp_path / "m.onnx") == expected
+    assert param_count(model) == 72 + 4 + 16
+    assert describe(model)["quantization"] == "int8-qdq"
+
+
+def test_export_cli(model, tmp_path, capsys):
+    import json
+
+    from nodulekit.cli import main
+
+    save_seg_checkpoint(tmp_path / "seg.pt", model)
+    assert main(["export", str(tmp_path / "seg.pt"), "-f", "onnx", "torchscript", "--out", str(tmp_path / "o")]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [a["format"] for a in lines] == ["onnx", "torchscript"]
+    assert all(a["size_bytes"] > 0 for a in lines)

@@ -1,0 +1,188 @@
+"""Compression study: the variants table end to end, pruning, PTQ and QAT."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nodulekit.models.checkpoint import load_seg_model, save_seg_checkpoint
+from nodulekit.models.unet import SegModel
+from nodulekit.optimize import variants as V
+from nodulekit.optimize.prune import parse_ratio, prune_seg
+
+TINY = dict(finetune_epochs=1, qat_epochs=1, samples_per_epoch=16, batch_size=8, calib_slices=4, bench_runs=3,
+            bench_warmup=1, bench_size=64, torchscript=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def datasets(synth_data):
+    from nodulekit.data.seg_dataset import build_seg_datasets
+
+    return build_seg_datasets(synth_data, samples_per_epoch=16, crop=64, val_negative_slices=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def study(datasets, synth_data, tmp_path_factory):
+    from nodulekit.optimize.study import StudyConfig, run_study
+
+    out = tmp_path_factory.mktemp("study")
+    torch.manual_seed(0)
+    report = run_study(SegModel(), synth_data, out, StudyConfig(**TINY), datasets=datasets)
+    return out, report
+
+
+@pytest.mark.parametrize("name", list(V.VARIANTS))
+def test_every_variant_is_built_exported_and_measured(study, name):
+    out, report = study
+    row = next(r for r in report["variants"] if r["name"] == name)
+    assert "error" not in row, row.get("error")
+    assert (out / row["artifact"]).is_file()
+    assert row["artifact"].endswith(".int8.onnx") == V.is_quantized(name)
+    assert row["weight_memory_kib"] > 0 and row["size_kib"] > 0 and row["latency_us"] > 0
+    assert 0.0 <= row["recall"] <= 1.0
+    assert row["stages"] == list(V.VARIANTS[name])
+    assert (out / name / "seg.pt").is_file()
+    model, ckpt = load_seg_model(out / name / "seg.pt")
+    assert ckpt["variant"] == name
+    if "prune" in V.VARIANTS[name]:
+        assert model.current_widths().down[0][0] < 16
+
+
+def test_study_ratios_and_files(study):
+    out, report = study
+    rows = {r["name"]: r for r in report["variants"]}
+    assert rows["pruned_qat"]["weight_memory_ratio"] > 5.84
+    assert rows["ptq"]["weight_memory_kib"] < rows["baseline"]["weight_memory_kib"] / 3
+    # the pruned stage is computed once and shared by both pruned_* variants
+    assert rows["pruned_ptq"]["widths"] == rows["pruned_qat"]["widths"] == rows["pruned"]["widths"]
+    assert "prune+finetune" in report["timings_s"] and "prune+finetune+qat" in report["timings_s"]
+    assert json.loads((out / "report.json").read_text())["baseline"] == "baseline"
+    for name in ("REPORT.md", "REPORT.zh.md", "compression_bars.png", "recall_vs_latency.png",
+                 "pruning_widths.png", "weight_histograms.png"):
+        assert (out / name).is_file(), name
+
+
+def test_variants_table_resolution():
+    assert V.resolve(["pruned_qat"]) == ["baseline", "pruned_qat"]
+    assert V.deploy_format("pruned") == "onnx" and V.deploy_format("qat") == "onnx-int8"
+    with pytest.raises(ValueError, match="unknown variant"):
+        V.resolve(["nope"])
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("0.5", (0.5, {})),
+    ("down_path.0=0.3,up_path.1=0.6", (0.0, {"down_path.0": 0.3, "up_path.1": 0.6})),
+    ("0.4,down_path.2=0.25", (0.4, {"down_path.2": 0.25})),
+    (0.5, (0.5, {})),
+])
+def test_parse_ratio(spec, expected):
+    assert parse_ratio(spec) == expected
+
+
+def test_parse_ratio_rejects_bad_values():
+    with pytest.raises(ValueError):
+        parse_ratio("1.5")
+
+
+def test_prune_keeps_skips_shape_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    model = SegModel().eval()
+    pruned = prune_seg(model, 0.5)
+    w = pruned.current_widths()
+    assert w.down == ((8, 8), (16, 16), (32, 32)) and w.up == ((16, 16, 16), (8, 8, 8))
+    # decoder inputs stay consistent with the concatenation (upconv + skip)
+    for block, skip in zip(pruned.unet.up_path, reversed([d for _, d in w.down[:-1]])):
+        assert block.conv_block.block[0].in_channels == block.up.out_channels + skip
+    assert model.current_widths().down[0] == (16, 16)  # the input model is untouched
+    x = torch.randn(2, 7, 64, 64) * 400
+    with torch.no_grad():
+        y = pruned(x)
+    assert y.shape == (2, 1, 64, 64)
+    assert pruned.input_batchnorm.num_features == 7 and pruned.unet.last.in_channels == 8
+    save_seg_checkpoint(tmp_path / "p.pt", pruned, variant="pruned")
+    reloaded, _ = load_seg_model(tmp_path / "p.pt")
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), y)
+
+
+def test_prune_per_block_ratios():
+    pruned = prune_seg(SegModel(), "0.5,down_path.0=0.25")
+    assert pruned.current_widths().down[0] == (12, 12)
+    assert pruned.current_widths().down[1] == (16, 16)
+    with pytest.raises(ValueError, match="no U-Net block"):
+        prune_seg(SegModel(), "down_path.9=0.5")
+
+
+def test_ptq_calibration_picks_nodule_slices(datasets):
+    from nodulekit.optimize.quantize import calibration_items
+
+    scans = datasets[0].scans
+    items = calibration_items(scans, 8)
+    assert len(items) == 8
+    assert sum(z in scans[s].label_slices for s, z in items) >= 4
+
+
+def test_qat_onnx_agrees_with_fake_quant_model(datasets, tmp_path):
+    from nodulekit.deploy.export import export
+    from nodulekit.deploy.runtime import OnnxRunner
+    from nodulekit.optimize import quantize as Q
+
+    torch.manual_seed(0)
+    prepared = Q.qat_prepare(prune_seg(SegModel(), 0.5))
+    Q.set_train_mode(prepared)
+    opt = torch.optim.Adam(prepared.parameters(), 1e-3)
+    train = datasets[0]
+    x, y = zip(*[train[i] for i in range(8)])
+    for _ in range(2):
+        loss = torch.nn.functional.binary_cross_entropy(prepared(torch.stack(x)), torch.stack(y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    Q.set_eval_mode(prepared)
+    art = export(Q.qat_convert(prepared), "onnx-int8", tmp_path / "qat.int8.onnx", variant="qat")
+    assert art.quantization == "int8-qdq" and art.opset <= 19
+    val = datasets[1]
+    slices = np.stack([val[i][0] for i in range(min(4, len(val)))])
+    with torch.no_grad():
+        ref = prepared(torch.from_numpy(slices)).numpy()
+    got = OnnxRunner(art.path)(slices)
+    assert ((got > 0.5) == (ref > 0.5)).mean() >= 0.99
+    _assert_weights_quantized_per_output_channel(art.path)
+
+
+def _assert_weights_quantized_per_output_channel(path):
+    """RKNN only takes per-channel weight scales along the output channels: axis 0 of a Conv
+    weight (out, in, kH, kW), axis 1 of a ConvTranspose weight (in, out, kH, kW)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    checked = 0
+    for node in graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose"):
+            continue
+        dq = producer.get(node.input[1])
+        assert dq is not None and dq.op_type == "DequantizeLinear", f"{node.name}: weight is not quantized"
+        weight, scale = inits[dq.input[0]], inits[dq.input[1]]
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        out_axis = 1 if node.op_type == "ConvTranspose" else 0
+        assert axis == out_axis and scale.size == weight.shape[out_axis], (node.name, axis, scale.shape)
+        checked += 1
+    assert checked >= 10
+
+
+def test_optimize_cli_baseline_only(synth_data, tmp_path, capsys):
+    from nodulekit.cli import main
+
+    save_seg_checkpoint(tmp_path / "seg.pt", SegModel())
+    rc = main(["optimize", "--seg", str(tmp_path / "seg.pt"), "--data", str(synth_data), "--out", str(tmp_path / "s"),
+               "--variants", "baseline", "--bench-runs", "2", "--bench-warmup", "1", "--no-torchscript"])
+    assert rc == 0
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert [r["name"] for r in report["variants"]] == ["baseline"]
+    assert (tmp_path / "s" / "REPORT.zh.md").is_file() and "REPORT.md" in capsys.readouterr().out

@@ -1,0 +1,75 @@
+import math
+
+import numpy as np
+import pytest
+
+from nodulekit.data.seg_dataset import SegScan, SegValDataset
+from nodulekit.evaluate.seg_metrics import evaluate_seg
+
+
+def _val_ds():
+    hu = np.full((10, 16, 16), -800, np.int16) + np.arange(10, dtype=np.int16)[:, None, None] * 10
+    lab = np.zeros(hu.shape, np.uint16)
+    lab[2:4, 2:6, 2:6] = 1  # 4 x 4 x 2 = 32 voxels, 8 mm
+    lab[6, 10:12, 10:12] = 2  # 4 voxels, 3 mm
+    return SegValDataset([SegScan.from_labels("u", hu, lab, {1: 8.0, 2: 3.0})], negative_slices=2)
+
+
+def _oracle(ds, keep):
+    """Predict the label of the nodules in ``keep`` exactly, from the slice content."""
+    def predict(x):
+        out = []
+        for img in x:
+            i = next(j for j in range(len(ds)) if np.array_equal(ds[j][0], img))
+            out.append(np.isin(ds[i][1], list(keep)).astype(np.float32)[None])
+        return np.stack(out)
+    return predict
+
+
+def test_perfect_prediction():
+    ds = _val_ds()
+    lab_by_z = {z: ds.scans[0].labels(z) for _, z in ds.items}
+    zs = [z for _, z in ds.items]
+
+    def predict(x):
+        return np.stack([(lab_by_z[z] > 0).astype(np.float32)[None] for z in zs[: len(x)]])
+
+    m = evaluate_seg(predict, ds, batch_size=len(ds))
+    assert m["recall"] == m["precision"] == m["dice"] == 1.0
+    assert m["nodule_recall"] == m["nodule_recall_lt5"] == m["nodule_recall_ge5"] == 1.0
+    assert (m["nodules"], m["nodules_lt5"], m["nodules_ge5"], m["slices"]) == (2, 1, 1, len(ds))
+
+
+def test_missed_small_nodule_and_false_positives():
+    ds = _val_ds()
+    base = _oracle(ds, {1})
+
+    def predict(x):
+        p = base(x)
+        p[:, :, 15, 15] = 0.9  # one false-positive pixel per slice
+        return p
+
+    m = evaluate_seg(predict, ds, batch_size=3)
+    assert m["tp"] == 32 and m["fn"] == 4 and m["fp"] == len(ds)
+    assert m["recall"] == pytest.approx(32 / 36)
+    assert m["precision"] == pytest.approx(32 / (32 + len(ds)))
+    assert m["dice"] == pytest.approx(64 / (64 + len(ds) + 4))
+    assert (m["nodule_recall"], m["nodule_recall_ge5"], m["nodule_recall_lt5"]) == (0.5, 1.0, 0.0)
+
+
+def test_one_pixel_finds_a_nodule_and_threshold_is_strict():
+    ds = _val_ds()
+
+    def predict(x, value):
+        p = np.zeros((len(x), 1, 16, 16), np.float32)
+        p[:, 0, 3, 3] = value  # inside nodule 1 on its slices
+        return p
+
+    assert evaluate_seg(lambda x: predict(x, 0.6), ds)["nodule_recall_ge5"] == 1.0
+    assert evaluate_seg(lambda x: predict(x, 0.5), ds)["nodule_recall_ge5"] == 0.0
+
+
+def test_empty_validation_gives_nan():
+    ds = SegValDataset([], negative_slices=2)
+    m = evaluate_seg(lambda x: x[:, :1], ds)
+    assert math.isnan(m["recall"]) and math.isnan(m["nodule_recall"]) and m["slices"] == 0

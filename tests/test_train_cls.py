@@ -1,0 +1,56 @@
+import json
+
+import numpy as np
+import pytest
+
+from nodulekit.models.checkpoint import load_cls_model, read_checkpoint
+from nodulekit.train.cls import auc_score, cls_metrics, roc_curve
+
+
+@pytest.mark.parametrize("labels, scores, auc", [
+    ([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], 1.0),
+    ([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1], 0.0),
+    ([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5], 0.5),
+    ([0, 1, 0, 1], [0.1, 0.3, 0.35, 0.8], 0.75),
+])
+def test_auc(labels, scores, auc):
+    assert auc_score(np.array(labels), np.array(scores)) == pytest.approx(auc)
+
+
+def test_auc_needs_both_classes():
+    assert np.isnan(auc_score(np.array([1, 1]), np.array([0.2, 0.3])))
+
+
+def test_roc_curve_ends():
+    fpr, tpr, thr = roc_curve(np.array([0, 1, 0, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0) and np.isinf(thr[0])
+
+
+def test_cls_metrics_on_hand_made_predictions():
+    labels = np.array([1] * 20 + [0] * 200)
+    probs = np.r_[np.linspace(0.6, 1.0, 19), 0.05, np.linspace(0.0, 0.45, 190), np.linspace(0.7, 0.9, 10)]
+    m = cls_metrics(labels, probs, recall_target=0.95)
+    assert (m["positives"], m["negatives"]) == (20, 200)
+    assert m["recall"] == pytest.approx(19 / 20) and m["precision"] == pytest.approx(19 / 29)
+    assert m["f1"] == pytest.approx(2 * 19 / (2 * 19 + 10 + 1))
+    # keeping 95 % of nodules (threshold at the 19th-highest nodule, 0.6) lets 10 of 200 negatives through
+    assert m["fp_kept"] == pytest.approx(10 / 200) and m["fp_reduction"] == pytest.approx(20.0)
+    assert 0.9 < m["auc"] < 1.0
+
+
+def test_cli_train_cls_smoke(synth_data, tmp_path):
+    from nodulekit.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "cls", "--data", str(synth_data), "--out", str(out), "--epochs", "1", "--steps-per-epoch", "2",
+            "--batch-size", "4", "--val-max-negatives", "20", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    for name in ("cls.pt", "cls_last.pt", "log.csv", "roc.png", "summary.json"):
+        assert (out / name).is_file(), name
+    model, ckpt = load_cls_model(out / "cls.pt")
+    assert ckpt["epoch"] == 1 and "auc" in ckpt["metrics"]
+    assert main([*args[:6], "--epochs", "2", *args[8:], "--resume"]) == 0
+    assert read_checkpoint(out / "cls_last.pt")["epoch"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["epoch"] for r in summary["history"]] == [1, 2]
