@@ -1,6 +1,7 @@
 # nodulekit: two commands do all setup on a fresh machine.
 #   make demo   - create .venv, install, run the whole pipeline on the synthetic dataset (runs/demo/)
-#   make test   - create .venv, install, run the test suite (slow tests included, as CI does)
+#   make test   - create .venv (and .venv-rknn for the RKNN simulator tests), install, run the test
+#                 suite (slow tests included, as CI does)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -24,7 +25,7 @@ demo: $(STAMP)
 
 demo-rknn: rknn demo
 
-test: $(STAMP)
+test: $(STAMP) rknn
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -138,3 +138,14 @@ def test_annotations_by_series():
     grouped = annotations_by_series(anns)
     assert list(grouped) == ["b", "a"]
     assert [a.diameter_mm for a in grouped["b"]] == [1, 3]
+
+
+def test_candidates_table_prefers_v2(tmp_path):
+    from nodulekit.data.luna import candidates_table
+
+    with pytest.raises(InputError, match="no candidates table"):
+        candidates_table(tmp_path)
+    (tmp_path / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n")
+    assert candidates_table(tmp_path).name == "candidates.csv"
+    (tmp_path / "candidates_V2.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n")
+    assert candidates_table(tmp_path).name == "candidates_V2.csv"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nodulekit.log import get_logger
@@ -30,19 +30,17 @@ class DemoConfig:
     scans: int = 12
     size: int = 512
     max_slices: int | None = None
-    seg_epochs: int = 8
-    seg_steps: int = 100
-    cls_epochs: int = 6
-    cls_steps: int = 40
+    seg_epochs: int | None = None  # None: the training config's default
+    seg_steps: int | None = None
+    cls_epochs: int | None = 6
+    cls_steps: int | None = None
     finetune_epochs: int = 3
     qat_epochs: int = 5
-    optimize_steps: int = 60
+    optimize_steps: int = 40
     calib_slices: int = 64
     bench_runs: int = 20
-    val_slices: int | None = None
     rknn: bool = True
     workers: int = 2
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def for_mode(cls, *, quick: bool, out: str = "runs/demo", seed: int = 0, scans: int | None = None,
@@ -51,7 +49,12 @@ class DemoConfig:
             return cls(out=out, seed=seed, scans=scans or 12, rknn=rknn)
         return cls(out=out, quick=True, seed=seed, scans=scans or 6, size=256, max_slices=64, seg_epochs=2,
                    seg_steps=25, cls_epochs=1, cls_steps=10, finetune_epochs=1, qat_epochs=1, optimize_steps=8,
-                   calib_slices=8, bench_runs=5, val_slices=12, rknn=rknn)
+                   calib_slices=8, bench_runs=5, rknn=rknn)
+
+
+def _given(**kwargs) -> dict:
+    """Only the settings that are set; the rest keep the training config's defaults."""
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 class _Timer:
@@ -116,14 +119,14 @@ def run_demo(cfg: DemoConfig) -> dict:
         synth = _synth(cfg, data)
 
     with timer.stage("train_seg"):
-        seg_run = train_seg(SegTrainConfig(data=str(data), out=str(_fresh(out / "train" / "seg")),
-                                           epochs=cfg.seg_epochs, steps_per_epoch=cfg.seg_steps, seed=cfg.seed))
+        seg_run = train_seg(SegTrainConfig(data=str(data), out=str(_fresh(out / "train" / "seg")), seed=cfg.seed,
+                                           **_given(epochs=cfg.seg_epochs, steps_per_epoch=cfg.seg_steps)))
     models.mkdir(parents=True, exist_ok=True)
     seg_ckpt = Path(shutil.copy2(seg_run["checkpoint"], models / "seg.pt"))
 
     with timer.stage("train_cls"):
-        cls_run = train_cls(ClsTrainConfig(data=str(data), out=str(_fresh(out / "train" / "cls")),
-                                           epochs=cfg.cls_epochs, steps_per_epoch=cfg.cls_steps, seed=cfg.seed))
+        cls_run = train_cls(ClsTrainConfig(data=str(data), out=str(_fresh(out / "train" / "cls")), seed=cfg.seed,
+                                           **_given(epochs=cfg.cls_epochs, steps_per_epoch=cfg.cls_steps)))
     cls_ckpt = Path(shutil.copy2(cls_run["checkpoint"], models / "cls.pt"))
 
     report = _optimize(cfg, timer, seg_ckpt, cls_ckpt, data, out)
@@ -197,7 +200,7 @@ def _final_report(cfg, report, synth, seg_run, cls_run, detection, froc, timer, 
     }
     report["dataset"] = {**report.get("dataset", {}), "synthetic": True,
                          **{k: v for k, v in synth.items() if isinstance(v, (int, float, str))}}
-    report["demo"] = {k: v for k, v in asdict(cfg).items() if k != "extra"}
+    report["demo"] = asdict(cfg)
     report["timings_s"] = timer.timings
     for src in (out / "evaluate" / "froc.png", out / "detect" / "nodules.csv", out / "evaluate" / "froc.json"):
         if src.is_file():

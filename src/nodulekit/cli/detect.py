@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from nodulekit.deploy import BACKENDS
+
 
 def add_parser(sub):
     p = sub.add_parser("detect", help="detect lung nodules in CT scans (table, JSON and PNGs)",
@@ -12,8 +14,10 @@ def add_parser(sub):
     p.add_argument("--seg", required=True, help="segmentation checkpoint (nodulekit or dlwpt) or .onnx file")
     p.add_argument("--cls", required=True, help="classifier checkpoint (nodulekit or dlwpt) or .onnx file")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="segmentation runtime")
-    p.add_argument("--cls-backend", default="torch", choices=("torch", "onnx"), help="classifier runtime")
+    p.add_argument("--backend", default="torch", choices=BACKENDS,
+                   help="segmentation runtime: torch (checkpoint), onnx (.onnx, ONNX Runtime on the CPU) or "
+                        "rknn (.rknn on an RK3588 board through rknn-toolkit-lite2)")
+    p.add_argument("--cls-backend", default="torch", choices=BACKENDS, help="classifier runtime (as --backend)")
     p.add_argument("--threshold", type=float, default=0.5, help="classifier probability of a reported nodule")
     p.add_argument("--seg-threshold", type=float, default=0.5, help="segmentation probability threshold")
     p.add_argument("--min-volume", type=float, default=None, help="smallest candidate in mm^3 (default 7)")

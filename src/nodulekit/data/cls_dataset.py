@@ -111,18 +111,17 @@ def load_cls_samples(data_dir: str | Path, uids: Sequence[str] | None = None, ca
     """Candidates of a LUNA16-layout folder, merged with its annotations and located in voxels.
 
     Args:
-        data_dir: folder with ``subset*/``, ``candidates.csv`` and ``annotations.csv``.
+        data_dir: folder with ``subset*/``, ``candidates_V2.csv`` or ``candidates.csv``, and ``annotations.csv``.
         uids: keep only these series (default: every scan found).
         cache: VolumeCache used to read each scan's geometry.
     """
     from nodulekit.data.cache import VolumeCache
-    from nodulekit.data.luna import find_series, merge_candidates, read_annotations, read_candidates
+    from nodulekit.data.luna import (candidates_table, find_series, merge_candidates, read_annotations,
+                                     read_candidates)
 
     data_dir = Path(data_dir)
     series = find_series(data_dir)
-    if not (data_dir / "candidates.csv").is_file():
-        raise InputError(data_dir / "candidates.csv", "no such file (needed to train the classifier)")
-    cands = read_candidates(data_dir / "candidates.csv")
+    cands = read_candidates(candidates_table(data_dir))
     ann = read_annotations(data_dir / "annotations.csv") if (data_dir / "annotations.csv").is_file() else []
     keep = set(series if uids is None else uids) & set(series)
     cache = cache if cache is not None else VolumeCache(data_dir / ".cache")

@@ -104,6 +104,22 @@ def read_annotations(path: str | Path, *, unknown_diameter_mm: float | None = No
     return out
 
 
+CANDIDATE_TABLES = ("candidates_V2.csv", "candidates.csv")  # LUNA16's revised list first
+
+
+def candidates_table(data_dir: str | Path) -> Path:
+    """The candidates table of a LUNA16-layout folder: ``candidates_V2.csv`` or ``candidates.csv``.
+
+    Raises:
+        InputError: neither exists.
+    """
+    data_dir = Path(data_dir)
+    for name in CANDIDATE_TABLES:
+        if (data_dir / name).is_file():
+            return data_dir / name
+    raise InputError(data_dir, f"no candidates table ({' or '.join(CANDIDATE_TABLES)})")
+
+
 def read_candidates(path: str | Path) -> list[Candidate]:
     """Read ``candidates.csv`` or ``candidates_V2.csv`` (columns in :data:`CANDIDATE_COLUMNS`).
 

@@ -50,9 +50,22 @@ class OnnxRunner:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
+def _rknn_runner(path: Path, backend: str, kind: str):
+    """The board runner (rknn-toolkit-lite2 on an RK3588) for ``backend == "rknn"`` or a ``.rknn`` file."""
+    if backend != "rknn" and path.suffix != ".rknn":
+        return None
+    from nodulekit.deploy.rknn import load_rknn_runner
+
+    return load_rknn_runner(path, kind=kind)
+
+
 def load_seg_runner(path: str | Path, backend: str = "torch", threads: int | None = 2):
-    """A segmentation runner from a checkpoint (``torch``) or an exported ``.onnx`` file (``onnx``)."""
+    """A segmentation runner from a checkpoint (``torch``), an exported ``.onnx`` file (``onnx``) or
+    an ``.rknn`` file on an RK3588 board (``rknn``)."""
     path = Path(path)
+    runner = _rknn_runner(path, backend, "seg")
+    if runner is not None:
+        return runner
     if backend == "onnx" or path.suffix == ".onnx":
         return OnnxRunner(path, threads=threads or 2)
     if backend == "torch":
@@ -106,10 +119,13 @@ def load_cls_runner(path: str | Path, backend: str = "torch", threads: int | Non
 
     Args:
         path: a ``LunaModel`` checkpoint (nodulekit or dlwpt) or an exported ``.onnx`` file.
-        backend: ``torch`` or ``onnx``; an ``.onnx`` suffix selects ``onnx``.
+        backend: ``torch``, ``onnx`` or ``rknn``; an ``.onnx`` / ``.rknn`` suffix selects that runtime.
         threads: CPU threads.
     """
     path = Path(path)
+    runner = _rknn_runner(path, backend, "cls")
+    if runner is not None:
+        return runner
     if backend == "onnx" or path.suffix == ".onnx":
         return OnnxClsRunner(path, threads=threads or 2)
     if backend == "torch":
