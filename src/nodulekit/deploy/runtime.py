@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nodulekit.deploy import BACKENDS
 from nodulekit.errors import InputError
 
 
@@ -48,32 +49,6 @@ class OnnxRunner:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
-
-
-def _rknn_runner(path: Path, backend: str, kind: str):
-    """The board runner (rknn-toolkit-lite2 on an RK3588) for ``backend == "rknn"`` or a ``.rknn`` file."""
-    if backend != "rknn" and path.suffix != ".rknn":
-        return None
-    from nodulekit.deploy.rknn import load_rknn_runner
-
-    return load_rknn_runner(path, kind=kind)
-
-
-def load_seg_runner(path: str | Path, backend: str = "torch", threads: int | None = 2):
-    """A segmentation runner from a checkpoint (``torch``), an exported ``.onnx`` file (``onnx``) or
-    an ``.rknn`` file on an RK3588 board (``rknn``)."""
-    path = Path(path)
-    runner = _rknn_runner(path, backend, "seg")
-    if runner is not None:
-        return runner
-    if backend == "onnx" or path.suffix == ".onnx":
-        return OnnxRunner(path, threads=threads or 2)
-    if backend == "torch":
-        from nodulekit.models.checkpoint import load_seg_model
-
-        model, _ = load_seg_model(path)
-        return TorchSegRunner(model, threads)
-    raise ValueError(f"unknown backend {backend!r} (torch, onnx, rknn)")
 
 
 def _class1_probability(out: np.ndarray) -> np.ndarray:
@@ -114,23 +89,37 @@ class OnnxClsRunner(OnnxRunner):
         return _class1_probability(outs[-1])
 
 
+def _load_runner(path, backend: str, threads, kind: str):
+    path = Path(path)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} ({', '.join(BACKENDS)})")
+    if backend == "rknn" or path.suffix == ".rknn":
+        from nodulekit.deploy.rknn import load_rknn_runner  # rknn-toolkit-lite2, on the board
+
+        return load_rknn_runner(path, kind=kind)
+    if backend == "onnx" or path.suffix == ".onnx":
+        return (OnnxClsRunner if kind == "cls" else OnnxRunner)(path, threads=threads or 2)
+    from nodulekit.models.checkpoint import load_cls_model, load_seg_model
+
+    model, _ = (load_cls_model if kind == "cls" else load_seg_model)(path)
+    return (TorchClsRunner if kind == "cls" else TorchSegRunner)(model, threads)
+
+
+def load_seg_runner(path: str | Path, backend: str = "torch", threads: int | None = 2):
+    """A segmentation runner: ``(N, 7, H, W)`` clipped HU -> ``(N, 1, H, W)`` probabilities.
+
+    Args:
+        path: a checkpoint (nodulekit or dlwpt) for ``torch``, an ``.onnx`` file for ``onnx``
+            (ONNX Runtime on the CPU), an ``.rknn`` file for ``rknn`` (an RK3588 board).
+        backend: one of :data:`BACKENDS`; an ``.onnx`` / ``.rknn`` suffix selects that runtime.
+        threads: CPU threads.
+    """
+    return _load_runner(path, backend, threads, "seg")
+
+
 def load_cls_runner(path: str | Path, backend: str = "torch", threads: int | None = 2):
     """A classifier runner: ``(N, 1, 32, 48, 48)`` clipped HU -> ``(N,)`` nodule probability.
 
-    Args:
-        path: a ``LunaModel`` checkpoint (nodulekit or dlwpt) or an exported ``.onnx`` file.
-        backend: ``torch``, ``onnx`` or ``rknn``; an ``.onnx`` / ``.rknn`` suffix selects that runtime.
-        threads: CPU threads.
+    Args: as :func:`load_seg_runner`, with ``LunaModel`` checkpoints or its exports (3D or Conv2d).
     """
-    path = Path(path)
-    runner = _rknn_runner(path, backend, "cls")
-    if runner is not None:
-        return runner
-    if backend == "onnx" or path.suffix == ".onnx":
-        return OnnxClsRunner(path, threads=threads or 2)
-    if backend == "torch":
-        from nodulekit.models.checkpoint import load_cls_model
-
-        model, _ = load_cls_model(path)
-        return TorchClsRunner(model, threads)
-    raise ValueError(f"unknown backend {backend!r} (torch, onnx, rknn)")
+    return _load_runner(path, backend, threads, "cls")
