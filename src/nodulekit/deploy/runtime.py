@@ -18,15 +18,20 @@ from nodulekit.errors import InputError
 
 
 class TorchSegRunner:
+    """A PyTorch segmentation model as a runner."""
+
     def __init__(self, model: torch.nn.Module, threads: int | None = None):
         self.model = model.eval()
         self.threads = threads
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def _forward(self, x: np.ndarray):
         if self.threads:
             torch.set_num_threads(self.threads)
         with torch.inference_mode():
-            return self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+            return self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self._forward(x).numpy()
 
 
 class OnnxRunner:
@@ -63,18 +68,11 @@ def _class1_probability(out: np.ndarray) -> np.ndarray:
     return out.reshape(out.shape[0])
 
 
-class TorchClsRunner:
+class TorchClsRunner(TorchSegRunner):
     """A ``LunaModel`` (or any module returning ``(logits, probabilities)``) as a classifier runner."""
 
-    def __init__(self, model: torch.nn.Module, threads: int | None = None):
-        self.model = model.eval()
-        self.threads = threads
-
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        with torch.inference_mode():
-            out = self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        out = self._forward(x)
         if isinstance(out, (tuple, list)):
             out = out[-1]
         return _class1_probability(out.numpy())
