@@ -87,9 +87,9 @@ def _synth(cfg: DemoConfig, data: Path) -> dict:
     if marker.is_file():
         # the generator is deterministic: the same arguments give the same bytes, so reuse them
         doc = json.loads(marker.read_text())
-        if all(doc.get(k) == v for k, v in wanted.items()):
+        if all(doc.get("parameters", {}).get(k) == v for k, v in wanted.items()):
             log.info("reusing the synthetic dataset in %s", data)
-            return doc.get("summary", doc)
+            return doc["summary"]
     shutil.rmtree(data, ignore_errors=True)
     return generate_dataset(data, cfg.scans, cfg.seed, size=cfg.size, max_slices=cfg.max_slices,
                             workers=cfg.workers)
