@@ -156,3 +156,17 @@ def test_export_cli(model, tmp_path, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [a["format"] for a in lines] == ["onnx", "torchscript"]
     assert all(a["size_bytes"] > 0 for a in lines)
+
+
+def test_rknn_int8_cli_refuses_calibration_slices_of_another_size(synth_data, tmp_path, capsys):
+    from nodulekit.cli import main
+    from nodulekit.models.checkpoint import save_seg_checkpoint
+    from nodulekit.models.unet import SegModel
+
+    ckpt = save_seg_checkpoint(tmp_path / "seg.pt", SegModel())
+    rc = main(["export", str(ckpt), "--format", "rknn", "--rknn-dtype", "int8", "--data", str(synth_data),
+               "--calib-slices", "2", "--out", str(tmp_path / "out")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "rknn int8 calibration needs slices of the deployed input (1, 7, 512, 512)" in err
+    assert "(1, 7, 256, 256)" in err

@@ -39,8 +39,15 @@ def run(args) -> int:
             quantize = args.rknn_dtype == "int8"
             kwargs.update(quantize=quantize, algorithm=args.rknn_algorithm, target=args.target)
             if quantize:
+                from nodulekit.deploy.export import DEPLOY_SHAPE
+                from nodulekit.errors import InputError
+
                 reader = _calibration(args, fmt)
                 kwargs["dataset"] = [item[reader.input_name] for item in iter(reader.get_next, None)]
+                shape = tuple(kwargs["dataset"][0].shape)
+                if shape != tuple(DEPLOY_SHAPE):
+                    raise InputError(args.data, f"rknn int8 calibration needs slices of the deployed input "
+                                                f"{tuple(DEPLOY_SHAPE)}, these are {shape}")
         art = export(args.checkpoint, fmt, args.out, variant=args.variant, **kwargs)
         print(json.dumps(art.to_dict()))
     return 0
