@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,20 +64,13 @@ class _Timer:
     def __init__(self):
         self.timings: dict[str, float] = {}
 
+    @contextmanager
     def stage(self, name: str):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self):
-                log.info("== %s ==", name)
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.timings[name] = round(time.perf_counter() - self.t0, 1)
-                if exc[0] is None:
-                    log.info("== %s done in %.1f s ==", name, timer.timings[name])
-
-        return _Ctx()
+        log.info("== %s ==", name)
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 1)
+        log.info("== %s done in %.1f s ==", name, self.timings[name])
 
 
 def _synth(cfg: DemoConfig, data: Path) -> dict:
@@ -211,7 +205,7 @@ def _final_report(cfg, report, synth, seg_run, cls_run, detection, froc, timer, 
 
 
 def _print_summary(report: dict, report_dir: Path) -> None:
-    base = next((r for r in report["variants"] if r["name"] == report["baseline"]), None)
+    base = next((r for r in report["variants"] if r["name"] == report["baseline"] and "error" not in r), None)
     print()
     print(f"{'variant':<12} {'weights KiB':>12} {'x smaller':>10} {'latency ms':>11} {'x faster':>9} "
           f"{'recall %':>9} {'change pts':>11}")
