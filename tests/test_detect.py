@@ -11,7 +11,7 @@ import torch
 
 from nodulekit.data.volume import CTVolume
 from nodulekit.detect import detect_scan, run_detection
-from nodulekit.detect.candidates import crop, seg_batch
+from nodulekit.detect.candidates import clean_mask, crop, seg_batch
 
 SPACING = (2.5, 2.5, 4.0)  # x, y, z mm
 ORIGIN = (-150.0, -120.0, -300.0)
@@ -169,3 +169,14 @@ def test_cli_detect_on_real_scans(tmp_path, models, cptac_mhd, lidc_dicom):
     for s in report["scans"]:
         assert 0 < s["slices_segmented"] <= s["geometry"]["shape_zyx"][0]
         assert s["lung_ml"] > 100
+
+
+def test_a_ring_shaped_segmentation_becomes_one_solid_candidate():
+    # the U-Net often marks only the rim of a large nodule: the candidate must be the whole disc
+    zz, yy, xx = np.mgrid[:5, :40, :40]
+    r = np.hypot(yy - 20, xx - 20)
+    ring = (r >= 8) & (r <= 10) & (zz >= 1) & (zz <= 3)
+    labels, n = clean_mask(ring, None, (1.0, 1.0, 1.0))
+    assert n == 1
+    assert labels[2, 20, 20] == 1  # the hole is filled
+    assert (labels > 0).sum() == ((r <= 10) & (zz >= 1) & (zz <= 3)).sum()

@@ -189,3 +189,35 @@ def test_qdq_onnx_runs_int8_on_npu(rknn_env, tmp_path):
     ref = ort.InferenceSession(str(fp32)).run(None, {"x": xs[0]})[0]
     out = info["outputs"][0][0].reshape(ref.shape)
     assert ((out > 0.5) == (ref > 0.5)).mean() > 0.97
+
+
+@pytest.mark.slow
+def test_torchao_qat_qdq_runs_int8_on_npu(rknn_env, tmp_path):
+    """The QAT graph's QDQ placement lets rknn-toolkit2 run every layer int8 (no fp16 islands)."""
+    import torch
+
+    from nodulekit.deploy.export import export
+    from nodulekit.deploy.runtime import OnnxRunner
+    from nodulekit.models.unet import SegModel
+    from nodulekit.optimize import quantize as Q
+
+    size = 64
+    torch.manual_seed(0)
+    prepared = Q.qat_prepare(SegModel().eval(), example_size=32)
+    Q.set_train_mode(prepared)
+    with torch.no_grad():  # a few batches so the observers and the BatchNorm statistics see data
+        for x in _inputs(3, 32):
+            prepared(torch.from_numpy(np.repeat(x, 2, axis=0)))
+    Q.set_eval_mode(prepared)
+    art = export(Q.qat_convert(prepared), "onnx-int8", tmp_path / "qat.int8.onnx", variant="qat")
+    xs = _inputs(1, size)
+    info = rknn_env.export_rknn(art.path, tmp_path / "qat.rknn", quantize=False, input_size=(1, 7, size, size),
+                                eval_inputs=xs)
+    compute = [r for r in info["layers"] if r["op_type"] not in ("InputOperator", "OutputOperator")]
+    assert compute and all(r["dtype"] == "INT8" and r["target"] == "NPU" for r in compute), \
+        [(r["op_type"], r["dtype"], r["target"]) for r in compute if r["dtype"] != "INT8"]
+    assert not any(r["op_type"] == "exDataConvert" for r in info["layers"])
+    assert info["cpu_fallback_layers"] == []
+    ref = OnnxRunner(art.path)(xs[0])
+    out = info["outputs"][0][0].reshape(ref.shape)
+    assert ((out > 0.5) == (ref > 0.5)).mean() > 0.97

@@ -27,16 +27,37 @@ def test_dice_loss_on_hand_made_cases():
     assert float(dice_loss(everything, label)) < float(dice_loss(zeros, label))
 
 
+def test_batch_dice_keeps_learning_from_background_crops():
+    # one crop with a nodule, one without, both with 64 false-positive pixels
+    label = torch.zeros(2, 1, 16, 16)
+    label[0, :, 4:8, 4:8] = 1
+    pred = label.clone()
+    pred[:, :, 8:16, 8:16] = 0.9
+    assert float(dice_loss(label.clone(), label, batch_dice=True)) < 0.05
+    assert float(dice_loss(torch.zeros_like(label), label, fn_weight=0.0, batch_dice=True)) == pytest.approx(
+        1 - 1 / 17)
+
+    def grad_on_background_crop(batch_dice):
+        p = pred.clone().requires_grad_(True)
+        dice_loss(p, label, batch_dice=batch_dice).backward()
+        return float(p.grad[1, 0, 8:16, 8:16].mean())
+
+    # per crop, the empty crop's Dice is saturated (1 - 1/(57.6 + 1)): its false positives barely
+    # matter; pooled, every false positive pixel still lowers the Dice of the batch
+    assert grad_on_background_crop(False) < 2e-4
+    assert grad_on_background_crop(True) > 10 * grad_on_background_crop(False)
+
+
 def test_lr_schedule():
     f = [lr_factor(s, 100, 10) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] == pytest.approx(0.05, abs=0.01)
 
 
-def test_best_key_prefers_nodule_recall_then_recall():
+def test_best_key_prefers_nodule_recall_then_dice():
     a = {"nodule_recall": 1.0, "recall": 0.8, "dice": 0.5}
     b = {"nodule_recall": 0.9, "recall": 1.0, "dice": 0.9}
-    c = {"nodule_recall": 1.0, "recall": 0.801, "dice": 0.6}
+    c = {"nodule_recall": 1.0, "recall": 0.4, "dice": 0.6}  # wide masks lose to tight ones
     assert best_key(a) > best_key(b) and best_key(c) > best_key(a)
     assert best_key({"recall": float("nan")}) < best_key(b)
 

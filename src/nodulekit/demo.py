@@ -33,7 +33,7 @@ class DemoConfig:
     max_slices: int | None = None
     seg_epochs: int | None = None  # None: the training config's default
     seg_steps: int | None = None
-    cls_epochs: int | None = 6
+    cls_epochs: int | None = None
     cls_steps: int | None = None
     finetune_epochs: int = 3
     qat_epochs: int = 5
@@ -42,6 +42,7 @@ class DemoConfig:
     bench_runs: int = 20
     rknn: bool = True
     workers: int = 2
+    max_png: int = 10  # nodule pictures per scan
 
     @classmethod
     def for_mode(cls, *, quick: bool, out: str = "runs/demo", seed: int = 0, scans: int | None = None,
@@ -129,7 +130,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     _, val_uids = train_val_split(series)
     with timer.stage("detect"):
         detect_dir = _fresh(out / "detect")
-        detection = run_detection([series[u] for u in val_uids], seg_ckpt, cls_ckpt, detect_dir)
+        seg_model, cls_model = _deployed(out, seg_ckpt, cls_ckpt)
+        detection = run_detection([series[u] for u in val_uids], seg_model, cls_model, detect_dir,
+                                  backend=_backend(seg_model), cls_backend=_backend(cls_model),
+                                  max_png=cfg.max_png)
 
     with timer.stage("evaluate"):
         eval_dir = _fresh(out / "evaluate")
@@ -142,6 +146,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     report = _final_report(cfg, report, synth, seg_run, cls_run, detection, froc, timer, out)
     _print_summary(report, out / "report")
     return report
+
+
+def _deployed(out: Path, seg_ckpt: Path, cls_ckpt: Path) -> tuple[Path, Path]:
+    """The files detection runs: the exported fp32 ONNX models (what a CPU deployment executes),
+    or the checkpoints where an export is missing."""
+    seg_onnx, cls_onnx = out / "optimize" / "baseline" / "model.onnx", out / "classifier" / "cls3d.onnx"
+    return (seg_onnx if seg_onnx.is_file() else seg_ckpt), (cls_onnx if cls_onnx.is_file() else cls_ckpt)
+
+
+def _backend(path: Path) -> str:
+    return "onnx" if path.suffix == ".onnx" else "torch"
 
 
 def _optimize(cfg: DemoConfig, timer: _Timer, seg_ckpt: Path, cls_ckpt: Path, data: Path, out: Path) -> dict:

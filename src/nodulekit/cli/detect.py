@@ -24,6 +24,8 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=int, default=4, help="slices per segmentation call")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the runtimes")
     p.add_argument("--no-png", action="store_true", help="do not draw the nodules")
+    p.add_argument("--max-png", type=int, metavar="N", help="draw at most N nodules per scan, most probable first "
+                                                            "(default: all above --threshold)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -37,7 +39,7 @@ def run(args) -> int:
         backend=args.backend, cls_backend=args.cls_backend, threshold=args.threshold,
         seg_threshold=args.seg_threshold, batch_size=args.batch_size, threads=args.threads,
         min_volume_mm3=MIN_VOLUME_MM3 if args.min_volume is None else args.min_volume,
-        png=not args.no_png, progress=False if args.no_progress else None,
+        png=not args.no_png, max_png=args.max_png, progress=False if args.no_progress else None,
     )
     for f in summary["failed"]:
         print(f"FAILED {f['error']}")

@@ -33,12 +33,14 @@ def add_parser(sub):
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     tsub = p.add_subparsers(dest="model", metavar="<model>")
 
-    seg = tsub.add_parser("seg", help="candidate-segmentation U-Net (RUN/seg.pt, best by recall)",
+    seg = tsub.add_parser("seg", help="candidate-segmentation U-Net (RUN/seg.pt, best by nodule recall, then Dice)",
                           description="Train the 7-slice U-Net on 64x64 crops around nodules and background, "
                                       "validating on whole slices of held-out scans after each epoch. Options left out keep "
                                       "the defaults of nodulekit.train.seg.SegTrainConfig.")
     _common(seg, "runs/seg", "seg")
     seg.add_argument("--fn-weight", type=float, help="weight of the false-negative Dice term (default 8)")
+    seg.add_argument("--per-sample-dice", dest="batch_dice", action="store_false", default=None,
+                     help="Dice per crop as dlwpt-code computes it (default: pooled over the batch)")
     seg.add_argument("--negative-share", type=float, help="share of background crops (default 0.3)")
     seg.add_argument("--val-negative-slices", type=int, help="nodule-free validation slices per held-out scan")
     seg.add_argument("--val-every", type=int, help="validate every N epochs (and after the last)")

@@ -50,16 +50,31 @@ class OnnxRunner:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise InputError(self.path, f"ONNX Runtime cannot load it ({exc})") from None
-        self.input_name = self.session.get_inputs()[0].name
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        # a file exported with a fixed batch (NPU-ready, e.g. batch 1) gets its batch in pieces
+        self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        b = self.fixed_batch
+        if b is None or len(x) == b:
+            return self.session.run(None, {self.input_name: x})
+        if len(x) % b:
+            raise ValueError(f"{self.path} takes batches of {b}, got {len(x)}")
+        parts = [self.session.run(None, {self.input_name: x[i:i + b]}) for i in range(0, len(x), b)]
+        return [np.concatenate(outs) for outs in zip(*parts)]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return self._run(x)[0]
 
 
 def _class1_probability(out: np.ndarray) -> np.ndarray:
     """``(N,)`` nodule probability from a classifier output: ``(N, 2)`` probabilities or logits,
-    or ``(N,)`` / ``(N, 1)`` probabilities."""
+    or ``(N,)`` / ``(N, 1)`` probabilities; NPU-shaped ``(N, 2, 1, 1)`` outputs count as ``(N, 2)``."""
     out = np.asarray(out, dtype=np.float32)
+    if out.ndim == 4 and out.shape[2:] == (1, 1):
+        out = out[:, :, 0, 0]
     if out.ndim == 2 and out.shape[1] == 2:
         if np.all(out >= 0) and np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
             return out[:, 1]
@@ -83,8 +98,7 @@ class OnnxClsRunner(OnnxRunner):
     are exported, as ``LunaModel.forward`` returns them)."""
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
-        return _class1_probability(outs[-1])
+        return _class1_probability(self._run(x)[-1])
 
 
 def _load_runner(path, backend: str, threads, kind: str):

@@ -20,6 +20,11 @@ _SIZE_MULTIPLE = 16
 # LUNA16 counts nodules from 3 mm; a 3 mm sphere is 14 mm^3. Half of it leaves room for the
 # segmentation under-reaching a small nodule while still dropping specks of one or two voxels.
 MIN_VOLUME_MM3 = 7.0
+# LUNA16 nodules are at most 30 mm: a component with a longer side, or an enclosed hole wider
+# than such a nodule, is something else (vessels marked together with a nodule touching them).
+MAX_NODULE_MM = 32.0
+# peaks of the distance to the mask's border closer than this belong to one blob
+PEAK_SPACING_MM = 5.0
 
 
 @dataclass
@@ -106,16 +111,28 @@ def segment_slices(
 
 def clean_mask(mask: np.ndarray, lung: np.ndarray | None, spacing_xyz, *,
                min_volume_mm3: float = MIN_VOLUME_MM3) -> tuple[np.ndarray, int]:
-    """Keep the part of ``mask`` inside ``lung`` and drop components under ``min_volume_mm3``.
+    """Fill holes per slice, keep the part inside ``lung``, drop components under ``min_volume_mm3``.
 
-    A volume floor in mm^3 replaces dlwpt's 3x3 erosion: it drops the same one-voxel specks
-    without shrinking small nodules, and means the same on thin- and thick-slice scans.
+    The U-Net often marks only the rim of a large nodule (its interior is uniform and far from any
+    edge the 3x3 convolutions see); filling the enclosed holes of each slice (up to the area of a
+    ``MAX_NODULE_MM`` disc, so that rings of vessels stay open) gives back a solid component whose
+    centre and size are right. A volume floor in mm^3 replaces dlwpt's 3x3
+    erosion: it drops the same one-voxel specks without shrinking small nodules, and means the
+    same on thin- and thick-slice scans.
 
     Returns:
         ``(labels, n)``: int32 label volume (1..n) of the kept components.
     """
+    mask = mask.copy()
+    max_hole_px = math.pi * (MAX_NODULE_MM / 2) ** 2 / (spacing_xyz[0] * spacing_xyz[1])
+    for z in np.flatnonzero(mask.any(axis=(1, 2))):
+        holes, n_holes = ndimage.label(ndimage.binary_fill_holes(mask[z]) & ~mask[z])
+        if n_holes:
+            small = np.bincount(holes.ravel(), minlength=n_holes + 1) <= max_hole_px
+            small[0] = False
+            mask[z] |= small[holes]
     if lung is not None:
-        mask = mask & lung
+        mask &= lung
     labels, n = ndimage.label(mask)
     if n == 0:
         return labels.astype(np.int32), 0
@@ -130,8 +147,14 @@ def clean_mask(mask: np.ndarray, lung: np.ndarray | None, spacing_xyz, *,
 def find_candidates(hu: np.ndarray, labels: np.ndarray, n: int, ct) -> list[Candidate]:
     """Centre, size and world position of each labelled component.
 
-    The centre is the centre of mass weighted by ``HU + 1001`` (HU clipped to [-1000, 1000], as
-    dlwpt does), so it sits on the dense core rather than the segmentation's outline.
+    A nodule-sized component is one candidate. Its centre is the centre of mass weighted by
+    ``HU + 1001`` (HU clipped to [-1000, 1000], as dlwpt does), so it sits on the dense core rather
+    than the segmentation's outline; its diameter is that of the sphere of its volume.
+
+    A component longer than ``MAX_NODULE_MM`` is a vessel tree marked together with whatever
+    touches it (a recall-trained U-Net marks vessels too), and its centre of mass lies in none of
+    its parts. It is split at the blobs along it (:func:`blob_peaks`): each becomes a candidate for
+    the classifier to judge, with the blob's diameter.
 
     Args:
         hu: volume in HU.
@@ -140,11 +163,27 @@ def find_candidates(hu: np.ndarray, labels: np.ndarray, n: int, ct) -> list[Cand
         ct: the :class:`~nodulekit.data.volume.CTVolume` (spacing and ``voxel_to_world``).
     """
     voxel_mm3 = float(np.prod(ct.spacing))
+    spacing_zyx = np.asarray(ct.spacing, dtype=float)[::-1]
     out = []
     for label, bbox in enumerate(ndimage.find_objects(labels, max_label=n), start=1):
         if bbox is None:
             continue
         comp = labels[bbox] == label
+        extent_mm = np.array([s.stop - s.start for s in bbox]) * spacing_zyx
+        if extent_mm.max() > MAX_NODULE_MM:
+            for irc, radius in blob_peaks(comp, spacing_zyx):
+                irc = tuple(float(c) + s.start for c, s in zip(irc, bbox))
+                d = 2.0 * radius
+                out.append(Candidate(
+                    center_irc=irc,
+                    center_xyz=tuple(float(v) for v in ct.voxel_to_world(irc)),
+                    diameter_mm=d,
+                    volume_mm3=math.pi / 6 * d ** 3,
+                    n_voxels=int(round(math.pi / 6 * d ** 3 / voxel_mm3)),
+                    bbox=bbox,
+                    label=label,
+                ))
+            continue
         weight = np.clip(hu[bbox].astype(np.float32), HU_MIN, HU_MAX) + 1001.0
         weight[~comp] = 0.0
         irc = tuple(float(c) + s.start for c, s in zip(ndimage.center_of_mass(weight), bbox))
@@ -160,6 +199,38 @@ def find_candidates(hu: np.ndarray, labels: np.ndarray, n: int, ct) -> list[Cand
             label=label,
         ))
     return out
+
+
+def blob_peaks(comp: np.ndarray, spacing_zyx, *, min_radius_mm: float = 1.5,
+               spacing_mm: float = PEAK_SPACING_MM) -> list[tuple[tuple[float, float, float], float]]:
+    """Centres and radii of the blobs of a binary component: local maxima of the distance to its
+    border (in mm) at least ``min_radius_mm`` deep, at most one per ``spacing_mm`` neighbourhood,
+    and none inside a deeper blob.
+
+    On a vessel tree with a nodule attached, the nodule's centre is the deepest point around (its
+    radius beats the vessel's), so it comes out as its own peak; the rest of the tree gives peaks
+    along the thicker vessels, which the classifier rejects.
+
+    Returns:
+        ``[((index, row, col), radius_mm)]``, deepest first.
+    """
+    spacing_zyx = np.asarray(spacing_zyx, dtype=float)
+    depth = ndimage.distance_transform_edt(comp, sampling=spacing_zyx).astype(np.float32)
+    size = np.maximum(1, np.round(spacing_mm / spacing_zyx)).astype(int) | 1
+    peaks = (depth == ndimage.maximum_filter(depth, size=tuple(size))) & (depth >= min_radius_mm)
+    # plateaus give several equal maxima: keep one per connected piece
+    plateau, n = ndimage.label(peaks)
+    if n == 0:
+        return []
+    centers = np.array(ndimage.center_of_mass(peaks, plateau, range(1, n + 1))).reshape(-1, 3)
+    radii = np.asarray(ndimage.maximum(depth, plateau, range(1, n + 1)), dtype=float).reshape(-1)
+    order = np.argsort(-radii)
+    kept: list[int] = []
+    for i in order:
+        mm = centers[i] * spacing_zyx
+        if all(np.linalg.norm(mm - centers[j] * spacing_zyx) > max(radii[j], spacing_mm) for j in kept):
+            kept.append(int(i))
+    return [(tuple(float(v) for v in centers[i]), float(radii[i])) for i in kept]
 
 
 def crop(hu: np.ndarray, center_irc, size=CLS_CROP) -> np.ndarray:

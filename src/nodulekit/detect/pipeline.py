@@ -106,6 +106,7 @@ def run_detection(
     threads: int = 2,
     min_volume_mm3: float = MIN_VOLUME_MM3,
     png: bool = True,
+    max_png: int | None = None,
     progress: bool | None = None,
 ) -> dict:
     """Detect nodules in CT scans and write ``nodules.csv``, ``nodules.json`` and PNGs.
@@ -123,6 +124,7 @@ def run_detection(
         threads: CPU threads of the runtimes.
         min_volume_mm3: smallest segmented component kept as a candidate.
         png: write ``png/<uid>_<k>.png`` for each nodule above ``threshold``.
+        max_png: draw at most this many per scan, the most probable first (None: all).
         progress: progress bars; default: when stderr is a terminal.
 
     Returns:
@@ -181,7 +183,7 @@ def run_detection(
             if png:
                 from nodulekit.detect.render import render_nodule
 
-                for k, cand in enumerate(nodules):
+                for k, cand in enumerate(nodules[:max_png]):
                     png_path = out_dir / "png" / f"{ct.seriesuid}_{k}.png"
                     pngs.append(str(render_nodule(ct, res["labels"], cand, png_path)))
             timings = {"read": read_s, **res["timings_s"], "png": time.perf_counter() - t_png}
@@ -195,7 +197,8 @@ def run_detection(
                 "timings_s": {k: round(v, 3) for k, v in timings.items()},
                 "n_candidates": len(cands),
                 "candidates": [c.to_dict() for c in cands],
-                "nodules": [{**c.to_dict(), "png": p} for c, p in zip(nodules, pngs or [None] * len(nodules))],
+                "nodules": [{**c.to_dict(), "png": pngs[k] if k < len(pngs) else None}
+                            for k, c in enumerate(nodules)],
             })
             log.info("%s: %d slices, %d candidates, %d above %.2f, %.1f s", ct.seriesuid,
                      res["slices_segmented"], len(cands), len(nodules), threshold, timings["total"])
@@ -213,7 +216,7 @@ def run_detection(
         "total_s": round(total_s, 3),
         "settings": {"seg": str(seg), "cls": str(cls), "backend": backend, "cls_backend": cls_backend,
                      "threshold": threshold, "seg_threshold": seg_threshold, "batch_size": batch_size,
-                     "threads": threads, "min_volume_mm3": min_volume_mm3},
+                     "threads": threads, "min_volume_mm3": min_volume_mm3, "max_png": max_png},
         "csv": str(csv_path),
         "json": str(json_path),
     }

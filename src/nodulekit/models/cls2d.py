@@ -13,7 +13,11 @@ those operators that computes the same function:
   1x1 convs (the second conv's output channels are reordered so that pairs are neighbours);
 - BatchNorm3d(1) is a scalar affine on the input (folding it into the first conv's bias would be wrong
   at the zero-padded borders);
-- the head's Linear weight is permuted to the (depth, channel, row, col) flattening order.
+- the head's Linear becomes a Conv2d whose kernel covers the whole last map (its weight permuted to
+  the folded (depth, channel) channel order), so the outputs are ``(N, 2, 1, 1)``: the NPU runs that
+  conv, while a Linear on a flattened map ends in Reshapes that it leaves to its CPU. ``forward``
+  returns ``(N, 2)`` as :class:`LunaModel` does; ``spatial_outputs = True`` (set for the NPU export)
+  keeps them 4D.
 
 The band multiplies conv weights and MACs by about ``D/3`` (the first blocks see 32 and 16 slices), so
 :class:`Cls2p5dModel` is also offered: a classifier designed for Conv2d from the start, with the 32
@@ -76,22 +80,27 @@ class Conv2dLunaBlock(nn.Module):
 
 
 class Conv2dLunaModel(nn.Module):
-    """Output of :func:`to_conv2d`; input ``(N, 1, D, H, W)`` as the 3D model, returns ``(logits, probs)``."""
+    """Output of :func:`to_conv2d`; input ``(N, 1, D, H, W)`` as the 3D model, returns ``(logits, probs)``
+    of shape ``(N, 2)``, or ``(N, 2, 1, 1)`` with ``spatial_outputs``."""
 
-    def __init__(self, scale: float, shift: float, blocks: list[Conv2dLunaBlock], head: nn.Linear, crop):
+    def __init__(self, scale: float, shift: float, blocks: list[Conv2dLunaBlock], head: nn.Conv2d, crop):
         super().__init__()
         self.crop = tuple(crop)
+        self.spatial_outputs = False
         self.register_buffer("in_scale", torch.tensor(float(scale)))
         self.register_buffer("in_shift", torch.tensor(float(shift)))
         self.blocks = nn.Sequential(*blocks)
-        self.head_linear = head
+        self.head_conv = head
         self.head_softmax = nn.Softmax(dim=1)
 
     def forward(self, x: torch.Tensor):
         d, h, w = self.crop
         x = x.reshape(-1, d, h, w) * self.in_scale + self.in_shift
-        logits = self.head_linear(self.blocks(x).flatten(1))
-        return logits, self.head_softmax(logits)
+        logits = self.head_conv(self.blocks(x))
+        probs = self.head_softmax(logits)
+        if self.spatial_outputs:
+            return logits, probs
+        return logits.flatten(1), probs.flatten(1)
 
 
 def banded_conv2d(conv: nn.Conv3d, depth: int) -> nn.Conv2d:
@@ -148,8 +157,9 @@ def to_conv2d(model: LunaModel) -> Conv2dLunaModel:
     hw = math.prod(s // 16 for s in model.crop[1:])
     lin = model.head_linear
     n_cls = lin.out_features
-    w = lin.weight.detach().reshape(n_cls, prev, depth, hw).permute(0, 2, 1, 3).reshape(n_cls, -1)
-    head = nn.Linear(w.shape[1], n_cls)
+    map_hw = tuple(s // 16 for s in model.crop[1:])
+    w = lin.weight.detach().reshape(n_cls, prev, depth, hw).permute(0, 2, 1, 3).reshape(n_cls, depth * prev, *map_hw)
+    head = nn.Conv2d(depth * prev, n_cls, kernel_size=map_hw)
     head.weight.data.copy_(w)
     head.bias.data.copy_(lin.bias.detach())
     scale, shift = _bn_affine(model.tail_batchnorm)

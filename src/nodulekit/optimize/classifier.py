@@ -42,9 +42,20 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def export_cls_onnx(model: torch.nn.Module, out: Path, crop=CLS_CROP) -> Path:
-    """Static batch-1 ONNX (opset 17) with outputs ``logits`` and ``probs``."""
-    torch.onnx.export(model.eval(), torch.zeros(1, 1, *crop), str(out), input_names=["x"],
-                      output_names=["logits", "probs"], opset_version=17, dynamo=False)
+    """Static batch-1 ONNX (opset 17) with outputs ``logits`` and ``probs``.
+
+    A model with ``spatial_outputs`` (the Conv2d rewrite) is exported with ``(1, 2, 1, 1)`` outputs,
+    so that the NPU has no Reshape to leave to its CPU; the runners read both shapes.
+    """
+    spatial = getattr(model, "spatial_outputs", None)
+    if spatial is not None:
+        model.spatial_outputs = True
+    try:
+        torch.onnx.export(model.eval(), torch.zeros(1, 1, *crop), str(out), input_names=["x"],
+                          output_names=["logits", "probs"], opset_version=17, dynamo=False)
+    finally:
+        if spatial is not None:
+            model.spatial_outputs = spatial
     return out
 
 
@@ -69,7 +80,7 @@ def _onnx_logits(path: Path, crops: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run(None, {"x": c[None]})[0] for c in crops])
+    return np.concatenate([sess.run(None, {"x": c[None]})[0].reshape(1, -1) for c in crops])
 
 
 def _score(logits: np.ndarray) -> np.ndarray:

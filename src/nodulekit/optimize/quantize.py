@@ -174,7 +174,8 @@ def qat_prepare(model, size_multiple: int = 4, example_size: int = 64):
                   3: size_multiple * torch.export.Dim("w", min=2, max=4096 // size_multiple)}}
     graph = torch.export.export(model, (example,), dynamic_shapes=dims).module()
     config = get_default_x86_inductor_quantization_config(is_qat=True)
-    quantizer = ComposableQuantizer([X86InductorQuantizer().set_global(config), _conv_transpose_quantizer(config)])
+    quantizer = ComposableQuantizer([X86InductorQuantizer().set_global(config), _conv_transpose_quantizer(config),
+                                     _npu_int8_quantizer(config)])
     with _without_conv_bn_folding(graph):
         return prepare_qat_pt2e(graph, quantizer)
 
@@ -209,6 +210,40 @@ def _conv_transpose_quantizer(config):
             pass
 
     return _ConvTransposeQuantizer()
+
+
+def _npu_int8_quantizer(config):
+    """Fake-quant where the x86 config leaves float tensors that an int8 NPU graph needs.
+
+    dlwpt's blocks run conv -> ReLU -> BatchNorm. The x86 config quantizes conv inputs (the
+    BatchNorm outputs) but not the ReLU outputs feeding the BatchNorms, nor the Sigmoid, so
+    rknn-toolkit2 reads the exported QDQ graph as conv+ReLU, BatchNorm and conv+Sigmoid in fp16
+    and inserts int8<->fp16 conversions around them. Quantizing the BatchNorm inputs (the model
+    input for the first one) and the Sigmoid's input and output gives every layer int8 inputs and
+    outputs, as
+    ONNX Runtime's QDQ PTQ graph has (the last conv's output, the logit, gets uint8 too: its
+    step around the 0.5 threshold is a small fraction of a logit).
+    """
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, Quantizer, get_input_act_qspec
+
+    class _NpuInt8Quantizer(Quantizer):
+        def annotate(self, model):
+            act = get_input_act_qspec(config)
+            for node in model.graph.nodes:
+                if node.op != "call_function":
+                    continue
+                if node.target in _BATCH_NORMS and "quantization_annotation" not in node.meta:
+                    node.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map={node.args[0]: act}, _annotated=True)
+                elif node.target == torch.ops.aten.sigmoid.default and "quantization_annotation" not in node.meta:
+                    node.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map={node.args[0]: act}, output_qspec=act, _annotated=True)
+            return model
+
+        def validate(self, model):
+            pass
+
+    return _NpuInt8Quantizer()
 
 
 @contextlib.contextmanager

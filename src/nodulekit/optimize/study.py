@@ -29,7 +29,7 @@ class StudyConfig:
     """Settings of a compression study (``None`` means "not set")."""
 
     variants: tuple[str, ...] | None = None  # default: every entry of the variants table
-    prune_ratio: str = "0.5"  # channel ratio spec, see nodulekit.optimize.prune
+    prune_ratio: str = "0.3"  # channel ratio spec, see nodulekit.optimize.prune
     finetune_epochs: int = 5
     finetune_lr: float = 5e-4
     fn_weight: float = 8.0  # false-negative weight of the fine-tuning loss (training default)

@@ -50,10 +50,10 @@ class ClsTrainConfig:
 
     data: str = ""
     out: str = "runs/cls"
-    epochs: int = 4
+    epochs: int = 10
     steps_per_epoch: int = 60
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 1e-3
     augment: bool = True
     val_fraction: float = 0.25
     val_max_negatives: int | None = 2000
