@@ -31,13 +31,13 @@ class DemoConfig:
     scans: int = 12
     size: int = 512
     max_slices: int | None = None
-    seg_epochs: int | None = None  # None: the training config's default
+    seg_epochs: int | None = 8  # None: the training config's default
     seg_steps: int | None = None
-    cls_epochs: int | None = None
+    cls_epochs: int | None = 8
     cls_steps: int | None = None
     finetune_epochs: int = 3
     qat_epochs: int = 5
-    optimize_steps: int = 40
+    optimize_steps: int = 32
     calib_slices: int = 64
     bench_runs: int = 20
     rknn: bool = True

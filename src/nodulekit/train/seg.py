@@ -115,6 +115,15 @@ def best_key(row: dict) -> tuple:
     return (f("nodule_recall"), f("dice"))
 
 
+def recall_key(row: dict) -> tuple:
+    """Ranking for fine-tuning a compressed model that must keep the baseline's recall: nodule
+    recall, then pixel recall (to 0.01, so that a model predicting everything cannot win on it
+    alone), then Dice."""
+    k = best_key(row)
+    v = row.get("recall", float("nan"))
+    return (k[0], -1.0 if v is None or not math.isfinite(v) else round(float(v), 2), k[1])
+
+
 def init_output_prior(model: SegModel, prior: float = 0.01) -> None:
     """Set the final bias so that every pixel starts at probability ``prior``.
 
@@ -160,7 +169,9 @@ def fit_seg(model: torch.nn.Module, train_ds, val_ds, *, epochs: int, lr: float,
             set_train_mode: Callable | None = None, set_eval_mode: Callable | None = None,
             augment: bool | RandAffine | None = True, resume: bool = False, warmup_fraction: float = 0.05,
             val_every: int = 1, val_batch_size: int = 4, channels_last: bool = False,
-            config: dict | None = None, on_epoch_end: Callable | None = None, keep_best: bool = True, device: str | torch.device | None = None, progress: bool = True) -> list[dict]:
+            config: dict | None = None, on_epoch_end: Callable | None = None, keep_best: bool = True,
+            rank: Callable[[dict], tuple] = best_key, device: str | torch.device | None = None,
+            progress: bool = True) -> list[dict]:
     """Train a segmentation model on crops and validate it on whole slices after every epoch.
 
     Works in one process or under ``torchrun`` (DDP, joined beforehand with
@@ -193,6 +204,7 @@ def fit_seg(model: torch.nn.Module, train_ds, val_ds, *, epochs: int, lr: float,
         config: plain values stored in the checkpoints.
         on_epoch_end: called with each epoch's row after the checkpoints are written.
         keep_best: load the best weights into ``model`` at the end (when validating).
+        rank: sort key of validation rows for "best" (:func:`best_key`, or :func:`recall_key`).
         device: torch device (default CPU).
         progress: progress bars.
 
@@ -235,6 +247,8 @@ def fit_seg(model: torch.nn.Module, train_ds, val_ds, *, epochs: int, lr: float,
         opt.load_state_dict(ck["optimizer_state"])
         start, history = int(ck["epoch"]), list(ck.get("history", []))
         best = tuple(ck["best_key"]) if ck.get("best_key") else None
+        if best is not None and len(best) != len(rank({})):
+            best = None  # a checkpoint ranked by another key: re-rank from the next epoch
         _runlog.set_rng_state(ck.get("rng"))
         if (out / "seg.pt").is_file():
             best_state = read_checkpoint(out / "seg.pt")["model_state"]
@@ -282,9 +296,9 @@ def fit_seg(model: torch.nn.Module, train_ds, val_ds, *, epochs: int, lr: float,
         if ctx.is_main:
             log.info("epoch %d/%d  loss %.4f  %s(%.0f s)", epoch + 1, epochs, row["loss"], _fmt(row), row["seconds"])
 
-        improved = "recall" in row and (best is None or best_key(row) > best)
+        improved = "recall" in row and (best is None or rank(row) > best)
         if improved:
-            best = best_key(row)
+            best = rank(row)
             if keep_best:
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if writes:
