@@ -29,7 +29,8 @@ class StudyConfig:
     """Settings of a compression study (``None`` means "not set")."""
 
     variants: tuple[str, ...] | None = None  # default: every entry of the variants table
-    prune_ratio: str = "0.5"  # channel ratio spec, see nodulekit.optimize.prune (0.5: widths 8/16/32, NPU-aligned)
+    # channel ratio spec (nodulekit.optimize.prune): widths 8/16/24, multiples of 8 as the NPU wants
+    prune_ratio: str = "0.5,down_path.2=0.625"
     finetune_epochs: int = 5
     finetune_lr: float = 5e-4
     fn_weight: float = 8.0  # false-negative weight of the fine-tuning loss (training default)

@@ -42,9 +42,7 @@ class ClsTrainConfig:
         batch_size: crops per step, half nodules, half non-nodules.
         lr: peak Adam learning rate (warm-up, then cosine decay).
         augment: random flips, shifts, scale, in-plane rotation and noise.
-        augment_scale: largest relative zoom (0.4: content 0.7x to 1.7x its size). Nodules over
-            10 mm are a few percent of a small training set; zooming the others in is how the
-            classifier sees large round opacities surrounded by lung (and not chest wall) at all.
+        augment_scale: largest relative zoom (0.2: content 0.83x to 1.25x its size).
         val_fraction: share of scans held out (the same split as segmentation).
         val_max_negatives: non-nodule candidates sampled for validation (None: all).
         recall_target: sensitivity at which the false-positive reduction is reported.
@@ -58,7 +56,7 @@ class ClsTrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     augment: bool = True
-    augment_scale: float = 0.4
+    augment_scale: float = 0.2
     val_fraction: float = 0.25
     val_max_negatives: int | None = 2000
     recall_target: float = 0.95

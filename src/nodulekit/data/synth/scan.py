@@ -140,8 +140,6 @@ def render_scan(seed: int, index: int, *, size: int = 512, max_slices: int | Non
             excluded.append(nod.Nodule(tuple(float(v) for v in c), round(d, 2), kind, attached))
 
     negatives = _negatives(rng, cf, fine, trees, airways, ribs, found, excluded)
-    # a child generator: the border candidates do not change the image's noise draw
-    negatives += _border_negatives(np.random.default_rng([seed, index, 11]), cf, fine, trees, found)
     blur_and_noise(hu, acq, rng)
     arr, origin, direction = flip_geometry(to_int16(hu), fine.origin, fine.spacing, fine.shape, flip_axis)
     labels, _, _ = flip_geometry(labels, fine.origin, fine.spacing, fine.shape, flip_axis)
@@ -156,23 +154,6 @@ def render_scan(seed: int, index: int, *, size: int = 512, max_slices: int | Non
 
 def _world(grid: Grid, irc) -> np.ndarray:
     return np.asarray(grid.origin) + np.asarray(grid.spacing) * np.asarray(irc)[::-1]
-
-
-def _border_negatives(rng, cf, fine: Grid, trees, found) -> list[tuple]:
-    """Class-0 candidates where a candidate detector working inside a dilated lung mask fires:
-    the pleura, chest wall, mediastinum and heart border just outside the lung, and the large hilar
-    vessels (what CAD systems put into LUNA16's candidates_V2.csv)."""
-    lo = np.asarray(fine.origin)
-    hi = lo + np.asarray(fine.spacing) * (np.array(fine.shape[::-1]) - 1)
-    zr = (lo[2], hi[2])
-    hilar = [s for s in trees if s.depth == 0]
-    groups = [cf.sample_points(rng, "lung", -5.0, -0.5, 250, zr),
-              vessels.points_on(hilar, rng, 80, (2.0, 20.0))]
-    pts = np.concatenate([g.reshape(-1, 3) for g in groups])
-    ok = np.all((pts >= lo + 2) & (pts <= hi - 2), axis=1)
-    for f in found:
-        ok &= np.linalg.norm(pts - np.asarray(f.center_xyz), axis=1) > f.diameter_mm / 2 + 3
-    return [tuple(round(float(v), 3) for v in p) for p in pts[ok]]
 
 
 def _negatives(rng, cf, fine: Grid, trees, airways, ribs, found, excluded) -> list[tuple]:
