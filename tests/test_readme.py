@@ -146,6 +146,8 @@ def _slow_extra(argv: list[str]) -> list[str]:
     if argv[:1] == ["optimize"]:
         return ["--variants", "baseline", "ptq", "--calib-slices", "2", "--bench-runs", "2", "--bench-warmup", "1",
                 "--no-torchscript"]
+    if argv[:1] == ["detect"]:  # untrained models mark a lot: fewer crops and pictures
+        return ["--min-volume", "100", "--max-png", "1", "--no-progress"]
     steps = [] if "--steps-per-epoch" in argv else ["--steps-per-epoch", "2"]
     if argv[:2] == ["train", "seg"]:
         return ["--val-negative-slices", "1", *steps]
