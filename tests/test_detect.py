@@ -126,6 +126,10 @@ def test_run_detection_outputs_and_bad_inputs(tmp_path, models, monkeypatch):
     assert len(scan["nodules"]) == 1 and len(report["failed"]) == 3
     assert (out / "png" / "1.2.3.phantom_0.png").stat().st_size > 5000
 
+    s = run_detection([good], *models, tmp_path / "out3", max_png=0, progress=False)
+    nodules = json.loads((tmp_path / "out3" / "nodules.json").read_text())["scans"][0]["nodules"]
+    assert len(nodules) == 1 and nodules[0]["png"] is None  # listed, not drawn
+
     s = run_detection([good], *models, tmp_path / "out2", threshold=0.8, png=True, progress=False)
     assert s["n_candidates"] == 1 and s["n_nodules"] == 0
     assert not (tmp_path / "out2" / "png").exists() or not any((tmp_path / "out2" / "png").iterdir())
@@ -180,3 +184,18 @@ def test_a_ring_shaped_segmentation_becomes_one_solid_candidate():
     assert n == 1
     assert labels[2, 20, 20] == 1  # the hole is filled
     assert (labels > 0).sum() == ((r <= 10) & (zz >= 1) & (zz <= 3)).sum()
+
+
+def test_a_nodule_on_a_vessel_is_split_off_as_its_own_candidate():
+    from nodulekit.detect.candidates import blob_peaks
+
+    # a 60 mm vessel of radius 1.5 mm with a 4 mm-radius nodule on its side, 0.5 mm voxels
+    zz, yy, xx = np.mgrid[:40, :40, :140] * 0.5
+    vessel = np.hypot(zz - 10, yy - 10) <= 1.5
+    nodule = np.sqrt((zz - 10) ** 2 + (yy - 14) ** 2 + (xx - 35) ** 2) <= 4.0
+    peaks = blob_peaks(vessel | nodule, (0.5, 0.5, 0.5))
+    (center, radius), rest = peaks[0], peaks[1:]
+    np.testing.assert_allclose(np.array(center) * 0.5, (10, 14, 35), atol=0.6)
+    assert radius == pytest.approx(4.0, abs=0.6)
+    assert all(r < 2.0 for _, r in rest)  # the vessel's own blobs are thin
+    assert blob_peaks(np.zeros((5, 5, 5), bool), (1, 1, 1)) == []

@@ -220,9 +220,8 @@ def _npu_int8_quantizer(config):
     rknn-toolkit2 reads the exported QDQ graph as conv+ReLU, BatchNorm and conv+Sigmoid in fp16
     and inserts int8<->fp16 conversions around them. Quantizing the BatchNorm inputs (the model
     input for the first one) and the Sigmoid's input and output gives every layer int8 inputs and
-    outputs, as
-    ONNX Runtime's QDQ PTQ graph has (the last conv's output, the logit, gets uint8 too: its
-    step around the 0.5 threshold is a small fraction of a logit).
+    outputs, as ONNX Runtime's QDQ PTQ graph has (the last conv's output, the logit, gets uint8
+    too: its step around the 0.5 threshold is a small fraction of a logit).
     """
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, Quantizer, get_input_act_qspec
 
