@@ -95,6 +95,15 @@ def test_auc():
     assert np.isnan(auc([0.1, 0.2], [0, 0]))
 
 
+def test_f1_at_probability_half():
+    from nodulekit.optimize.classifier import _f1
+
+    logits = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # predicted: nodule, not, nodule
+    assert _f1(logits, [1, 0, 0]) == pytest.approx(2 / 3)
+    assert _f1(logits, [1, 0, 1]) == 1.0
+    assert np.isnan(_f1(logits[1:2], [0]))
+
+
 def test_classifier_study_rows(tmp_path):
     from nodulekit.models.checkpoint import save_cls_checkpoint
     from nodulekit.optimize.classifier import classifier_study
@@ -109,6 +118,7 @@ def test_classifier_study_rows(tmp_path):
     assert all("error" not in r for r in rows), rows
     assert by["cls2d_onnx_fp32"]["max_abs_diff_vs_3d"] <= 1e-4
     assert by["cls3d_onnx_fp32"]["latency_us"] > 0 and 0 <= by["cls2d_onnx_int8"]["auc"] <= 1
+    assert all(r["f1"] is not None and (np.isnan(r["f1"]) or 0 <= r["f1"] <= 1) for r in rows)
 
 
 @pytest.mark.slow

@@ -88,6 +88,13 @@ def _score(logits: np.ndarray) -> np.ndarray:
     return logits[:, 1] - logits[:, 0]
 
 
+def _f1(logits: np.ndarray, labels) -> float:
+    """F1 of "nodule" at probability 0.5 (a positive logit margin)."""
+    pred, truth = _score(logits) > 0, np.asarray(labels).astype(bool)
+    tp, wrong = int((pred & truth).sum()), int((pred != truth).sum())
+    return 2 * tp / (2 * tp + wrong) if (2 * tp + wrong) else float("nan")
+
+
 def _quantize_qdq(src: Path, out: Path, calib: np.ndarray) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -114,7 +121,7 @@ def _held_out(data_dir, max_negatives: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _row(name, **kw) -> dict:
     row = {"name": name, "params": None, "weight_memory_kib": None, "size_kib": None, "latency_us": None,
-           "auc": None, "max_abs_diff_vs_3d": None}
+           "auc": None, "f1": None, "max_abs_diff_vs_3d": None}
     row.update(kw)
     return row
 
@@ -132,7 +139,7 @@ def classifier_study(cls_ckpt, data_dir, out_dir, rknn: bool, *, max_negatives: 
         crops, labels: use these held-out crops ``(N, 1, 32, 48, 48)`` instead of ``data_dir``'s.
 
     Returns:
-        Rows ``name, params, weight_memory_kib, size_kib, latency_us, auc, max_abs_diff_vs_3d``
+        Rows ``name, params, weight_memory_kib, size_kib, latency_us, auc, f1, max_abs_diff_vs_3d``
         (+ ``macs``, ``cpu_fallback_layers``, ``auc_crops`` or ``error`` where they apply).
     """
     from nodulekit.models.checkpoint import load_cls_model
@@ -160,7 +167,8 @@ def classifier_study(cls_ckpt, data_dir, out_dir, rknn: bool, *, max_negatives: 
             params = sum(p.numel() for p in module.parameters())
             rows.append(_row(name, params=params, weight_memory_kib=params * bytes_per_weight / 1024,
                              size_kib=path.stat().st_size / 1024, latency_us=onnx_latency_us(path, crops[:1]),
-                             auc=auc(_score(logits), labels), max_abs_diff_vs_3d=float(np.abs(logits - ref).max()),
+                             auc=auc(_score(logits), labels), f1=_f1(logits, labels),
+                             max_abs_diff_vs_3d=float(np.abs(logits - ref).max()),
                              macs=conv_macs(module, (1, 1, *model.crop))))
         except Exception as exc:  # one failed form is a row, not a failed study
             rows.append(_row(name, error=f"{type(exc).__name__}: {exc}"))
@@ -185,7 +193,7 @@ def _rknn_rows(onnx3d, onnx2d, out_dir, crops, labels, ref, calib, crop) -> list
                                input_size=(1, 1, *crop), eval_inputs=[crops[i][None] for i in idx])
             logits = np.concatenate([o[0].reshape(1, -1) for o in info["outputs"]])
             rows.append(_row(name, weight_memory_kib=info["weight_memory_kib"], size_kib=info["size_kib"],
-                             auc=auc(_score(logits), labels[idx]), auc_crops=len(idx),
+                             auc=auc(_score(logits), labels[idx]), f1=_f1(logits, labels[idx]), auc_crops=len(idx),
                              max_abs_diff_vs_3d=float(np.abs(logits - ref[idx]).max()),
                              cpu_fallback_layers=info["cpu_fallback_layers"], cycles_estimate=info["cycles_estimate"]))
         except (NodulekitError, OSError, ValueError) as exc:

@@ -185,7 +185,8 @@ def _classifier(report, lang):
     s = STRINGS[lang]
     body = [[r["name"], _num(r.get("params"), "{:,}"), _num(r.get("weight_memory_kib"), "{:,.2f}"),
              _num(r.get("size_kib"), "{:,.2f}"), _num(r.get("latency_us"), "{:,.0f}", s["needs_board"]),
-             _num(r.get("auc"), "{:.4f}"), _num(r.get("max_abs_diff_vs_3d"), "{:.2e}")] for r in rows]
+             _num(r.get("auc"), "{:.4f}"), _num(r.get("f1"), "{:.3f}"), _num(r.get("max_abs_diff_vs_3d"), "{:.2e}")]
+            for r in rows]
     return f"## {s['classifier']}\n\n" + _table(s["cls_header"], body)
 
 
