@@ -144,7 +144,7 @@ def _argv_for_test(line: str, inputs) -> list[str]:
 def _slow_extra(argv: list[str]) -> list[str]:
     """Flags that keep the heavy commands inside the suite's time (still the README's command)."""
     if argv[:1] == ["optimize"]:
-        return ["--variants", "baseline", "ptq", "--calib-slices", "2", "--bench-runs", "2", "--bench-warmup", "1",
+        return ["--variants", "baseline", "--calib-slices", "2", "--bench-runs", "2", "--bench-warmup", "1",
                 "--no-torchscript"]
     if argv[:1] == ["detect"]:  # untrained models mark a lot: fewer crops and pictures
         return ["--min-volume", "100", "--max-png", "1", "--no-progress"]
