@@ -89,10 +89,10 @@ def _score(logits: np.ndarray) -> np.ndarray:
 
 
 def _f1(logits: np.ndarray, labels) -> float:
-    """F1 of "nodule" at probability 0.5 (a positive logit margin)."""
-    pred, truth = _score(logits) > 0, np.asarray(labels).astype(bool)
-    tp, wrong = int((pred & truth).sum()), int((pred != truth).sum())
-    return 2 * tp / (2 * tp + wrong) if (2 * tp + wrong) else float("nan")
+    """F1 of "nodule" at probability 0.5 (a positive logit margin), as training reports it."""
+    from nodulekit.train.cls import cls_metrics
+
+    return cls_metrics(labels, _score(logits), threshold=0.0)["f1"]
 
 
 def _quantize_qdq(src: Path, out: Path, calib: np.ndarray) -> Path:

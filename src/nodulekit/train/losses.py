@@ -31,11 +31,9 @@ def soft_dice_loss(pred: torch.Tensor, label: torch.Tensor, epsilon: float = 1.0
     Returns:
         ``(N,)`` losses in [0, 1], or a ``(1,)`` loss with ``batch=True``.
     """
-    start = 0 if batch else 1
-    pred = pred.flatten(start)
-    label = label.flatten(start).to(pred.dtype)
-    if batch:
-        pred, label = pred[None], label[None]
+    rows = 1 if batch else pred.shape[0]
+    pred = pred.reshape(rows, -1)
+    label = label.reshape(rows, -1).to(pred.dtype)
     inter = (pred * label).sum(1)
     return 1.0 - (2 * inter + epsilon) / (pred.sum(1) + label.sum(1) + epsilon)
 
