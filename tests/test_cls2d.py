@@ -141,3 +141,25 @@ def test_rknn_runs_the_rewrite_on_the_npu(tmp_path):
         ref = m(torch.from_numpy(x))[0].numpy()
     logits = info["outputs"][0][0].reshape(ref.shape)
     assert np.abs(logits - ref).max() <= 1e-2 * max(1.0, np.abs(ref).max())  # fp16 on the NPU
+
+
+def test_exported_classifier_carries_its_crop_spacing(tmp_path):
+    """ONNX files keep the crop spacing in their metadata, .rknn files in a sidecar, and the
+    runners hand it to detection; a file without it means native voxels."""
+    from nodulekit.deploy.model_meta import crop_spacing_of, write_model_meta
+    from nodulekit.deploy.runtime import load_cls_runner
+    from nodulekit.optimize.classifier import export_cls_onnx
+
+    m = _model()
+    m.crop_spacing = (1.25, 0.8, 0.8)
+    p3 = export_cls_onnx(m, tmp_path / "c3d.onnx")
+    p2 = export_cls_onnx(to_conv2d(m), tmp_path / "c2d.onnx")
+    assert load_cls_runner(p3, backend="onnx").crop_spacing == (1.25, 0.8, 0.8)
+    assert crop_spacing_of(p2) == (1.25, 0.8, 0.8)
+    rk = tmp_path / "c.rknn"
+    rk.write_bytes(b"")
+    assert crop_spacing_of(rk) is None
+    write_model_meta(rk, {"crop_spacing_mm": [1.0, 0.7, 0.7]})
+    assert crop_spacing_of(rk) == (1.0, 0.7, 0.7)
+    native = export_cls_onnx(_model(), tmp_path / "native.onnx")
+    assert load_cls_runner(native, backend="onnx").crop_spacing is None

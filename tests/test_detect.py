@@ -11,7 +11,7 @@ import torch
 
 from nodulekit.data.volume import CTVolume
 from nodulekit.detect import detect_scan, run_detection
-from nodulekit.detect.candidates import clean_mask, crop, seg_batch
+from nodulekit.detect.candidates import clean_mask, seg_batch
 
 SPACING = (2.5, 2.5, 4.0)  # x, y, z mm
 ORIGIN = (-150.0, -120.0, -300.0)
@@ -66,15 +66,6 @@ def test_seg_batch_clamps_neighbours_and_clips():
     np.testing.assert_array_equal(x[1, :, 0, 0], [-1000, 0, 1000, 1000, 1000, 1000, 1000])
 
 
-def test_crop_pads_with_air_at_the_border():
-    hu = np.full((10, 20, 20), 500, dtype=np.int16)
-    c = crop(hu, (0, 0, 0))
-    assert c.shape == (32, 48, 48)
-    assert c[0, 0, 0] == -1000 and c[16, 24, 24] == 500
-    assert (c == 500).sum() == 10 * 20 * 20  # the whole volume fits in the crop's lower corner
-    assert crop(hu, (100, 100, 100)).max() == -1000
-
-
 def test_candidate_position_and_size():
     ct = phantom_ct()
     res = detect_scan(ct, fake_seg, fake_cls)
@@ -93,6 +84,28 @@ def test_candidates_outside_the_lung_are_dropped():
     ct = phantom_ct()
     ct.hu[14, 5:9, 50:54] = 0  # a 0 HU blob in the air outside the body
     assert len(detect_scan(ct, fake_seg, fake_cls)["candidates"]) == 1
+
+
+def test_classifier_crops_follow_the_runners_crop_spacing():
+    """A classifier trained on resampled crops gets resampled crops: the same array
+    :func:`nodulekit.data.crops.cls_crop` cuts around the candidate."""
+    from nodulekit.data.crops import cls_crop
+
+    ct = phantom_ct()
+    seen = []
+
+    class Runner:
+        crop_spacing = (1.25, 0.8, 0.8)
+
+        def __call__(self, x):
+            seen.append(x)
+            return np.full(len(x), 0.3, dtype=np.float32)
+
+    cand = detect_scan(ct, fake_seg, Runner())["candidates"][0]
+    expected = cls_crop(ct.hu, ct.spacing, cand.center_irc, (32, 48, 48), (1.25, 0.8, 0.8))
+    np.testing.assert_array_equal(seen[0][0, 0], expected)
+    native = cls_crop(ct.hu, ct.spacing, cand.center_irc, (32, 48, 48))
+    assert not np.array_equal(expected, native) and cand.probability == pytest.approx(0.3)
 
 
 def test_specks_below_min_volume_are_dropped():

@@ -60,11 +60,36 @@ def test_widths_round_trip():
 def test_dlwpt_classifier_checkpoint_loads_identically(tmp_path):
     torch.manual_seed(0)
     src = LunaModel().eval()
+    torch.nn.init.normal_(src.head_linear.weight, std=0.05)  # a fresh head is zero: give it weights
     path = tmp_path / "cls.state"
     torch.save({"model_name": "LunaModel", "model_state": src.state_dict(), "epoch": 1}, path)
     loaded, _ = load_cls_model(path)
     x = torch.randn(2, 1, 32, 48, 48) * 300
-    assert torch.equal(src(x)[0], loaded(x)[0])
+    out = loaded(x)[0]
+    assert torch.equal(src(x)[0], out) and out.abs().max() > 0
+    assert loaded.crop_spacing is None  # dlwpt trained on native-voxel crops
+
+
+def test_classifier_checkpoint_keeps_its_crop_spacing(tmp_path):
+    from nodulekit.models.checkpoint import save_cls_checkpoint
+
+    save_cls_checkpoint(tmp_path / "cls.pt", LunaModel(crop_spacing=(1.25, 0.8, 0.8)))
+    assert load_cls_model(tmp_path / "cls.pt")[0].crop_spacing == (1.25, 0.8, 0.8)
+    save_cls_checkpoint(tmp_path / "native.pt", LunaModel())
+    assert load_cls_model(tmp_path / "native.pt")[0].crop_spacing is None
+
+
+def test_fresh_classifier_starts_at_chance_and_its_relus_are_alive():
+    """The head starts at zero (loss ln 2, no early overconfidence) and the conv biases are
+    centred on zero (dlwpt's normal_(b, -bound, bound) centres them on -bound)."""
+    torch.manual_seed(0)
+    m = LunaModel().train()
+    x = torch.randn(8, 1, 32, 48, 48) * 400 - 500
+    logits, probs = m(x)
+    assert torch.allclose(probs, torch.full_like(probs, 0.5))
+    biases = torch.cat([m.get_submodule(f"block{i}.conv{j}").bias.detach() for i in range(1, 5) for j in (1, 2)])
+    assert abs(float(biases.mean())) < 0.02
+    assert float(m.features(x).gt(0).float().mean()) > 0.2
 
 
 def test_wrong_shape_checkpoint_is_named(tmp_path):

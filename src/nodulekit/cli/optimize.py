@@ -23,6 +23,9 @@ def add_parser(sub):
     p.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
     p.add_argument("--fn-weight", type=float, default=d.fn_weight, help="false-negative weight while fine-tuning")
     p.add_argument("--qat-epochs", type=int, default=d.qat_epochs)
+    p.add_argument("--qat-val-every", type=int, default=d.qat_val_every,
+                   help="validate the fake-quant graph every N QAT epochs and after the last (default %(default)s: "
+                        "the last only; each validation costs about as much as five epochs of training)")
     p.add_argument("--qat-lr", type=float, default=d.qat_lr)
     p.add_argument("--fn-weight-qat", type=float, default=d.fn_weight_qat, help="false-negative weight during QAT")
     p.add_argument("--calib-slices", type=int, default=d.calib_slices)
@@ -45,7 +48,7 @@ def run(args) -> int:
     cfg = StudyConfig(
         variants=tuple(args.variants) if args.variants else None, prune_ratio=args.prune_ratio,
         finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, fn_weight=args.fn_weight,
-        qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, fn_weight_qat=args.fn_weight_qat,
+        qat_epochs=args.qat_epochs, qat_val_every=args.qat_val_every, qat_lr=args.qat_lr, fn_weight_qat=args.fn_weight_qat,
         calib_slices=args.calib_slices, calib_method=args.calib_method, samples_per_epoch=args.samples_per_epoch,
         batch_size=args.batch_size, workers=args.workers, bench_runs=args.bench_runs,
         bench_warmup=args.bench_warmup, threads=args.threads, torchscript=not args.no_torchscript,

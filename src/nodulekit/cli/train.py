@@ -52,6 +52,9 @@ def add_parser(sub):
                                       "the defaults of nodulekit.train.cls.ClsTrainConfig.")
     _common(cls, "runs/cls", "cls")
     cls.add_argument("--val-max-negatives", type=int, help="non-nodule candidates sampled for validation")
+    cls.add_argument("--crop-spacing", dest="crop_spacing_text", metavar="MM",
+                     help="mm per crop voxel 'index,row,col' (default 1.25,0.8,0.8: every scan's crops at one "
+                          "voxel size), or 'native' for the scan's own voxels as dlwpt-code")
     cls.set_defaults(func=run_cls)
 
 
@@ -82,8 +85,16 @@ def run_seg(args) -> int:
 
 
 def run_cls(args) -> int:
+    from nodulekit.data.crops import parse_crop_spacing
+    from nodulekit.errors import InputError
     from nodulekit.train.cls import ClsTrainConfig, train_cls
 
-    result = train_cls(_config(ClsTrainConfig, args))
+    cfg = _config(ClsTrainConfig, args)
+    if args.crop_spacing_text is not None:
+        try:
+            cfg.crop_spacing = parse_crop_spacing(args.crop_spacing_text)
+        except ValueError as exc:
+            raise InputError("--crop-spacing", str(exc)) from None
+    result = train_cls(cfg)
     _print(result, ("auc", "f1", "precision", "recall", "fp_reduction"))
     return 0

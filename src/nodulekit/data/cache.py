@@ -18,33 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from nodulekit.data.crops import cls_crop, crop_hu  # noqa: F401 - crop_hu re-exported for callers
 from nodulekit.data.ct import read_ct, read_metaimage_header, scan_suffix
 from nodulekit.data.volume import CTVolume
 from nodulekit.errors import InputError
-
-PAD_HU = -1000
-
-
-def crop_hu(hu: np.ndarray, center_irc, shape, pad: float = PAD_HU) -> np.ndarray:
-    """Cut a box of ``shape`` (index, row, col) centred on ``center_irc`` out of ``hu``.
-
-    The centre is rounded to the nearest voxel; the box starts at ``centre - shape // 2``. Parts
-    outside the volume are filled with ``pad`` (air). Always returns a new array.
-    """
-    center = np.rint(np.asarray(center_irc, dtype=np.float64)).astype(int)
-    shape = tuple(int(s) for s in shape)
-    out = np.full(shape, pad, dtype=hu.dtype)
-    src, dst = [], []
-    for c, s, n in zip(center, shape, hu.shape):
-        start = c - s // 2
-        lo, hi = max(start, 0), min(start + s, n)
-        if lo >= hi:
-            return out
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - start, hi - start))
-    out[tuple(dst)] = hu[tuple(src)]
-    return out
-
 
 def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -122,20 +99,34 @@ class VolumeCache:
             raise InputError(path, f"{vol.shape[0]} slice(s), need at least {min_slices}")
         return vol
 
-    def crop(self, path_or_uid: str | Path, center_irc, shape) -> np.ndarray:
-        """An HU crop (see :func:`crop_hu`), cached on disk per (volume, rounded centre, shape)."""
+    def crop(self, path_or_uid: str | Path, center_irc, shape, crop_spacing=None) -> np.ndarray:
+        """A classifier crop (see :func:`nodulekit.data.crops.cls_crop`), cached on disk per
+        (volume, centre, shape, crop spacing).
+
+        Native crops (``crop_spacing=None``) keep the volume's dtype and are keyed by the rounded
+        centre; resampled ones are float32 and keyed by the centre to 0.01 voxel.
+        """
         key = self.key(path_or_uid)
-        center = tuple(int(v) for v in np.rint(np.asarray(center_irc, dtype=np.float64)))
         shape = tuple(int(s) for s in shape)
+        if crop_spacing is None:
+            center = tuple(int(v) for v in np.rint(np.asarray(center_irc, dtype=np.float64)))
+            name = "_".join(map(str, center)) + "__" + "x".join(map(str, shape)) + ".npy"
+        else:
+            center = tuple(round(float(v), 2) for v in center_irc)
+            name = ("_".join(f"{v:.2f}" for v in center) + "__" + "x".join(map(str, shape)) + "__"
+                    + "x".join(f"{float(v):g}" for v in crop_spacing) + "mm.npy")
         folder = self.cache_dir / "crops" / key
-        name = "_".join(map(str, center)) + "__" + "x".join(map(str, shape)) + ".npy"
         target = folder / name
         if target.is_file():
             try:
                 return np.load(target)
             except (ValueError, OSError):
                 pass  # unreadable entry: rebuild it below
-        crop = crop_hu(self.get(path_or_uid).hu, center, shape)
+        vol = self.get(path_or_uid)
+        if crop_spacing is None:
+            crop = crop_hu(vol.hu, center, shape)
+        else:
+            crop = cls_crop(vol.hu, vol.spacing, center, shape, crop_spacing)
         folder.mkdir(parents=True, exist_ok=True)
         _atomic_write(target, lambda fh: np.save(fh, crop))
         return crop

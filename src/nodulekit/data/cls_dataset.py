@@ -36,11 +36,12 @@ class ClsSample:
 
 
 class _Crops:
-    def __init__(self, cache, crop=CLS_CROP):
+    def __init__(self, cache, crop=CLS_CROP, crop_spacing=None):
         self.cache, self.crop = cache, tuple(crop)
+        self.crop_spacing = None if crop_spacing is None else tuple(float(v) for v in crop_spacing)
 
     def __call__(self, s: ClsSample) -> torch.Tensor:
-        hu = np.asarray(self.cache.crop(s.path, s.center_irc, self.crop), dtype=np.float32)
+        hu = np.array(self.cache.crop(s.path, s.center_irc, self.crop, self.crop_spacing), dtype=np.float32)
         return torch.from_numpy(np.clip(hu, HU_MIN, HU_MAX, out=hu)[None])
 
 
@@ -55,16 +56,18 @@ class ClsTrainDataset(Dataset):
         cache: a :class:`nodulekit.data.cache.VolumeCache`.
         samples_per_epoch: ``len(dataset)``.
         seed: base seed; call :meth:`set_epoch` before each epoch.
+        crop, crop_spacing: crop size in voxels and mm per voxel (``None``: native voxels), see
+            :mod:`nodulekit.data.crops`.
     """
 
     def __init__(self, samples: Sequence[ClsSample], cache, samples_per_epoch: int, seed: int = 0,
-                 crop=CLS_CROP):
+                 crop=CLS_CROP, crop_spacing=None):
         self.pos = [s for s in samples if s.is_nodule]
         self.neg = [s for s in samples if not s.is_nodule]
         if not self.pos or not self.neg:
             raise ValueError(f"classifier training needs both classes: {len(self.pos)} nodules, "
                              f"{len(self.neg)} non-nodules")
-        self.crops = _Crops(cache, crop)
+        self.crops = _Crops(cache, crop, crop_spacing)
         self.samples_per_epoch, self.seed, self.epoch = int(samples_per_epoch), seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -90,14 +93,14 @@ class ClsValDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[ClsSample], cache, max_negatives: int | None = 2000, seed: int = 0,
-                 crop=CLS_CROP):
+                 crop=CLS_CROP, crop_spacing=None):
         pos = [s for s in samples if s.is_nodule]
         neg = [s for s in samples if not s.is_nodule]
         if max_negatives is not None and len(neg) > max_negatives:
             keep = np.sort(np.random.default_rng(seed).choice(len(neg), max_negatives, replace=False))
             neg = [neg[i] for i in keep]
         self.samples = pos + neg
-        self.crops = _Crops(cache, crop)
+        self.crops = _Crops(cache, crop, crop_spacing)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -138,9 +141,10 @@ def load_cls_samples(data_dir: str | Path, uids: Sequence[str] | None = None, ca
 
 
 def build_cls_datasets(data_dir: str | Path, *, val_fraction: float = 0.25, samples_per_epoch: int = 2048,
-                       val_max_negatives: int | None = 2000, seed: int = 0, cache=None
+                       val_max_negatives: int | None = 2000, seed: int = 0, cache=None, crop_spacing=None
                        ) -> tuple[ClsTrainDataset, ClsValDataset]:
-    """Balanced training and held-out validation datasets, split by seriesuid like segmentation."""
+    """Balanced training and held-out validation datasets, split by seriesuid like segmentation;
+    crops of ``crop_spacing`` mm per voxel (``None``: native voxels)."""
     from nodulekit.data.cache import VolumeCache
     from nodulekit.data.luna import find_series
     from nodulekit.data.split import train_val_split
@@ -156,5 +160,5 @@ def build_cls_datasets(data_dir: str | Path, *, val_fraction: float = 0.25, samp
     val = [s for s in samples if s.seriesuid in val_set]
     log.info("classifier data: %d training candidates (%d nodules), %d validation (%d nodules)",
              len(train), sum(s.is_nodule for s in train), len(val), sum(s.is_nodule for s in val))
-    return (ClsTrainDataset(train, cache, samples_per_epoch, seed),
-            ClsValDataset(val, cache, val_max_negatives, seed))
+    return (ClsTrainDataset(train, cache, samples_per_epoch, seed, crop_spacing=crop_spacing),
+            ClsValDataset(val, cache, val_max_negatives, seed, crop_spacing=crop_spacing))

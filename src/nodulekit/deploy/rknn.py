@@ -248,7 +248,16 @@ class RknnLiteRunner:
 
 
 class RknnLiteClsRunner(RknnLiteRunner):
-    """A classifier ``.rknn`` (3D or Conv2d rewrite) on the board: ``(N, 1, D, H, W) -> (N,)`` probability."""
+    """A classifier ``.rknn`` (3D or Conv2d rewrite) on the board: ``(N, 1, D, H, W) -> (N,)`` probability.
+
+    Its crop spacing comes from the sidecar ``<file>.json`` (:mod:`nodulekit.deploy.model_meta`).
+    """
+
+    def __init__(self, path: str | Path, core_mask: str = "AUTO"):
+        from nodulekit.deploy.model_meta import crop_spacing_of
+
+        super().__init__(path, core_mask=core_mask)
+        self.crop_spacing = crop_spacing_of(path)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         from nodulekit.deploy.runtime import _class1_probability

@@ -84,7 +84,15 @@ def _class1_probability(out: np.ndarray) -> np.ndarray:
 
 
 class TorchClsRunner(TorchSegRunner):
-    """A ``LunaModel`` (or any module returning ``(logits, probabilities)``) as a classifier runner."""
+    """A ``LunaModel`` (or any module returning ``(logits, probabilities)``) as a classifier runner.
+
+    ``crop_spacing`` is the crop voxel size (mm, index/row/col) the model wants, ``None`` for native
+    voxels; every classifier runner has it.
+    """
+
+    def __init__(self, model: torch.nn.Module, threads: int | None = None):
+        super().__init__(model, threads)
+        self.crop_spacing = getattr(model, "crop_spacing", None)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         out = self._forward(x)
@@ -95,7 +103,14 @@ class TorchClsRunner(TorchSegRunner):
 
 class OnnxClsRunner(OnnxRunner):
     """ONNX classifier; takes the last output (probabilities when both logits and probabilities
-    are exported, as ``LunaModel.forward`` returns them)."""
+    are exported, as ``LunaModel.forward`` returns them); its crop spacing comes from the file's
+    metadata (:mod:`nodulekit.deploy.model_meta`)."""
+
+    def __init__(self, path: str | Path, threads: int = 2):
+        from nodulekit.deploy.model_meta import crop_spacing_of
+
+        super().__init__(path, threads)
+        self.crop_spacing = crop_spacing_of(self.path)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return _class1_probability(self._run(x)[-1])

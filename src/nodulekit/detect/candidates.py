@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from nodulekit import CLS_CROP, CONTEXT_SLICES, HU_MAX, HU_MIN
+from nodulekit.data.crops import cls_crop
 
 # U-Net inputs must be a multiple of 2**(depth-1) on each side; 16 covers depths up to 5.
 _SIZE_MULTIPLE = 16
@@ -233,28 +234,17 @@ def blob_peaks(comp: np.ndarray, spacing_zyx, *, min_radius_mm: float = 1.5,
     return [(tuple(float(v) for v in centers[i]), float(radii[i])) for i in kept]
 
 
-def crop(hu: np.ndarray, center_irc, size=CLS_CROP) -> np.ndarray:
-    """A ``size`` crop (index, row, col) centred on ``center_irc``, padded with -1000 HU outside the
-    volume and clipped to [-1000, 1000]."""
-    out = np.full(size, HU_MIN, dtype=np.float32)
-    src, dst = [], []
-    for c, s, dim in zip(center_irc, size, hu.shape):
-        start = int(round(c)) - s // 2
-        lo, hi = max(start, 0), min(start + s, dim)
-        if hi <= lo:
-            return out
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - start, hi - start))
-    out[tuple(dst)] = np.clip(hu[tuple(src)], HU_MIN, HU_MAX)
-    return out
-
-
-def classify(hu: np.ndarray, candidates: list[Candidate], runner: Callable[[np.ndarray], np.ndarray],
+def classify(ct, candidates: list[Candidate], runner: Callable[[np.ndarray], np.ndarray],
              *, batch_size: int = 16, size=CLS_CROP) -> None:
-    """Set ``probability`` of each candidate from the classifier runner (in place)."""
+    """Set ``probability`` of each candidate from the classifier runner (in place).
+
+    Crops are cut at the runner's ``crop_spacing`` (mm per voxel; ``None``: native voxels), the
+    voxel size its model was trained on.
+    """
+    spacing = getattr(runner, "crop_spacing", None)
     for start in range(0, len(candidates), batch_size):
         chunk = candidates[start: start + batch_size]
-        x = np.stack([crop(hu, c.center_irc, size) for c in chunk])[:, None]
+        x = np.stack([cls_crop(ct.hu, ct.spacing, c.center_irc, size, spacing) for c in chunk])[:, None]
         probs = np.asarray(runner(x), dtype=np.float64).reshape(-1)
         for c, p in zip(chunk, probs):
             c.probability = float(p)

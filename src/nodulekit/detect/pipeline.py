@@ -35,7 +35,8 @@ def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = 0.5, batch
     Args:
         ct: a :class:`~nodulekit.data.volume.CTVolume`.
         seg_runner: ``(N, 7, H, W) -> (N, 1, H, W)`` probabilities.
-        cls_runner: ``(N, 1, 32, 48, 48) -> (N,)`` nodule probabilities.
+        cls_runner: ``(N, 1, 32, 48, 48) -> (N,)`` nodule probabilities; its ``crop_spacing``
+            attribute (if any) sets the crops' voxel size.
         seg_threshold: segmentation probability threshold.
         batch_size: slices per segmentation call.
         min_volume_mm3: smallest component kept as a candidate.
@@ -67,7 +68,7 @@ def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = 0.5, batch
     timings["candidates"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    classify(ct.hu, candidates, cls_runner)
+    classify(ct, candidates, cls_runner)
     timings["classification"] = time.perf_counter() - t
     return {
         "candidates": candidates,
@@ -146,7 +147,10 @@ def run_detection(
     out_dir.mkdir(parents=True, exist_ok=True)
     seg_runner = load_seg_runner(seg, backend=backend, threads=threads)
     cls_runner = load_cls_runner(cls, backend=cls_backend, threads=threads)
-    log.info("seg %s (%s), cls %s (%s), %d threads", seg, backend, cls, cls_backend, threads)
+    crop_spacing = getattr(cls_runner, "crop_spacing", None)
+    log.info("seg %s (%s), cls %s (%s, crops at %s), %d threads", seg, backend, cls, cls_backend,
+             "native voxels" if crop_spacing is None else "x".join(f"{v:g}" for v in crop_spacing) + " mm",
+             threads)
 
     csv_path, json_path = out_dir / "nodules.csv", out_dir / "nodules.json"
     scans, failed = [], []

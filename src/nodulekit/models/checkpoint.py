@@ -79,6 +79,7 @@ def save_cls_checkpoint(path, model: LunaModel, **extra) -> Path:
         "model_name": "LunaModel",
         "widths": [list(w) for w in model.widths],
         "crop": list(model.crop),
+        "crop_spacing_mm": None if model.crop_spacing is None else list(model.crop_spacing),
         "model_state": model.state_dict(),
         **extra,
     }
@@ -109,7 +110,8 @@ def load_seg_model(path: str | Path) -> tuple[SegModel, dict]:
 
 
 def load_cls_model(path: str | Path) -> tuple[LunaModel, dict]:
-    """Build a :class:`LunaModel` from a nodulekit or dlwpt ``LunaModel`` checkpoint."""
+    """Build a :class:`LunaModel` from a nodulekit or dlwpt ``LunaModel`` checkpoint (dlwpt's
+    were trained on native-voxel crops: ``crop_spacing`` None)."""
     ckpt = read_checkpoint(path)
     state = _strip_module_prefix(ckpt["model_state"])
     try:
@@ -117,7 +119,7 @@ def load_cls_model(path: str | Path) -> tuple[LunaModel, dict]:
         crop = tuple(ckpt.get("crop", (32, 48, 48)))
     except KeyError as exc:
         raise InputError(path, f"not a LunaModel classifier checkpoint ({exc})") from None
-    model = LunaModel(widths=widths, crop=crop)
+    model = LunaModel(widths=widths, crop=crop, crop_spacing=ckpt.get("crop_spacing_mm"))
     _load_state(model, state, path)
     return model.eval(), ckpt
 

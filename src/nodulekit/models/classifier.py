@@ -35,13 +35,18 @@ class LunaModel(nn.Module):
     Args:
         widths: ``(conv1, conv2)`` output channels of each of the 4 blocks; default 8/16/32/64.
         crop: input crop (index, row, col); each side must be divisible by 16.
+        crop_spacing: mm per crop voxel (index, row, col) the model was trained on, or ``None`` for
+            native voxels (dlwpt); not used by ``forward``, it tells callers how to cut the crops
+            (:func:`nodulekit.data.crops.cls_crop`).
     """
 
-    def __init__(self, widths=None, crop: tuple[int, int, int] = CLS_CROP, n_classes: int = 2):
+    def __init__(self, widths=None, crop: tuple[int, int, int] = CLS_CROP, n_classes: int = 2,
+                 crop_spacing=None):
         super().__init__()
         widths = widths or [(8, 8), (16, 16), (32, 32), (64, 64)]
         self.widths = [tuple(int(c) for c in w) for w in widths]
         self.crop = tuple(crop)
+        self.crop_spacing = None if crop_spacing is None else tuple(float(v) for v in crop_spacing)
         if any(s % 16 for s in self.crop):
             raise ValueError(f"classifier crop {self.crop} must be divisible by 16 on every axis")
         self.tail_batchnorm = nn.BatchNorm3d(1)
@@ -55,14 +60,18 @@ class LunaModel(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        # dlwpt's init: kaiming-normal fan-out with a small uniform bias
+        # dlwpt's init: kaiming-normal fan-out with a small bias. dlwpt draws the bias with
+        # normal_(b, -bound, bound), i.e. mean -bound: every ReLU starts biased towards zero output
+        # and training sits at chance for hundreds of steps; uniform(-bound, bound) is what it means.
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv3d)):
                 nn.init.kaiming_normal_(m.weight.data, a=0, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     _, fan_out = nn.init._calculate_fan_in_and_fan_out(m.weight.data)
                     bound = 1 / math.sqrt(fan_out)
-                    nn.init.normal_(m.bias, -bound, bound)
+                    nn.init.uniform_(m.bias, -bound, bound)
+        nn.init.zeros_(self.head_linear.weight)
+        nn.init.zeros_(self.head_linear.bias)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.tail_batchnorm(x)

@@ -86,6 +86,7 @@ class Conv2dLunaModel(nn.Module):
     def __init__(self, scale: float, shift: float, blocks: list[Conv2dLunaBlock], head: nn.Conv2d, crop):
         super().__init__()
         self.crop = tuple(crop)
+        self.crop_spacing = None  # the source model's (see LunaModel), set by to_conv2d
         self.spatial_outputs = False
         self.register_buffer("in_scale", torch.tensor(float(scale)))
         self.register_buffer("in_shift", torch.tensor(float(shift)))
@@ -163,7 +164,9 @@ def to_conv2d(model: LunaModel) -> Conv2dLunaModel:
     head.weight.data.copy_(w)
     head.bias.data.copy_(lin.bias.detach())
     scale, shift = _bn_affine(model.tail_batchnorm)
-    return Conv2dLunaModel(scale, shift, blocks, head, model.crop).eval()
+    out = Conv2dLunaModel(scale, shift, blocks, head, model.crop).eval()
+    out.crop_spacing = getattr(model, "crop_spacing", None)
+    return out
 
 
 class Cls2p5dModel(nn.Module):

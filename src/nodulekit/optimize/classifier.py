@@ -23,30 +23,21 @@ RKNN_EVAL_CROPS = 256  # the simulator runs one crop at a time; the RKNN rows us
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U, ties counted half); NaN without both classes."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
-    pos, neg = labels.sum(), (~labels).sum()
-    if not pos or not neg:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # average ranks of ties
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+    """Area under the ROC curve of ``scores`` for ``labels`` (NaN without both classes)."""
+    from nodulekit.train.cls import auc_score
+
+    return auc_score(labels, scores)
 
 
 def export_cls_onnx(model: torch.nn.Module, out: Path, crop=CLS_CROP) -> Path:
-    """Static batch-1 ONNX (opset 17) with outputs ``logits`` and ``probs``.
+    """Static batch-1 ONNX (opset 17) with outputs ``logits`` and ``probs``, and the model's crop
+    spacing in its metadata (:mod:`nodulekit.deploy.model_meta`).
 
     A model with ``spatial_outputs`` (the Conv2d rewrite) is exported with ``(1, 2, 1, 1)`` outputs,
     so that the NPU has no Reshape to leave to its CPU; the runners read both shapes.
     """
+    from nodulekit.deploy.model_meta import write_model_meta
+
     spatial = getattr(model, "spatial_outputs", None)
     if spatial is not None:
         model.spatial_outputs = True
@@ -56,7 +47,14 @@ def export_cls_onnx(model: torch.nn.Module, out: Path, crop=CLS_CROP) -> Path:
     finally:
         if spatial is not None:
             model.spatial_outputs = spatial
+    write_model_meta(out, _meta(model))
     return out
+
+
+def _meta(model) -> dict:
+    cs = getattr(model, "crop_spacing", None)
+    return {"kind": "classifier", "crop": list(getattr(model, "crop", CLS_CROP)),
+            "crop_spacing_mm": None if cs is None else list(cs)}
 
 
 def onnx_latency_us(path: Path, x: np.ndarray, threads: int = 2, runs: int = 20) -> float:
@@ -110,10 +108,10 @@ def _quantize_qdq(src: Path, out: Path, calib: np.ndarray) -> Path:
     return out
 
 
-def _held_out(data_dir, max_negatives: int) -> tuple[np.ndarray, np.ndarray]:
+def _held_out(data_dir, max_negatives: int, crop_spacing) -> tuple[np.ndarray, np.ndarray]:
     from nodulekit.data.cls_dataset import build_cls_datasets
 
-    _, val = build_cls_datasets(data_dir, val_max_negatives=max_negatives)
+    _, val = build_cls_datasets(data_dir, val_max_negatives=max_negatives, crop_spacing=crop_spacing)
     crops = np.stack([np.asarray(val[i][0], dtype=np.float32) for i in range(len(val))])
     labels = np.array([int(val[i][1]) for i in range(len(val))])
     return crops, labels
@@ -142,6 +140,7 @@ def classifier_study(cls_ckpt, data_dir, out_dir, rknn: bool, *, max_negatives: 
         Rows ``name, params, weight_memory_kib, size_kib, latency_us, auc, f1, max_abs_diff_vs_3d``
         (+ ``macs``, ``cpu_fallback_layers``, ``auc_crops`` or ``error`` where they apply).
     """
+    from nodulekit.deploy.model_meta import write_model_meta
     from nodulekit.models.checkpoint import load_cls_model
     from nodulekit.models.cls2d import conv_macs, to_conv2d
 
@@ -149,7 +148,7 @@ def classifier_study(cls_ckpt, data_dir, out_dir, rknn: bool, *, max_negatives: 
     out_dir.mkdir(parents=True, exist_ok=True)
     model, _ = load_cls_model(cls_ckpt)
     if crops is None:
-        crops, labels = _held_out(data_dir, max_negatives)
+        crops, labels = _held_out(data_dir, max_negatives, model.crop_spacing)
     with torch.no_grad():
         ref = np.concatenate([model(torch.from_numpy(crops[i:i + 64]))[0].numpy() for i in range(0, len(crops), 64)])
     conv2d = to_conv2d(model)
@@ -163,6 +162,7 @@ def classifier_study(cls_ckpt, data_dir, out_dir, rknn: bool, *, max_negatives: 
         try:
             if not path.is_file():
                 _quantize_qdq(onnx2d, path, calib)
+                write_model_meta(path, _meta(model))
             logits = _onnx_logits(path, crops)
             params = sum(p.numel() for p in module.parameters())
             rows.append(_row(name, params=params, weight_memory_kib=params * bytes_per_weight / 1024,
@@ -173,13 +173,14 @@ def classifier_study(cls_ckpt, data_dir, out_dir, rknn: bool, *, max_negatives: 
         except Exception as exc:  # one failed form is a row, not a failed study
             rows.append(_row(name, error=f"{type(exc).__name__}: {exc}"))
     if rknn:
-        rows += _rknn_rows(onnx3d, onnx2d, out_dir, crops, labels, ref, calib, model.crop)
+        rows += _rknn_rows(onnx3d, onnx2d, out_dir, crops, labels, ref, calib, model)
     for r in rows:
         log.info("classifier %s: %s", r["name"], {k: v for k, v in r.items() if k != "name"})
     return rows
 
 
-def _rknn_rows(onnx3d, onnx2d, out_dir, crops, labels, ref, calib, crop) -> list[dict]:
+def _rknn_rows(onnx3d, onnx2d, out_dir, crops, labels, ref, calib, model) -> list[dict]:
+    from nodulekit.deploy.model_meta import write_model_meta
     from nodulekit.deploy.rknn import export_rknn
     from nodulekit.errors import NodulekitError
 
@@ -190,7 +191,8 @@ def _rknn_rows(onnx3d, onnx2d, out_dir, crops, labels, ref, calib, crop) -> list
                                 ("cls2d_rknn_int8", onnx2d, True)):
         try:
             info = export_rknn(src, out_dir / f"{name}.rknn", quantize=quantize, dataset=list(calib) if quantize else None,
-                               input_size=(1, 1, *crop), eval_inputs=[crops[i][None] for i in idx])
+                               input_size=(1, 1, *model.crop), eval_inputs=[crops[i][None] for i in idx])
+            write_model_meta(out_dir / f"{name}.rknn", _meta(model))
             logits = np.concatenate([o[0].reshape(1, -1) for o in info["outputs"]])
             rows.append(_row(name, weight_memory_kib=info["weight_memory_kib"], size_kib=info["size_kib"],
                              auc=auc(_score(logits), labels[idx]), f1=_f1(logits, labels[idx]), auc_crops=len(idx),

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from nodulekit.data.augment import RandAffine
+from nodulekit.data.crops import DEFAULT_CROP_SPACING
 from nodulekit.log import get_logger
 from nodulekit.models.checkpoint import read_checkpoint, save_cls_checkpoint
 from nodulekit.models.classifier import LunaModel
@@ -43,6 +44,8 @@ class ClsTrainConfig:
         lr: peak Adam learning rate (warm-up, then cosine decay).
         augment: random flips, shifts, scale, in-plane rotation and noise.
         augment_scale: largest relative zoom (0.2: content 0.83x to 1.25x its size).
+        crop_spacing: mm per crop voxel (index, row, col), or ``None`` for native voxels as dlwpt
+            (see :mod:`nodulekit.data.crops`); the checkpoint records it for detection.
         val_fraction: share of scans held out (the same split as segmentation).
         val_max_negatives: non-nodule candidates sampled for validation (None: all).
         recall_target: sensitivity at which the false-positive reduction is reported.
@@ -57,6 +60,7 @@ class ClsTrainConfig:
     lr: float = 1e-3
     augment: bool = True
     augment_scale: float = 0.2
+    crop_spacing: tuple[float, float, float] | None = DEFAULT_CROP_SPACING
     val_fraction: float = 0.25
     val_max_negatives: int | None = 2000
     recall_target: float = 0.95
@@ -171,11 +175,12 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
         train_ds, val_ds = build_cls_datasets(
             cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, cache=cache,
             samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size * ctx.world_size,
-            val_max_negatives=cfg.val_max_negatives)
+            val_max_negatives=cfg.val_max_negatives, crop_spacing=cfg.crop_spacing)
 
         torch.manual_seed(cfg.seed)
         # Conv3d runs about 2.5x faster on the CPU with channels-last activations
         model = (load_cls_model(cfg.init)[0] if cfg.init else LunaModel()).to(dev, memory_format=CHANNELS_LAST)
+        model.crop_spacing = None if cfg.crop_spacing is None else tuple(float(v) for v in cfg.crop_spacing)
         net = wrap_model(model, ctx)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         aug = (RandAffine(flip=True, shift=0.1, scale=cfg.augment_scale, rotate_deg=180.0, noise_hu=25.0)

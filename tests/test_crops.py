@@ -1,0 +1,74 @@
+"""Classifier crops: native voxels (dlwpt) and resampled to a fixed voxel size."""
+
+import numpy as np
+import pytest
+
+from nodulekit.data.crops import cls_crop, crop_hu, parse_crop_spacing, resampled_crop
+
+
+def _ball(shape, spacing_irc, center_irc, radius_mm, hu=100.0):
+    grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, center_irc, spacing_irc))
+    return np.where(d2 <= radius_mm ** 2, hu, -800.0).astype(np.float32)
+
+
+def test_native_crop_pads_with_air_at_the_border():
+    hu = np.full((10, 20, 20), 500, dtype=np.int16)
+    c = cls_crop(hu, (1, 1, 1), (0, 0, 0), (32, 48, 48))
+    assert c.shape == (32, 48, 48) and c.dtype == np.float32
+    assert c[0, 0, 0] == -1000 and c[16, 24, 24] == 500
+    assert (c == 500).sum() == 10 * 20 * 20  # the whole volume fits in the crop's lower corner
+    assert cls_crop(hu, (1, 1, 1), (100, 100, 100), (32, 48, 48)).max() == -1000
+
+
+def test_native_crop_clips_hu():
+    hu = np.full((8, 8, 8), 3000, dtype=np.int16)
+    assert cls_crop(hu, (1, 1, 1), (4, 4, 4), (4, 4, 4)).max() == 1000
+
+
+def test_resampling_at_the_scan_spacing_is_the_native_crop():
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(-1000, 1000, (30, 40, 40)).astype(np.float32)
+    spacing_xyz = (0.7, 0.7, 2.0)
+    native = crop_hu(hu, (12, 20, 17), (8, 12, 12))
+    same = cls_crop(hu, spacing_xyz, (12, 20, 17), (8, 12, 12), crop_spacing=(2.0, 0.7, 0.7))
+    np.testing.assert_allclose(same, native, atol=1e-3)
+
+
+def test_resampled_crops_show_a_nodule_at_the_same_size_whatever_the_slice_spacing():
+    """A 10 mm ball on 0.625 mm and 2.5 mm slices: native crops differ 4x in height, resampled
+    ones hold the same number of voxels (within partial-volume error) and centre it at shape // 2."""
+    counts = []
+    for sz in (0.625, 2.5):
+        spacing_irc = (sz, 0.7, 0.7)
+        shape = (int(60 / sz), 80, 80)
+        center = (shape[0] / 2 - 0.3, 40.2, 39.6)
+        hu = _ball(shape, spacing_irc, center, 5.0)
+        crop = cls_crop(hu, spacing_irc[::-1], center, (32, 48, 48), crop_spacing=(1.25, 0.8, 0.8))
+        inside = crop > -350
+        counts.append(int(inside.sum()))
+        com = np.argwhere(inside).mean(axis=0)
+        np.testing.assert_allclose(com, (16, 24, 24), atol=0.7)
+    expected = 4 / 3 * np.pi * 5.0 ** 3 / (1.25 * 0.8 * 0.8)  # voxels of a 10 mm ball
+    for n in counts:
+        assert abs(n - expected) / expected < 0.2
+    assert abs(counts[0] - counts[1]) / expected < 0.2
+
+
+def test_resampled_crop_outside_the_volume_is_air():
+    hu = np.full((10, 20, 20), 300, dtype=np.int16)
+    crop = resampled_crop(hu, (1.0, 1.0, 1.0), (5, 10, 10), (16, 16, 16), (2.0, 2.0, 2.0))
+    assert crop[8, 8, 8] == 300 and crop[0, 0, 0] == -1000
+    assert resampled_crop(hu, (1.0, 1.0, 1.0), (500, 10, 10), (4, 4, 4), (1.0, 1.0, 1.0)).max() == -1000
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("native", None), ("", None), (None, None), ("1.25,0.8,0.8", (1.25, 0.8, 0.8)), ("1", (1.0, 1.0, 1.0))])
+def test_parse_crop_spacing(text, expected):
+    assert parse_crop_spacing(text) == expected
+
+
+@pytest.mark.parametrize("text", ["1,2", "a,b,c", "0,1,1", "-1,1,1"])
+def test_parse_crop_spacing_rejects(text):
+    with pytest.raises(ValueError, match="crop spacing"):
+        parse_crop_spacing(text)
