@@ -26,9 +26,11 @@ def _report():
         "variants": [
             _row("baseline", 460.0, 120_000.0, 0.80, weight_hist=hist),
             _row("pruned", 118.0, 60_000.0, 0.79, prune_ratio="0.5", weight_hist=hist,
+                 recall_at_baseline_precision=None, threshold_at_baseline_precision=None,  # NaN in JSON
                  widths_before={"unet.down_path.0.block.0": 16, "unet.last": 1},
                  widths_after={"unet.down_path.0.block.0": 8, "unet.last": 1}),
-            _row("pruned_qat", 40.0, 70_000.0, 0.795),
+            _row("pruned_qat", 40.0, 70_000.0, 0.795, recall_at_baseline_precision=0.612,
+                 threshold_at_baseline_precision=0.745),
             {"name": "qat", "error": "RuntimeError: boom"},
         ],
         "machine": {"cpu": "test cpu", "threads": 2, "onnxruntime": "1.32.0"},
@@ -77,6 +79,8 @@ def test_markdown_in_both_languages():
         assert "37.30" in text and "6.33x" in text  # NPU section, ratio vs the fp16 row
         assert "0.9500" in text and "0.710" in text  # classifier AUC and detection CPM
     assert "n/a (needs board)" in en and "需开发板" in zh
+    assert "Recall at the baseline's precision" in en and "与基线精确率相同时的召回率" in zh
+    assert "| 0.745 | 61.2 |" in en and "| 0.745 | 61.2 |" in zh
     assert "RK3588S NPU" in en and "LUNA16" in en
 
 

@@ -73,3 +73,29 @@ def test_empty_validation_gives_nan():
     ds = SegValDataset([], negative_slices=2)
     m = evaluate_seg(lambda x: x[:, :1], ds)
     assert math.isnan(m["recall"]) and math.isnan(m["nodule_recall"]) and m["slices"] == 0
+
+
+def test_pr_histogram_and_recall_at_a_matched_precision():
+    """Counts per probability bin reproduce the 0.5-threshold figures, and raising the threshold
+    until precision reaches a target reads the recall there."""
+    from nodulekit.evaluate.seg_metrics import recall_at_precision
+
+    ds = _val_ds()
+    base = _oracle(ds, {1, 2})
+
+    def predict(x):
+        p = base(x) * 0.9  # nodules at 0.9
+        p[:, :, 0, :] = 0.6  # a row of confident false positives on every slice
+        p[:, :, 15, :4] = 0.3  # a few weak ones
+        return p
+
+    m = evaluate_seg(predict, ds, batch_size=3, pr_bins=10)
+    hist = m["pr_hist"]
+    assert sum(hist["pos"]) == 36 and sum(hist["pos"]) + sum(hist["neg"]) == len(ds) * 256
+    assert sum(hist["pos"][6:]) == m["tp"] and sum(hist["neg"][6:]) == m["fp"]  # bins from 0.5 up
+    at = recall_at_precision(hist, precision=0.99)  # above 0.6 only nodules remain
+    assert at["recall"] == 1.0 and at["precision"] == 1.0 and at["threshold"] == pytest.approx(0.7)
+    low = recall_at_precision(hist, precision=m["precision"])
+    assert low["recall"] == 1.0 and low["threshold"] <= 0.5
+    assert math.isnan(recall_at_precision({"pos": [5, 0], "neg": [0, 9]}, 0.5)["recall"])
+    assert "pr_hist" not in evaluate_seg(predict, ds, batch_size=3)

@@ -14,7 +14,7 @@ SIZE_BIN_MM = 5.0  # nodules under 5 mm are hard and clinically less urgent: rep
 
 
 def evaluate_seg(predict: Callable[[np.ndarray], np.ndarray], val_ds, threshold: float = 0.5,
-                 batch_size: int = 4, progress: bool = False) -> dict:
+                 batch_size: int = 4, progress: bool = False, pr_bins: int = 0) -> dict:
     """Pixel and nodule-level metrics of a segmentation predictor on a validation dataset.
 
     Args:
@@ -24,6 +24,9 @@ def evaluate_seg(predict: Callable[[np.ndarray], np.ndarray], val_ds, threshold:
         threshold: a pixel is predicted nodule when its probability is above this.
         batch_size: slices per ``predict`` call (consecutive slices of one scan).
         progress: show a progress bar.
+        pr_bins: when > 0, also return ``pr_hist``: counts of nodule (``pos``) and background
+            (``neg``) pixels per probability bin ``[k / pr_bins, (k + 1) / pr_bins)``, from which
+            :func:`recall_at_precision` reads recall at any threshold.
 
     Returns:
         ``recall``, ``precision``, ``dice`` (pixel F1) at ``threshold``; ``nodule_recall`` (a nodule
@@ -34,6 +37,7 @@ def evaluate_seg(predict: Callable[[np.ndarray], np.ndarray], val_ds, threshold:
     from tqdm import tqdm
 
     tp = fp = fn = 0
+    pos_hist, neg_hist = np.zeros(max(pr_bins, 1), np.int64), np.zeros(max(pr_bins, 1), np.int64)
     found: set[tuple[int, int]] = set()
     n = len(val_ds)
     bar = tqdm(total=n, desc="validate", disable=not progress, leave=False)
@@ -57,6 +61,10 @@ def evaluate_seg(predict: Callable[[np.ndarray], np.ndarray], val_ds, threshold:
         fp += int(np.count_nonzero(pred & ~truth))
         fn += int(np.count_nonzero(~pred & truth))
         found.update((int(scan), int(k)) for k in np.unique(lab[pred & truth]))
+        if pr_bins > 0:
+            bins = np.clip((probs[:, 0] * pr_bins).astype(np.int64), 0, pr_bins - 1)
+            pos_hist += np.bincount(bins[truth], minlength=pr_bins)
+            neg_hist += np.bincount(bins[~truth], minlength=pr_bins)
         bar.update(end - start)
         start = end
     bar.close()
@@ -68,7 +76,9 @@ def evaluate_seg(predict: Callable[[np.ndarray], np.ndarray], val_ds, threshold:
     small = [(s, k) for s, k, d in nodules if d < SIZE_BIN_MM]
     large = [(s, k) for s, k, d in nodules if not d < SIZE_BIN_MM]
     hits = lambda group: sum((s, k) in found for s, k in group)  # noqa: E731
+    extra = {"pr_hist": {"pos": pos_hist.tolist(), "neg": neg_hist.tolist()}} if pr_bins > 0 else {}
     return {
+        **extra,
         "recall": ratio(tp, tp + fn),
         "precision": ratio(tp, tp + fp),
         "dice": ratio(2 * tp, 2 * tp + fp + fn),
@@ -84,3 +94,23 @@ def evaluate_seg(predict: Callable[[np.ndarray], np.ndarray], val_ds, threshold:
         "fn": fn,
         "slices": n,
     }
+
+
+def recall_at_precision(pr_hist: dict, precision: float) -> dict:
+    """The highest pixel recall whose precision is at least ``precision``, from :func:`evaluate_seg`'s
+    ``pr_hist``: a variant that marks more than the baseline is compared at the baseline's precision.
+
+    Returns:
+        ``recall``, ``precision`` and ``threshold`` (predict nodule where probability > threshold,
+        a bin edge) of that operating point; NaN values when no threshold reaches ``precision``.
+    """
+    pos = np.asarray(pr_hist["pos"], dtype=np.float64)
+    neg = np.asarray(pr_hist["neg"], dtype=np.float64)
+    tps, fps = np.cumsum(pos[::-1])[::-1], np.cumsum(neg[::-1])[::-1]  # predicted at threshold k / bins
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prec = tps / (tps + fps)
+    ok = np.flatnonzero(prec >= precision)
+    if not ok.size or not pos.sum():
+        return {"recall": float("nan"), "precision": float("nan"), "threshold": float("nan")}
+    k = int(ok[0])  # the lowest threshold that reaches the precision gives the highest recall
+    return {"recall": float(tps[k] / pos.sum()), "precision": float(prec[k]), "threshold": k / len(pos)}

@@ -23,6 +23,8 @@ from nodulekit.optimize import variants as V
 
 log = get_logger("optimize")
 
+PR_BINS = 200  # probability bins of the precision-recall histograms (thresholds 0.005 apart)
+
 
 @dataclass
 class StudyConfig:
@@ -93,6 +95,7 @@ def stage_finetune(cand: Candidate, ctx: StudyContext) -> Candidate:
         return cand
     history = _fit(cand.model, ctx, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, fn_weight=cfg.fn_weight,
                    channels_last=True)
+    cand.model.to(memory_format=torch.contiguous_format)  # the exporters trace contiguous weights
     return Candidate(cand.model, cand.fmt, cand.export_kwargs, {**cand.meta, "finetune_history": history})
 
 
@@ -227,7 +230,7 @@ def measure(rows: list[dict], val_ds, cfg: StudyConfig, timings: dict) -> None:
     from nodulekit.deploy.bench import bench
     from nodulekit.deploy.onnx_utils import param_count, weight_memory_bytes
     from nodulekit.deploy.runtime import OnnxRunner
-    from nodulekit.evaluate.seg_metrics import evaluate_seg
+    from nodulekit.evaluate.seg_metrics import evaluate_seg, recall_at_precision
 
     t0 = time.perf_counter()
     for row in rows:
@@ -238,8 +241,9 @@ def measure(rows: list[dict], val_ds, cfg: StudyConfig, timings: dict) -> None:
             row["size_kib"] = os.path.getsize(path) / 1024
             row["weight_memory_kib"] = weight_memory_bytes(path) / 1024
             row["onnx_params"] = param_count(path)
-            metrics = evaluate_seg(OnnxRunner(path, threads=cfg.threads), val_ds)
-            row.update({k: metrics[k] for k in ("recall", "precision", "dice", "nodule_recall") if k in metrics})
+            metrics = evaluate_seg(OnnxRunner(path, threads=cfg.threads), val_ds, pr_bins=PR_BINS)
+            row.update({k: metrics[k] for k in ("recall", "precision", "dice", "nodule_recall", "pr_hist")
+                        if k in metrics})
         except Exception as exc:
             log.exception("measuring %s failed", row["name"])
             row["error"] = f"{type(exc).__name__}: {exc}"
@@ -265,6 +269,11 @@ def measure(rows: list[dict], val_ds, cfg: StudyConfig, timings: dict) -> None:
             if r.get("latency_us"):
                 r["latency_ratio"] = base["latency_us"] / r["latency_us"]
             r["recall_change_pts"] = 100.0 * (r["recall"] - base["recall"])
+            if r.get("pr_hist") and base.get("precision") == base.get("precision"):
+                # a variant that marks more is judged at the baseline's precision too
+                matched = recall_at_precision(r["pr_hist"], base["precision"])
+                r["recall_at_baseline_precision"] = matched["recall"]
+                r["threshold_at_baseline_precision"] = matched["threshold"]
 
 
 def machine_info(threads: int) -> dict:

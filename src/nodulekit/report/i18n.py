@@ -11,6 +11,13 @@ STRINGS = {
         "header": ["Variant", "Params", "Weight Memory (KiB)", "Reduction Ratio", "Size (KiB)", "Reduction Ratio",
                    "Latency (us)", "Speed-up", "Recall (%)", "Recall Change", "Precision (%)", "Dice"],
         "errors": "Failed variants",
+        "matched": "Recall at the baseline's precision",
+        "matched_note": ("A variant that marks more pixels than the baseline gains recall and loses precision. "
+                         "Here each variant's probability threshold is raised until its pixel precision is at "
+                         "least the baseline's (at 0.5), and its recall is read there: the comparison at equal "
+                         "precision. n/a: no threshold reaches the baseline's precision."),
+        "matched_header": ["Variant", "Precision at 0.5 (%)", "Recall at 0.5 (%)", "Threshold",
+                           "Recall at baseline precision (%)", "Change (pts)"],
         "settings": "Settings",
         "settings_text": ("Pruning: L1-norm structured channel pruning (torch-pruning), ratio `{prune_ratio}`, "
                           "{finetune_epochs} fine-tuning epochs. PTQ: ONNX Runtime static QDQ, per-channel int8 "
@@ -64,6 +71,12 @@ STRINGS = {
         "header": ["模型版本", "Weight Memory (KiB)", "Reduction Ratio", "Size (KiB)", "Latency (us)",
                    "Reduction Ratio", "Recall (%)", "Recall Drop"],
         "errors": "失败的版本",
+        "matched": "与基线精确率相同时的召回率",
+        "matched_note": ("标记像素比基线更多的版本，召回率会升高而精确率下降。此处逐个提高各版本的概率阈值，直到其像素精确率"
+                         "不低于基线（阈值 0.5）的精确率，再读取该阈值下的召回率，即在相同精确率下比较。"
+                         "n/a：没有阈值能达到基线的精确率。"),
+        "matched_header": ["模型版本", "精确率 @0.5 (%)", "召回率 @0.5 (%)", "阈值", "基线精确率下的召回率 (%)",
+                           "变化（百分点）"],
         "settings": "实验设置",
         "settings_text": ("剪枝：基于 L1 范数的结构化通道剪枝（torch-pruning），比例 `{prune_ratio}`，微调 {finetune_epochs} 轮。"
                           "PTQ：ONNX Runtime 静态 QDQ 量化，逐通道 int8 权重，uint8 激活，`{calib_method}` 校准，"

@@ -138,6 +138,24 @@ def _main_table(rows, lang):
     return _table(s["header"], body)
 
 
+def _matched(rows, lang):
+    """Each variant's recall at the baseline's pixel precision (see ``recall_at_precision``)."""
+    ok = [r for r in rows if "error" not in r and "recall_at_baseline_precision" in r]
+    if not ok:
+        return None
+    s, names = STRINGS[lang], VARIANT_NAMES[lang]
+    known = lambda v: v is not None and v == v  # noqa: E731 - NaN is written to JSON as null
+    base_recall = next((r["recall_at_baseline_precision"] for r in ok if r["name"] == "baseline"), None)
+    pct = lambda v: _num(100 * v if known(v) else None)  # noqa: E731
+    body = []
+    for r in ok:
+        matched, thr = r["recall_at_baseline_precision"], r.get("threshold_at_baseline_precision")
+        change = 100 * (matched - base_recall) if known(matched) and known(base_recall) else None
+        body.append([names.get(r["name"], r["name"]), pct(r.get("precision")), pct(r.get("recall")),
+                     _num(thr if known(thr) else None, "{:.3f}"), pct(matched), _pts(change)])
+    return f"## {s['matched']}\n\n{s['matched_note']}\n\n" + _table(s["matched_header"], body)
+
+
 def _reference(lang):
     s, names = STRINGS[lang], VARIANT_NAMES[lang]
     base = REFERENCE[0]
@@ -231,6 +249,9 @@ def render_markdown(report: dict, lang: str, plots: dict[str, str]) -> str:
             parts += [f"## {s['settings']}", _kv(settings)]
         if any(r["name"].endswith("ptq") for r in rows):
             parts.append(s["why_ptq"])
+    matched = _matched(rows, lang)
+    if matched:
+        parts.append(matched)
     parts.append(_reference(lang))
     for section in (_npu(report, lang), _classifier(report, lang), _detection(report, lang)):
         if section:
