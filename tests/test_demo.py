@@ -31,3 +31,14 @@ def test_synthetic_data_is_reused_only_with_the_same_parameters(tmp_path, monkey
     cfg.scans += 1
     _synth(cfg, data)
     assert calls == [cfg.scans - 1, cfg.scans]
+
+
+def test_demo_holds_out_the_same_number_of_scans_whatever_its_size():
+    from nodulekit.data.split import train_val_split
+
+    for scans, held_out in ((20, 3), (12, 3), (40, 3), (4, 2)):
+        cfg = DemoConfig.for_mode(quick=False, scans=scans)
+        uids = [f"1.2.{i}" for i in range(scans)]
+        assert len(train_val_split(uids, cfg.val_fraction)[1]) == held_out, scans
+    quick = DemoConfig.for_mode(quick=True)
+    assert len(train_val_split([f"u{i}" for i in range(quick.scans)], quick.val_fraction)[1]) == 2

@@ -29,6 +29,8 @@ def add_parser(sub):
     p.add_argument("--qat-lr", type=float, default=d.qat_lr)
     p.add_argument("--fn-weight-qat", type=float, default=d.fn_weight_qat, help="false-negative weight during QAT")
     p.add_argument("--calib-slices", type=int, default=d.calib_slices)
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="share of scans held out for measuring, as in training (default %(default)s)")
     p.add_argument("--calib-method", choices=CALIB_METHODS, default=d.calib_method)
     p.add_argument("--samples-per-epoch", type=int, default=d.samples_per_epoch)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -48,9 +50,9 @@ def run(args) -> int:
     cfg = StudyConfig(
         variants=tuple(args.variants) if args.variants else None, prune_ratio=args.prune_ratio,
         finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, fn_weight=args.fn_weight,
-        qat_epochs=args.qat_epochs, qat_val_every=args.qat_val_every, qat_lr=args.qat_lr, fn_weight_qat=args.fn_weight_qat,
-        calib_slices=args.calib_slices, calib_method=args.calib_method, samples_per_epoch=args.samples_per_epoch,
-        batch_size=args.batch_size, workers=args.workers, bench_runs=args.bench_runs,
+        qat_epochs=args.qat_epochs, qat_val_every=args.qat_val_every, qat_lr=args.qat_lr,
+        fn_weight_qat=args.fn_weight_qat, calib_slices=args.calib_slices, calib_method=args.calib_method,
+        val_fraction=args.val_fraction, samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size, workers=args.workers, bench_runs=args.bench_runs,
         bench_warmup=args.bench_warmup, threads=args.threads, torchscript=not args.no_torchscript,
         rknn=args.rknn, seed=args.seed)
     report = run_study(args.seg, args.data, args.out, cfg)

@@ -108,10 +108,11 @@ def _quantize_qdq(src: Path, out: Path, calib: np.ndarray) -> Path:
     return out
 
 
-def _held_out(data_dir, max_negatives: int, crop_spacing) -> tuple[np.ndarray, np.ndarray]:
+def _held_out(data_dir, max_negatives: int, crop_spacing, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     from nodulekit.data.cls_dataset import build_cls_datasets
 
-    _, val = build_cls_datasets(data_dir, val_max_negatives=max_negatives, crop_spacing=crop_spacing)
+    _, val = build_cls_datasets(data_dir, val_fraction=val_fraction, val_max_negatives=max_negatives,
+                                crop_spacing=crop_spacing)
     crops = np.stack([np.asarray(val[i][0], dtype=np.float32) for i in range(len(val))])
     labels = np.array([int(val[i][1]) for i in range(len(val))])
     return crops, labels
@@ -125,7 +126,8 @@ def _row(name, **kw) -> dict:
 
 
 def classifier_study(cls_ckpt, data_dir, out_dir, rknn: bool, *, max_negatives: int = 500,
-                     crops: np.ndarray | None = None, labels: np.ndarray | None = None) -> list[dict]:
+                     val_fraction: float = 0.25, crops: np.ndarray | None = None,
+                     labels: np.ndarray | None = None) -> list[dict]:
     """``report.json["classifier"]`` rows for the deployment forms of a trained classifier.
 
     Args:
@@ -134,6 +136,7 @@ def classifier_study(cls_ckpt, data_dir, out_dir, rknn: bool, *, max_negatives: 
         out_dir: where the ONNX and RKNN files go.
         rknn: also build fp16 and int8 RKNN models (needs ``.venv-rknn``).
         max_negatives: non-nodule candidates kept in the held-out set.
+        val_fraction: share of scans held out (the split of training).
         crops, labels: use these held-out crops ``(N, 1, 32, 48, 48)`` instead of ``data_dir``'s.
 
     Returns:
@@ -148,7 +151,7 @@ def classifier_study(cls_ckpt, data_dir, out_dir, rknn: bool, *, max_negatives: 
     out_dir.mkdir(parents=True, exist_ok=True)
     model, _ = load_cls_model(cls_ckpt)
     if crops is None:
-        crops, labels = _held_out(data_dir, max_negatives, model.crop_spacing)
+        crops, labels = _held_out(data_dir, max_negatives, model.crop_spacing, val_fraction)
     with torch.no_grad():
         ref = np.concatenate([model(torch.from_numpy(crops[i:i + 64]))[0].numpy() for i in range(0, len(crops), 64)])
     conv2d = to_conv2d(model)

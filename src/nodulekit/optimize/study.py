@@ -42,6 +42,7 @@ class StudyConfig:
     fn_weight_qat: float = 6.0  # lower than training's 8 (the design); 2 cost 8-11 recall points here
     calib_slices: int = 64
     calib_method: str = "percentile"
+    val_fraction: float = 0.25  # share of scans held out (the same split as training)
     samples_per_epoch: int = 1024
     batch_size: int = 16
     crop: int = 64
@@ -315,7 +316,8 @@ def run_study(seg_ckpt, data_dir, out_dir, cfg: StudyConfig | None = None, *, da
         from nodulekit.data.seg_dataset import build_seg_datasets
 
         t0 = time.perf_counter()
-        datasets = build_seg_datasets(data_dir, samples_per_epoch=cfg.samples_per_epoch, crop=cfg.crop,
+        datasets = build_seg_datasets(data_dir, val_fraction=cfg.val_fraction,
+                                      samples_per_epoch=cfg.samples_per_epoch, crop=cfg.crop,
                                       seed=cfg.seed, progress=cfg.progress)
         timings["data"] = round(time.perf_counter() - t0, 2)
     train_ds, val_ds = datasets
