@@ -24,8 +24,9 @@ def add_parser(sub):
     p.add_argument("--fn-weight", type=float, default=d.fn_weight, help="false-negative weight while fine-tuning")
     p.add_argument("--qat-epochs", type=int, default=d.qat_epochs)
     p.add_argument("--qat-val-every", type=int, default=d.qat_val_every,
-                   help="validate the fake-quant graph every N QAT epochs and after the last (default %(default)s: "
-                        "the last only; each validation costs about as much as five epochs of training)")
+                   help="validate the fake-quant graph every N QAT epochs and after the last, keeping the best "
+                        "epoch by recall (default %(default)s: no validation, the last epoch is exported and "
+                        "measured; one validation costs more than five epochs of training)")
     p.add_argument("--qat-lr", type=float, default=d.qat_lr)
     p.add_argument("--fn-weight-qat", type=float, default=d.fn_weight_qat, help="false-negative weight during QAT")
     p.add_argument("--calib-slices", type=int, default=d.calib_slices)
