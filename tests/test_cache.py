@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from nodulekit.data.cache import VolumeCache, crop_hu
+from nodulekit.data.cache import VolumeCache
+from nodulekit.data.crops import crop_hu
 from nodulekit.data.ct import write_ct
 from nodulekit.data.volume import CTVolume
 from nodulekit.errors import InputError

@@ -128,13 +128,15 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     with timer.stage("train_seg"):
         seg_run = train_seg(SegTrainConfig(data=str(data), out=str(_fresh(out / "train" / "seg")), seed=cfg.seed,
-                                           val_fraction=cfg.val_fraction, **_given(epochs=cfg.seg_epochs, steps_per_epoch=cfg.seg_steps)))
+                                           val_fraction=cfg.val_fraction,
+                                           **_given(epochs=cfg.seg_epochs, steps_per_epoch=cfg.seg_steps)))
     models.mkdir(parents=True, exist_ok=True)
     seg_ckpt = Path(shutil.copy2(seg_run["checkpoint"], models / "seg.pt"))
 
     with timer.stage("train_cls"):
         cls_run = train_cls(ClsTrainConfig(data=str(data), out=str(_fresh(out / "train" / "cls")), seed=cfg.seed,
-                                           val_fraction=cfg.val_fraction, **_given(epochs=cfg.cls_epochs, steps_per_epoch=cfg.cls_steps)))
+                                           val_fraction=cfg.val_fraction,
+                                           **_given(epochs=cfg.cls_epochs, steps_per_epoch=cfg.cls_steps)))
     cls_ckpt = Path(shutil.copy2(cls_run["checkpoint"], models / "cls.pt"))
 
     report = _optimize(cfg, timer, seg_ckpt, cls_ckpt, data, out)

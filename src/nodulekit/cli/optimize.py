@@ -53,7 +53,8 @@ def run(args) -> int:
         finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, fn_weight=args.fn_weight,
         qat_epochs=args.qat_epochs, qat_val_every=args.qat_val_every, qat_lr=args.qat_lr,
         fn_weight_qat=args.fn_weight_qat, calib_slices=args.calib_slices, calib_method=args.calib_method,
-        val_fraction=args.val_fraction, samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size, workers=args.workers, bench_runs=args.bench_runs,
+        val_fraction=args.val_fraction, samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size,
+        workers=args.workers, bench_runs=args.bench_runs,
         bench_warmup=args.bench_warmup, threads=args.threads, torchscript=not args.no_torchscript,
         rknn=args.rknn, seed=args.seed)
     report = run_study(args.seg, args.data, args.out, cfg)

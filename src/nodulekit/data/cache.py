@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nodulekit.data.crops import cls_crop, crop_hu  # noqa: F401 - crop_hu re-exported for callers
+from nodulekit.data.crops import crop_hu, resampled_crop
 from nodulekit.data.ct import read_ct, read_metaimage_header, scan_suffix
 from nodulekit.data.volume import CTVolume
 from nodulekit.errors import InputError
@@ -100,7 +100,7 @@ class VolumeCache:
         return vol
 
     def crop(self, path_or_uid: str | Path, center_irc, shape, crop_spacing=None) -> np.ndarray:
-        """A classifier crop (see :func:`nodulekit.data.crops.cls_crop`), cached on disk per
+        """A classifier crop (see :mod:`nodulekit.data.crops`), cached on disk per
         (volume, centre, shape, crop spacing).
 
         Native crops (``crop_spacing=None``) keep the volume's dtype and are keyed by the rounded
@@ -124,9 +124,9 @@ class VolumeCache:
                 pass  # unreadable entry: rebuild it below
         vol = self.get(path_or_uid)
         if crop_spacing is None:
-            crop = crop_hu(vol.hu, center, shape)
+            crop = crop_hu(vol.hu, center, shape)  # stored in the volume's dtype (int16: half the disk)
         else:
-            crop = cls_crop(vol.hu, vol.spacing, center, shape, crop_spacing)
+            crop = resampled_crop(vol.hu, vol.spacing[::-1], center, shape, crop_spacing)
         folder.mkdir(parents=True, exist_ok=True)
         _atomic_write(target, lambda fh: np.save(fh, crop))
         return crop

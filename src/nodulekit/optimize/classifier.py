@@ -108,7 +108,8 @@ def _quantize_qdq(src: Path, out: Path, calib: np.ndarray) -> Path:
     return out
 
 
-def _held_out(data_dir, max_negatives: int, crop_spacing, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+def _held_out(data_dir, max_negatives: int, crop_spacing, val_fraction: float
+              ) -> tuple[np.ndarray, np.ndarray]:
     from nodulekit.data.cls_dataset import build_cls_datasets
 
     _, val = build_cls_datasets(data_dir, val_fraction=val_fraction, val_max_negatives=max_negatives,

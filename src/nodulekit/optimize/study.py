@@ -273,7 +273,7 @@ def measure(rows: list[dict], val_ds, cfg: StudyConfig, timings: dict) -> None:
             if r.get("latency_us"):
                 r["latency_ratio"] = base["latency_us"] / r["latency_us"]
             r["recall_change_pts"] = 100.0 * (r["recall"] - base["recall"])
-            if r.get("pr_hist") and base.get("precision") == base.get("precision"):
+            if r.get("pr_hist") and np.isfinite(base.get("precision", np.nan)):
                 # a variant that marks more is judged at the baseline's precision too
                 matched = recall_at_precision(r["pr_hist"], base["precision"])
                 r["recall_at_baseline_precision"] = matched["recall"]
