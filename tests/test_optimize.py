@@ -60,6 +60,10 @@ def test_study_ratios_and_files(study):
     assert rows["pruned_ptq"]["widths"] == rows["pruned_qat"]["widths"] == rows["pruned"]["widths"]
     assert "prune+finetune" in report["timings_s"] and "prune+finetune+qat" in report["timings_s"]
     assert json.loads((out / "report.json").read_text())["baseline"] == "baseline"
+    # QAT picks its epoch on a few validation slices; the pruned fine-tuning on all of them
+    qat_rows = rows["qat"]["history"]["qat_history"]
+    assert qat_rows and all(0 < r["slices"] <= 16 for r in qat_rows)
+    assert rows["pruned"]["history"]["finetune_history"][-1]["slices"] == report["dataset"]["val_slices"]
     for name in ("REPORT.md", "REPORT.zh.md", "compression_bars.png", "recall_vs_latency.png",
                  "pruning_widths.png", "weight_histograms.png"):
         assert (out / name).is_file(), name

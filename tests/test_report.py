@@ -35,7 +35,7 @@ def _report():
         ],
         "machine": {"cpu": "test cpu", "threads": 2, "onnxruntime": "1.32.0"},
         "dataset": {"data_dir": "synth", "val_slices": 10},
-        "settings": {"prune_ratio": "0.5", "finetune_epochs": 1, "calib_method": "percentile", "calib_slices": 64,
+        "settings": {"prune_ratio": "0.5", "finetune_epochs": 1, "qat_val_slices": 16, "calib_method": "percentile", "calib_slices": 64,
                      "qat_epochs": 5, "fn_weight_qat": 2.0},
         "timings_s": {"prune": 1.0, "qat": 50.0},
         "npu": [{"name": "baseline_fp16", "weight_memory_kib": 236.0, "internal_memory_kib": 28672,

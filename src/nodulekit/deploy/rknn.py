@@ -276,29 +276,6 @@ def load_rknn_runner(path: str | Path, kind: str = "seg", core_mask: str = "AUTO
 BUILD_MODES = {"fp16": False, "ptq": True, "qat": False}
 
 
-class _SliceSubset:
-    """A few validation slices, with the nodules of their scans, for :func:`evaluate_seg`."""
-
-    def __init__(self, ds, indices: list[int]):
-        self.ds, self.indices = ds, indices
-        scans = {int(ds[i][2]) for i in indices}
-        self.nodules = [n for n in getattr(ds, "nodules", []) if int(n[0]) in scans]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.ds[self.indices[i]]
-
-
-def pick_slices(val_ds, n: int) -> list[int]:
-    """Up to ``n`` validation slices, evenly spaced, preferring slices that show a nodule."""
-    positive = [i for i in range(len(val_ds)) if np.any(np.asarray(val_ds[i][1]) > 0)]
-    pool = positive if len(positive) >= n else positive + [i for i in range(len(val_ds)) if i not in set(positive)]
-    step = max(1, len(pool) // max(n, 1))
-    return sorted(pool[::step][:n])
-
-
 def npu_rows(variants, out_dir, *, calibration=None, val_ds=None, max_slices: int = 8,
              algorithm: str = "normal", device_id: str | None = None, target: str = "rk3588") -> list[dict]:
     """``report.json["npu"]``: build every variant for the NPU and measure it.
@@ -319,11 +296,13 @@ def npu_rows(variants, out_dir, *, calibration=None, val_ds=None, max_slices: in
         ``latency_us`` (None until a board measures it), ``cycles_estimate``, ``min_cosine``; a
         failed build gives a row with ``error``.
     """
+    from nodulekit.data.seg_dataset import SliceSubset, pick_slices
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     subset, inputs = None, []
     if val_ds is not None and len(val_ds):
-        subset = _SliceSubset(val_ds, pick_slices(val_ds, max_slices))
+        subset = SliceSubset(val_ds, pick_slices(val_ds, max_slices))
         inputs = [np.asarray(subset[i][0], dtype=np.float32)[None] for i in range(len(subset))]
     rows = []
     for name, onnx_path, mode in variants:

@@ -23,8 +23,9 @@ STRINGS = {
                           "{finetune_epochs} fine-tuning epochs. PTQ: ONNX Runtime static QDQ, per-channel int8 "
                           "weights, uint8 activations, `{calib_method}` calibration on {calib_slices} training "
                           "slices (half with nodules). QAT: torchao PT2E fake-quant, {qat_epochs} epochs, "
-                          "false-negative weight {fn_weight_qat}, the last epoch exported. Pruned models keep the "
-                          "fine-tuning epoch with the highest recall (nodule-level, then pixel); a recall above the baseline's with a lower "
+                          "false-negative weight {fn_weight_qat}. Fine-tuned variants keep the epoch with the "
+                          "highest recall (nodule-level, then pixel; QAT judged on {qat_val_slices} validation "
+                          "slices, the fake-quant graph being slow); a recall above the baseline's with a lower "
                           "precision and Dice means the variant marks more than the baseline does, not that it "
                           "segments better."),
         "why_ptq": ("What this PTQ does against the reference's 7.2-point recall loss: half of the calibration "
@@ -81,7 +82,8 @@ STRINGS = {
         "settings_text": ("剪枝：基于 L1 范数的结构化通道剪枝（torch-pruning），比例 `{prune_ratio}`，微调 {finetune_epochs} 轮。"
                           "PTQ：ONNX Runtime 静态 QDQ 量化，逐通道 int8 权重，uint8 激活，`{calib_method}` 校准，"
                           "{calib_slices} 张训练切片（一半含结节）。QAT：torchao PT2E 伪量化训练 {qat_epochs} 轮，"
-                          "假阴性权重 {fn_weight_qat}，导出最后一轮。剪枝模型保留微调中召回率最高的轮次（先按结节级，再按像素级）；"
+                          "假阴性权重 {fn_weight_qat}。微调得到的版本保留召回率最高的轮次（先按结节级，再按像素级；"
+                          "QAT 因伪量化图较慢，在 {qat_val_slices} 张验证切片上评估）；"
                           "若召回率高于基线而精确率与 Dice 更低，说明该版本标记的区域比基线更多，而不是分割得更好。"),
         "why_ptq": ("针对参考项目 PTQ 召回率下降 7.2 个百分点，本实验的做法：校准切片一半含结节，结节产生的少见高亮激活决定量化范围；"
                     "百分位校准忽略少数极端值；权重逐通道量化；输入 BatchNorm、最后一层卷积的 logits 与 Sigmoid 保持浮点，"
