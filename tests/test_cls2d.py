@@ -19,6 +19,8 @@ NPU_OPS = {"Conv", "Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Gemm",
 def _model(crop=(32, 48, 48), widths=None, seed=0) -> LunaModel:
     torch.manual_seed(seed)
     m = LunaModel(widths=widths, crop=crop).eval()
+    torch.nn.init.normal_(m.head_linear.weight, std=0.05)  # a fresh head is zero: the logits would not
+    torch.nn.init.normal_(m.head_linear.bias, std=0.05)  # depend on the input
     bn = m.tail_batchnorm
     bn.running_mean.fill_(-350.0)
     bn.running_var.fill_(420.0**2)

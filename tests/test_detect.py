@@ -55,7 +55,9 @@ def models(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    return save_seg_checkpoint(d / "seg.pt", SegModel()), save_cls_checkpoint(d / "cls.pt", LunaModel())
+    cls = LunaModel()
+    torch.nn.init.normal_(cls.head_linear.weight, std=0.05)  # a fresh head is zero: outputs would be 0.5
+    return save_seg_checkpoint(d / "seg.pt", SegModel()), save_cls_checkpoint(d / "cls.pt", cls)
 
 
 def test_seg_batch_clamps_neighbours_and_clips():
