@@ -265,6 +265,7 @@ class SliceSubset:
 def pick_slices(val_ds, n: int) -> list[int]:
     """Up to ``n`` validation slices, evenly spaced, preferring slices that show a nodule."""
     positive = [i for i in range(len(val_ds)) if np.any(np.asarray(val_ds[i][1]) > 0)]
-    pool = positive if len(positive) >= n else positive + [i for i in range(len(val_ds)) if i not in set(positive)]
+    shown = set(positive)
+    pool = positive if len(positive) >= n else positive + [i for i in range(len(val_ds)) if i not in shown]
     step = max(1, len(pool) // max(n, 1))
     return sorted(pool[::step][:n])
