@@ -41,7 +41,7 @@ class _Crops:
         self.crop_spacing = None if crop_spacing is None else tuple(float(v) for v in crop_spacing)
 
     def __call__(self, s: ClsSample) -> torch.Tensor:
-        hu = np.array(self.cache.crop(s.path, s.center_irc, self.crop, self.crop_spacing), dtype=np.float32)
+        hu = np.asarray(self.cache.crop(s.path, s.center_irc, self.crop, self.crop_spacing), dtype=np.float32)
         return torch.from_numpy(np.clip(hu, HU_MIN, HU_MAX, out=hu)[None])
 
 
