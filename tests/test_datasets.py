@@ -62,6 +62,30 @@ def test_negative_share_and_determinism():
     assert not all(torch.equal(ds[i][0], again[i][0]) for i in range(8))
 
 
+def test_background_crops_centre_on_the_listed_lookalikes():
+    base = _scan()
+    hu = np.array(base.hu)
+    hu[3, 40, 20] = 900  # a bright "vessel seen end-on", listed as a non-nodule candidate
+    outside = [(3.0, 40.0, 20.0), (50.0, 5.0, 5.0), (-1.0, 3.0, 3.0)]  # two fall outside the volume
+    lab = np.zeros(hu.shape, np.uint16)
+    for z, sl in base.label_slices.items():
+        lab[z] = sl
+    scan = SegScan.from_labels("u", hu, lab, base.diameters, np.array(outside))
+    assert scan.lookalikes.tolist() == [[3, 40, 20]]
+    ds = SegTrainDataset([scan], samples_per_epoch=40, crop=16, window=24, negative_share=1.0,
+                         lookalike_share=1.0, seed=0)
+    assert all(bool((ds[i][0][3] == 900).any()) for i in range(len(ds)))  # the centre slice holds it
+    ds = SegTrainDataset([scan], samples_per_epoch=200, crop=16, window=24, negative_share=1.0,
+                         lookalike_share=0.5, seed=0)
+    share = np.mean([bool((ds[i][0][3] == 900).any()) for i in range(len(ds))])
+    assert 0.4 < share < 0.7  # half centred on it, a few random body crops graze it
+    # a scan without look-alikes falls back to random body crops
+    plain = SegTrainDataset([base], samples_per_epoch=8, crop=16, window=24, negative_share=1.0, lookalike_share=1.0)
+    assert all(ds_item[1].shape == (1, 16, 16) for ds_item in (plain[i] for i in range(len(plain))))
+    with pytest.raises(ValueError, match="lookalike_share"):
+        SegTrainDataset([scan], samples_per_epoch=8, lookalike_share=1.5)
+
+
 def test_validation_slices():
     ds = SegValDataset([_scan("a"), _scan("b", n=20)], negative_slices=3)
     per_scan = [sum(1 for s, _ in ds.items if s == k) for k in (0, 1)]

@@ -64,6 +64,8 @@ def test_study_ratios_and_files(study):
     qat_rows = rows["qat"]["history"]["qat_history"]
     assert qat_rows and all(0 < r["slices"] <= 16 for r in qat_rows)
     assert rows["pruned"]["history"]["finetune_history"][-1]["slices"] == report["dataset"]["val_slices"]
+    # the pruned model's epoch is picked against the float baseline's recall on the same slices
+    assert 0.0 <= rows["pruned"]["finetune_recall_target"] <= 1.0
     for name in ("REPORT.md", "REPORT.zh.md", "compression_bars.png", "recall_vs_latency.png",
                  "pruning_widths.png", "weight_histograms.png"):
         assert (out / name).is_file(), name
@@ -190,3 +192,28 @@ def test_optimize_cli_baseline_only(synth_data, tmp_path, capsys):
     report = json.loads((tmp_path / "s" / "report.json").read_text())
     assert [r["name"] for r in report["variants"]] == ["baseline"]
     assert (tmp_path / "s" / "REPORT.zh.md").is_file() and "REPORT.md" in capsys.readouterr().out
+
+
+def test_pruned_finetuning_has_its_own_epoch_length_and_keeps_the_baselines_recall(datasets, monkeypatch):
+    import nodulekit.train.seg as seg_train
+    from nodulekit.optimize.study import Candidate, StudyConfig, StudyContext, stage_finetune
+
+    train_ds, val_ds = datasets
+    seen = {}
+
+    def fake_fit(model, train, val, **kwargs):
+        seen.update(samples=len(train), rank=kwargs["rank"])
+        return [{"epoch": 1}]
+
+    monkeypatch.setattr(seg_train, "fit_seg", fake_fit)
+    torch.manual_seed(0)
+    baseline = SegModel().eval()
+    ctx = StudyContext(StudyConfig(**{**TINY, "finetune_samples_per_epoch": 40}), train_ds, val_ds, {}, baseline)
+    before = len(train_ds)
+    out = stage_finetune(Candidate(prune_seg(baseline, "0.5")), ctx)
+    assert seen["samples"] == 40 and len(train_ds) == before  # restored for QAT
+    target = out.meta["finetune_recall_target"]
+    assert target == ctx.baseline_recall and 0.0 <= target <= 1.0
+    above = {"nodule_recall": 1.0, "recall": min(1.0, target + 0.3), "dice": 0.1}
+    at = {"nodule_recall": 1.0, "recall": target, "dice": 0.2}
+    assert seen["rank"](at) > seen["rank"](above)  # past the baseline's recall, Dice decides

@@ -8,8 +8,8 @@ import torch
 from nodulekit.data.seg_dataset import SegScan, SegTrainDataset, SegValDataset
 from nodulekit.models.checkpoint import load_seg_model, read_checkpoint
 from nodulekit.models.unet import SegModel, UNetWidths
-from nodulekit.train.losses import dice_loss
-from nodulekit.train.seg import best_key, fit_seg, lr_factor
+from nodulekit.train.losses import dice_loss, soft_dice_loss
+from nodulekit.train.seg import best_key, fit_seg, lr_factor, recall_key
 
 TINY = UNetWidths(down=((4, 4), (8, 8)), up=((4, 4, 4),))
 
@@ -48,10 +48,45 @@ def test_batch_dice_keeps_learning_from_background_crops():
     assert grad_on_background_crop(True) > 10 * grad_on_background_crop(False)
 
 
+def test_area_cap_keeps_a_big_nodule_from_drowning_the_false_positives_elsewhere():
+    # crop 0: a big nodule filling 1,024 pixels; crop 1: background with 64 false-positive pixels
+    label = torch.zeros(2, 1, 48, 48)
+    label[0, :, 8:40, 8:40] = 1
+    pred = label * 0.9
+    pred[1, :, 8:16, 8:16] = 0.9
+
+    def grad_on_false_positives(area_cap):
+        p = pred.clone().requires_grad_(True)
+        dice_loss(p, label, batch_dice=True, area_cap=area_cap).backward()
+        return float(p.grad[1, 0, 8:16, 8:16].mean())
+
+    # weighted 64/1024, the big crop counts as a 64-pixel nodule: the 64 false positives weigh
+    # about as much as its whole nodule instead of 1/16 of it
+    assert grad_on_false_positives(64.0) > 5 * grad_on_false_positives(None) > 0  # 7.8x
+    # with small nodules only (below the cap) the weights are all 1: plain pooling
+    small = torch.zeros(2, 1, 16, 16)
+    small[0, :, 4:8, 4:8] = 1
+    p = small * 0.5
+    assert float(dice_loss(p, small, batch_dice=True, area_cap=64.0)) == pytest.approx(
+        float(dice_loss(p, small, batch_dice=True)))
+    with pytest.raises(ValueError, match="pooled"):
+        soft_dice_loss(p, small, weights=torch.ones(2))
+
+
 def test_lr_schedule():
     f = [lr_factor(s, 100, 10) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] == pytest.approx(0.05, abs=0.01)
+
+
+def test_recall_key_stops_rewarding_recall_past_the_target():
+    marks_all = {"nodule_recall": 1.0, "recall": 0.90, "dice": 0.10}
+    precise = {"nodule_recall": 1.0, "recall": 0.52, "dice": 0.35}
+    short = {"nodule_recall": 1.0, "recall": 0.40, "dice": 0.45}
+    assert recall_key(marks_all) > recall_key(precise) > recall_key(short)
+    # with the baseline's recall (0.5) as target, keeping it is enough and Dice decides
+    assert recall_key(precise, 0.5) > recall_key(marks_all, 0.5) > recall_key(short, 0.5)
+    assert recall_key({"nodule_recall": 0.5, "recall": 0.9, "dice": 0.9}, 0.5) < recall_key(short, 0.5)
 
 
 def test_best_key_prefers_nodule_recall_then_dice():

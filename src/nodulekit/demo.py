@@ -30,17 +30,20 @@ class DemoConfig:
     out: str = "runs/demo"
     quick: bool = False
     seed: int = 0
-    scans: int = 12
+    scans: int = 20
     val_fraction: float = 0.25  # held-out share of the scans (training, compression study, detection)
     size: int = 512
     max_slices: int | None = None
     seg_epochs: int | None = 8  # None: the training config's default
-    seg_steps: int | None = None
+    seg_steps: int | None = 200
+    seg_val_every: int | None = 4  # the best epoch is nearly always the last one (cosine decay)
     cls_epochs: int | None = 8
     cls_steps: int | None = None
+    cls_val_negatives: int | None = 1000
     finetune_epochs: int = 3
+    finetune_steps: int = 128  # per fine-tuning epoch of the pruned model
     qat_epochs: int = 5
-    optimize_steps: int = 32
+    optimize_steps: int = 32  # per QAT epoch
     calib_slices: int = 64
     bench_runs: int = 20
     rknn: bool = True
@@ -55,8 +58,8 @@ class DemoConfig:
             return cls(out=out, seed=seed, scans=scans, val_fraction=_held_out_share(scans, VAL_SCANS), rknn=rknn)
         scans = scans or 6
         return cls(out=out, quick=True, seed=seed, scans=scans, val_fraction=_held_out_share(scans, 2), size=256,
-                   max_slices=64, seg_epochs=2, seg_steps=25, cls_epochs=1, cls_steps=10, finetune_epochs=1,
-                   qat_epochs=1, optimize_steps=8, calib_slices=8, bench_runs=5, rknn=rknn)
+                   max_slices=64, seg_epochs=2, seg_steps=25, seg_val_every=1, cls_epochs=1, cls_steps=10, finetune_epochs=1,
+                   finetune_steps=8, qat_epochs=1, optimize_steps=8, calib_slices=8, bench_runs=5, rknn=rknn)
 
 
 VAL_SCANS = 3  # scans a full demo holds out, whatever its size
@@ -129,14 +132,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     with timer.stage("train_seg"):
         seg_run = train_seg(SegTrainConfig(data=str(data), out=str(_fresh(out / "train" / "seg")), seed=cfg.seed,
                                            val_fraction=cfg.val_fraction,
-                                           **_given(epochs=cfg.seg_epochs, steps_per_epoch=cfg.seg_steps)))
+                                           **_given(epochs=cfg.seg_epochs, steps_per_epoch=cfg.seg_steps,
+                                                    val_every=cfg.seg_val_every)))
     models.mkdir(parents=True, exist_ok=True)
     seg_ckpt = Path(shutil.copy2(seg_run["checkpoint"], models / "seg.pt"))
 
     with timer.stage("train_cls"):
         cls_run = train_cls(ClsTrainConfig(data=str(data), out=str(_fresh(out / "train" / "cls")), seed=cfg.seed,
                                            val_fraction=cfg.val_fraction,
-                                           **_given(epochs=cfg.cls_epochs, steps_per_epoch=cfg.cls_steps)))
+                                           **_given(epochs=cfg.cls_epochs, steps_per_epoch=cfg.cls_steps,
+                                                    val_max_negatives=cfg.cls_val_negatives)))
     cls_ckpt = Path(shutil.copy2(cls_run["checkpoint"], models / "cls.pt"))
 
     report = _optimize(cfg, timer, seg_ckpt, cls_ckpt, data, out)
@@ -184,7 +189,8 @@ def _optimize(cfg: DemoConfig, timer: _Timer, seg_ckpt: Path, cls_ckpt: Path, da
     if cfg.rknn and not rknn:
         log.info("RKNN builds skipped: .venv-rknn is missing (`make rknn` or `make demo-rknn` creates it)")
     with timer.stage("optimize"):
-        study_cfg = StudyConfig(finetune_epochs=cfg.finetune_epochs, qat_epochs=cfg.qat_epochs,
+        study_cfg = StudyConfig(finetune_epochs=cfg.finetune_epochs,
+                                finetune_samples_per_epoch=cfg.finetune_steps * 16, qat_epochs=cfg.qat_epochs,
                                 samples_per_epoch=cfg.optimize_steps * 16, calib_slices=cfg.calib_slices,
                                 bench_runs=cfg.bench_runs, rknn=rknn, seed=cfg.seed, val_fraction=cfg.val_fraction)
         report = run_study(seg_ckpt, data, _fresh(out / "optimize"), study_cfg)

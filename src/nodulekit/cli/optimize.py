@@ -21,6 +21,8 @@ def add_parser(sub):
                    help="channel ratio: '0.5' or per block 'down_path.0=0.3,up_path.1=0.6' (default %(default)s)")
     p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
     p.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
+    p.add_argument("--finetune-samples-per-epoch", type=int, default=d.finetune_samples_per_epoch,
+                   help="training crops per fine-tuning epoch of the pruned model (default: --samples-per-epoch)")
     p.add_argument("--fn-weight", type=float, default=d.fn_weight, help="false-negative weight while fine-tuning")
     p.add_argument("--qat-epochs", type=int, default=d.qat_epochs)
     p.add_argument("--qat-val-every", type=int, default=d.qat_val_every,
@@ -52,7 +54,8 @@ def run(args) -> int:
 
     cfg = StudyConfig(
         variants=tuple(args.variants) if args.variants else None, prune_ratio=args.prune_ratio,
-        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, fn_weight=args.fn_weight,
+        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+        finetune_samples_per_epoch=args.finetune_samples_per_epoch, fn_weight=args.fn_weight,
         qat_epochs=args.qat_epochs, qat_val_every=args.qat_val_every,
         qat_val_slices=args.qat_val_slices or None, qat_lr=args.qat_lr,
         fn_weight_qat=args.fn_weight_qat, calib_slices=args.calib_slices, calib_method=args.calib_method,

@@ -41,7 +41,12 @@ def add_parser(sub):
     seg.add_argument("--fn-weight", type=float, help="weight of the false-negative Dice term (default 8)")
     seg.add_argument("--per-sample-dice", dest="batch_dice", action="store_false", default=None,
                      help="Dice per crop as dlwpt-code computes it (default: pooled over the batch)")
+    seg.add_argument("--dice-area-cap", type=float,
+                     help="nodule pixels beyond which a crop weighs less in the pooled Dice (default 64; 0: off)")
     seg.add_argument("--negative-share", type=float, help="share of background crops (default 0.3)")
+    seg.add_argument("--lookalike-share", type=float,
+                     help="share of the background crops centred on a non-nodule candidate of candidates.csv "
+                          "(default 0.5)")
     seg.add_argument("--val-negative-slices", type=int, help="nodule-free validation slices per held-out scan")
     seg.add_argument("--val-every", type=int, help="validate every N epochs (and after the last)")
     seg.set_defaults(func=run_seg)

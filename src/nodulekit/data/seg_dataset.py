@@ -39,6 +39,9 @@ class SegScan:
         diameters: label id -> nodule diameter in mm (annotation row ``k`` is label ``k``).
         voxels: label id -> ``(K, 3)`` voxel (index, row, col) of that nodule.
         body_box: ``(row0, row1, col0, col1)`` bounding box of the body (HU > -500).
+        lookalikes: ``(K, 3)`` voxel (index, row, col) of the scan's non-nodule candidates
+            (``candidates.csv`` class 0: vessels seen end-on, airway walls, scars), the structures
+            a segmentation model mistakes for nodules.
     """
 
     uid: str
@@ -47,10 +50,13 @@ class SegScan:
     diameters: dict[int, float]
     voxels: dict[int, np.ndarray] = field(default_factory=dict)
     body_box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    lookalikes: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int32))
 
     @classmethod
-    def from_labels(cls, uid: str, hu: np.ndarray, labels: np.ndarray, diameters: dict[int, float]) -> SegScan:
-        """Build from a dense label volume (0 background, k = k-th nodule)."""
+    def from_labels(cls, uid: str, hu: np.ndarray, labels: np.ndarray, diameters: dict[int, float],
+                    lookalikes: np.ndarray | None = None) -> SegScan:
+        """Build from a dense label volume (0 background, k = k-th nodule); ``lookalikes`` are
+        non-nodule candidate voxels (those outside the volume are dropped)."""
         if tuple(labels.shape) != tuple(hu.shape):
             raise InputError(uid, f"label volume {tuple(labels.shape)} does not match CT {tuple(hu.shape)}")
         zs = np.flatnonzero(np.asarray(labels).reshape(labels.shape[0], -1).any(axis=1))
@@ -64,7 +70,8 @@ class SegScan:
                 voxels.setdefault(int(k), []).append(
                     np.stack([np.full(sel.sum(), z), rows[sel], cols[sel]], axis=1))
         vox = {k: np.concatenate(v).astype(np.int32) for k, v in voxels.items()}
-        return cls(uid, hu, label_slices, {int(k): float(d) for k, d in diameters.items()}, vox, body_box(hu))
+        return cls(uid, hu, label_slices, {int(k): float(d) for k, d in diameters.items()}, vox, body_box(hu),
+                   _inside(lookalikes, hu.shape))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -83,6 +90,15 @@ class SegScan:
         return np.clip(block, HU_MIN, HU_MAX, out=block)
 
 
+def _inside(irc, shape) -> np.ndarray:
+    """Rounded voxel coordinates ``(K, 3)`` int32 that lie inside ``shape``."""
+    if irc is None or len(irc) == 0:
+        return np.zeros((0, 3), np.int32)
+    p = np.rint(np.asarray(irc, dtype=np.float64).reshape(-1, 3)).astype(np.int64)
+    ok = np.all((p >= 0) & (p < np.asarray(shape)), axis=1)
+    return p[ok].astype(np.int32)
+
+
 def body_box(hu: np.ndarray, step: int = 4) -> tuple[int, int, int, int]:
     """Row/col bounding box of voxels denser than lung (a coarse body outline)."""
     sub = np.asarray(hu[::step, ::step, ::step]) > BODY_HU
@@ -99,8 +115,10 @@ class SegTrainDataset(Dataset):
 
     A sample is positive with probability ``1 - negative_share``: a nodule is picked uniformly (so
     small nodules count as much as big ones), then one of its voxels, and the crop is placed at a
-    random offset inside the ``window`` x ``window`` square centred on that voxel. Otherwise the crop
-    lies anywhere in the body box of a random slice (lungs, vessels, chest wall).
+    random offset inside the ``window`` x ``window`` square centred on that voxel. A negative sample
+    is, with probability ``lookalike_share``, placed the same way around a non-nodule candidate
+    (:attr:`SegScan.lookalikes`: vessels seen end-on, airway walls; the hard negatives), otherwise
+    anywhere in the body box of a random slice (lungs, vessels, chest wall).
 
     Args:
         scans: training scans.
@@ -108,21 +126,27 @@ class SegTrainDataset(Dataset):
         crop: side of the crop (a multiple of 4 for the default U-Net).
         window: side of the square around a nodule voxel the crop is taken from.
         negative_share: share of background crops.
+        lookalike_share: share of the background crops centred on a non-nodule candidate (used
+            only when the scans list some).
         seed: base seed; call :meth:`set_epoch` before each epoch.
     """
 
     def __init__(self, scans: Sequence[SegScan], samples_per_epoch: int, *, crop: int = 64, window: int = 96,
-                 negative_share: float = 0.3, seed: int = 0):
+                 negative_share: float = 0.3, lookalike_share: float = 0.5, seed: int = 0):
         if not scans:
             raise ValueError("SegTrainDataset needs at least one scan")
         if not 0.0 <= negative_share <= 1.0:
             raise ValueError(f"negative_share must be in [0, 1], got {negative_share}")
+        if not 0.0 <= lookalike_share <= 1.0:
+            raise ValueError(f"lookalike_share must be in [0, 1], got {lookalike_share}")
         if window < crop:
             raise ValueError(f"window ({window}) must be at least the crop ({crop})")
         self.scans = list(scans)
         self.samples_per_epoch = int(samples_per_epoch)
         self.crop, self.window, self.negative_share, self.seed = crop, window, negative_share, seed
+        self.lookalike_share = lookalike_share
         self.nodules = [(s, k) for s, scan in enumerate(self.scans) for k in sorted(scan.voxels)]
+        self.with_lookalikes = [s for s, scan in enumerate(self.scans) if len(scan.lookalikes)]
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -133,11 +157,17 @@ class SegTrainDataset(Dataset):
 
     def __getitem__(self, index: int):
         rng = np.random.default_rng((self.seed, self.epoch, int(index)))
+        slack = self.window - self.crop
+        centre = None
         if self.nodules and rng.random() >= self.negative_share:
             s, k = self.nodules[rng.integers(len(self.nodules))]
             scan = self.scans[s]
-            z, r, c = scan.voxels[k][rng.integers(len(scan.voxels[k]))]
-            slack = self.window - self.crop
+            centre = scan.voxels[k][rng.integers(len(scan.voxels[k]))]
+        elif self.with_lookalikes and rng.random() < self.lookalike_share:
+            scan = self.scans[self.with_lookalikes[rng.integers(len(self.with_lookalikes))]]
+            centre = scan.lookalikes[rng.integers(len(scan.lookalikes))]
+        if centre is not None:
+            z, r, c = centre
             r0 = r - self.window // 2 + rng.integers(slack + 1)
             c0 = c - self.window // 2 + rng.integers(slack + 1)
         else:
@@ -189,10 +219,12 @@ class SegValDataset(Dataset):
 
 def load_seg_scans(data_dir: str | Path, uids: Sequence[str] | None = None, cache=None,
                    progress: bool = True) -> list[SegScan]:
-    """Read scans of a LUNA16-layout folder with their nodule labels.
+    """Read scans of a LUNA16-layout folder with their nodule labels and, where the folder has a
+    candidates table, their non-nodule candidates (:attr:`SegScan.lookalikes`).
 
     Args:
-        data_dir: dataset folder (``subset*/``, ``annotations.csv``, optional ``masks/``).
+        data_dir: dataset folder (``subset*/``, ``annotations.csv``, optional ``masks/`` and
+            ``candidates_V2.csv`` or ``candidates.csv``).
         uids: seriesuids to load (default: every scan found).
         cache: a :class:`nodulekit.data.cache.VolumeCache` (default: one under ``data_dir/.cache``).
         progress: show a progress bar.
@@ -200,7 +232,7 @@ def load_seg_scans(data_dir: str | Path, uids: Sequence[str] | None = None, cach
     from tqdm import tqdm
 
     from nodulekit.data.cache import VolumeCache
-    from nodulekit.data.luna import find_series, read_annotations
+    from nodulekit.data.luna import annotations_by_series, find_series, read_annotations
     from nodulekit.data.masks import nodule_labels
 
     data_dir = Path(data_dir)
@@ -212,22 +244,38 @@ def load_seg_scans(data_dir: str | Path, uids: Sequence[str] | None = None, cach
     cache = cache if cache is not None else VolumeCache(data_dir / ".cache")
     ann_csv = data_dir / "annotations.csv"
     annotations = read_annotations(ann_csv) if ann_csv.is_file() else []
-    by_uid: dict[str, list] = {}
-    for a in annotations:
-        by_uid.setdefault(a.seriesuid, []).append(a)
+    by_uid = annotations_by_series(annotations)
+    lookalikes = _lookalikes(data_dir, set(uids))
     scans = []
     for uid in tqdm(uids, desc="scans", disable=not progress, leave=False):
         ct = cache.get(series[uid])
         anns = by_uid.get(uid, [])
         labels = nodule_labels(data_dir, ct, anns)
         diameters = {k: a.diameter_mm for k, a in enumerate(anns, start=1)}
-        scans.append(SegScan.from_labels(uid, ct.hu, labels, diameters))
+        xyz = lookalikes.get(uid)
+        irc = ct.world_to_voxel(np.asarray(xyz).reshape(-1, 3)) if xyz else None
+        scans.append(SegScan.from_labels(uid, ct.hu, labels, diameters, irc))
     return scans
 
 
+def _lookalikes(data_dir: Path, uids: set[str]) -> dict[str, list]:
+    """World centres of the non-nodule candidates per seriesuid; empty without a candidates table."""
+    from nodulekit.data.luna import candidates_table, read_candidates
+
+    try:
+        table = candidates_table(data_dir)
+    except InputError:
+        return {}
+    out: dict[str, list] = {}
+    for c in read_candidates(table):
+        if not c.is_nodule and c.seriesuid in uids:
+            out.setdefault(c.seriesuid, []).append(c.center_xyz)
+    return out
+
+
 def build_seg_datasets(data_dir: str | Path, *, val_fraction: float = 0.25, samples_per_epoch: int = 2048,
-                       crop: int = 64, window: int = 96, negative_share: float = 0.3, val_negative_slices: int = 8,
-                       seed: int = 0, cache=None, progress: bool = True) -> tuple[SegTrainDataset, SegValDataset]:
+                       crop: int = 64, window: int = 96, negative_share: float = 0.3, lookalike_share: float = 0.5,
+                       val_negative_slices: int = 8, seed: int = 0, cache=None, progress: bool = True) -> tuple[SegTrainDataset, SegValDataset]:
     """Training and validation datasets of a LUNA16-layout folder, split by
     :func:`nodulekit.data.split.train_val_split` (a scan is never on both sides)."""
     from nodulekit.data.luna import find_series
@@ -241,7 +289,7 @@ def build_seg_datasets(data_dir: str | Path, *, val_fraction: float = 0.25, samp
     by_uid = {s.uid: s for s in scans}
     log.info("segmentation data: %d training scans, %d validation scans", len(train_uids), len(val_uids))
     train = SegTrainDataset([by_uid[u] for u in train_uids], samples_per_epoch, crop=crop, window=window,
-                            negative_share=negative_share, seed=seed)
+                            negative_share=negative_share, lookalike_share=lookalike_share, seed=seed)
     val = SegValDataset([by_uid[u] for u in val_uids], negative_slices=val_negative_slices)
     return train, val
 

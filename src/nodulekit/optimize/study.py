@@ -35,6 +35,9 @@ class StudyConfig:
     prune_ratio: str = "0.5,down_path.2=0.625"
     finetune_epochs: int = 5
     finetune_lr: float = 5e-4
+    # pruned fine-tuning gets its own epoch length (None: samples_per_epoch): recovering from the
+    # cut needs more steps than QAT, and a pruned step costs a quarter of a fake-quant one
+    finetune_samples_per_epoch: int | None = None
     fn_weight: float = 8.0  # false-negative weight of the fine-tuning loss (training default)
     qat_epochs: int = 5
     # QAT keeps its epoch with the best recall on qat_val_slices validation slices (the fake-quant
@@ -79,6 +82,8 @@ class StudyContext:
     train_ds: object
     val_ds: object
     timings: dict = field(default_factory=dict)
+    baseline: torch.nn.Module | None = None
+    baseline_recall: float | None = None  # set by the first fine-tuning (see _baseline_recall)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,13 +100,40 @@ def stage_prune(cand: Candidate, ctx: StudyContext) -> Candidate:
 
 
 def stage_finetune(cand: Candidate, ctx: StudyContext) -> Candidate:
+    """Fine-tune a pruned model; its epoch is picked by nodule recall, then pixel recall up to the
+    baseline's, then Dice (:func:`nodulekit.train.seg.recall_key`)."""
+    from nodulekit.train.seg import recall_key
+
     cfg = ctx.cfg
     if cfg.finetune_epochs <= 0:
         return cand
-    history = _fit(cand.model, ctx, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, fn_weight=cfg.fn_weight,
-                   channels_last=True)
+    target = _baseline_recall(ctx)
+    per_epoch = ctx.train_ds.samples_per_epoch
+    ctx.train_ds.samples_per_epoch = cfg.finetune_samples_per_epoch or per_epoch
+    try:
+        history = _fit(cand.model, ctx, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, fn_weight=cfg.fn_weight,
+                       channels_last=True, rank=lambda row: recall_key(row, target))
+    finally:
+        ctx.train_ds.samples_per_epoch = per_epoch
     cand.model.to(memory_format=torch.contiguous_format)  # the exporters trace contiguous weights
-    return Candidate(cand.model, cand.fmt, cand.export_kwargs, {**cand.meta, "finetune_history": history})
+    return Candidate(cand.model, cand.fmt, cand.export_kwargs,
+                     {**cand.meta, "finetune_history": history, "finetune_recall_target": target})
+
+
+def _baseline_recall(ctx: StudyContext) -> float | None:
+    """Pixel recall of the float baseline on the validation slices (PyTorch), computed once: the
+    recall a fine-tuned pruned model has to keep."""
+    from nodulekit.evaluate.seg_metrics import evaluate_seg
+    from nodulekit.train.seg import torch_predictor
+
+    if ctx.baseline is None or ctx.val_ds is None or not len(ctx.val_ds):
+        return None
+    if ctx.baseline_recall is None:
+        ctx.baseline.eval()
+        ctx.baseline_recall = float(evaluate_seg(torch_predictor(ctx.baseline, torch.device("cpu")),
+                                                 ctx.val_ds)["recall"])
+        log.info("baseline pixel recall on the validation slices: %.3f", ctx.baseline_recall)
+    return ctx.baseline_recall
 
 
 def stage_ptq(cand: Candidate, ctx: StudyContext) -> Candidate:
@@ -147,8 +179,9 @@ def _fit(model, ctx: StudyContext, validate: bool = True, val_slices: int | None
     if val_ds is not None and val_slices:
         val_ds = SliceSubset(val_ds, pick_slices(val_ds, val_slices))
     # a compressed model is judged by how much recall it keeps: pick its epoch by recall
+    kwargs.setdefault("rank", recall_key)
     return fit_seg(model, ctx.train_ds, val_ds, batch_size=cfg.batch_size,
-                   workers=cfg.workers, seed=cfg.seed, progress=cfg.progress, rank=recall_key, **kwargs)
+                   workers=cfg.workers, seed=cfg.seed, progress=cfg.progress, **kwargs)
 
 
 def build_variants(baseline: torch.nn.Module, names, ctx: StudyContext) -> dict[str, Candidate | Exception]:
@@ -336,7 +369,7 @@ def run_study(seg_ckpt, data_dir, out_dir, cfg: StudyConfig | None = None, *, da
     else:
         baseline, _ = load_seg_model(seg_ckpt)
     log.info("study of %s: variants %s", seg_ckpt if not isinstance(seg_ckpt, torch.nn.Module) else "model", names)
-    ctx = StudyContext(cfg, train_ds, val_ds, timings)
+    ctx = StudyContext(cfg, train_ds, val_ds, timings, baseline)
     built = build_variants(baseline, names, ctx)
 
     rows = []

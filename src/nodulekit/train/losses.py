@@ -11,6 +11,13 @@ background crops teach the model almost nothing and whole slices end up covered 
 positives. ``batch=True`` pools the sums over the batch (nnU-Net's "batch Dice"): every false
 positive pixel then enlarges the denominator of a Dice that has true positives in it, and keeps
 a gradient.
+
+Pooling has a catch of its own: a crop inside a 25 mm nodule holds a hundred times the nodule
+pixels of a crop around a 4 mm one, and once such crops sit in the batch every false-positive pixel
+elsewhere barely moves the pooled Dice; the model learns to mark whole regions. ``area_cap`` weighs
+each crop's sums by ``area_cap / max(nodule pixels, area_cap)``: crops with small nodules and
+background crops count in full, a crop with a big nodule counts as if its nodule had ``area_cap``
+pixels.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import torch
 
 
 def soft_dice_loss(pred: torch.Tensor, label: torch.Tensor, epsilon: float = 1.0, *,
-                   batch: bool = False) -> torch.Tensor:
+                   batch: bool = False, weights: torch.Tensor | None = None) -> torch.Tensor:
     """``1 - soft Dice`` per sample (over all non-batch dimensions), or over the whole batch.
 
     Args:
@@ -27,19 +34,26 @@ def soft_dice_loss(pred: torch.Tensor, label: torch.Tensor, epsilon: float = 1.0
         label: 0/1 targets of the same shape.
         epsilon: smoothing, so that an empty label with an empty prediction scores 0.
         batch: one Dice over the whole batch instead of one per sample.
+        weights: ``(N,)`` weights of each sample's sums in the pooled Dice (``batch=True`` only).
 
     Returns:
         ``(N,)`` losses in [0, 1], or a ``(1,)`` loss with ``batch=True``.
     """
-    rows = 1 if batch else pred.shape[0]
-    pred = pred.reshape(rows, -1)
-    label = label.reshape(rows, -1).to(pred.dtype)
-    inter = (pred * label).sum(1)
-    return 1.0 - (2 * inter + epsilon) / (pred.sum(1) + label.sum(1) + epsilon)
+    n = pred.shape[0]
+    pred = pred.reshape(n, -1)
+    label = label.reshape(n, -1).to(pred.dtype)
+    inter, p_sum, y_sum = (pred * label).sum(1), pred.sum(1), label.sum(1)
+    if batch:
+        w = torch.ones_like(inter) if weights is None else weights.to(inter.dtype).reshape(n)
+        inter, p_sum, y_sum = (w * inter).sum(0, keepdim=True), (w * p_sum).sum(0, keepdim=True), \
+            (w * y_sum).sum(0, keepdim=True)
+    elif weights is not None:
+        raise ValueError("weights apply to the pooled (batch=True) Dice only")
+    return 1.0 - (2 * inter + epsilon) / (p_sum + y_sum + epsilon)
 
 
 def dice_loss(pred: torch.Tensor, label: torch.Tensor, fn_weight: float = 8.0, *,
-              batch_dice: bool = False) -> torch.Tensor:
+              batch_dice: bool = False, area_cap: float | None = None) -> torch.Tensor:
     """Soft Dice + ``fn_weight`` x soft Dice on the positive pixels only, averaged over the batch.
 
     Args:
@@ -47,8 +61,13 @@ def dice_loss(pred: torch.Tensor, label: torch.Tensor, fn_weight: float = 8.0, *
         label: ``(N, 1, H, W)`` 0/1 (bool or float) nodule mask.
         fn_weight: weight of the false-negative term.
         batch_dice: pool both Dice terms over the batch (see the module docstring).
+        area_cap: with ``batch_dice``, nodule pixels beyond which a crop's weight in the pooled
+            sums shrinks (see the module docstring); None weighs every pixel alike.
     """
     label = label.to(pred.dtype)
-    loss = (soft_dice_loss(pred, label, batch=batch_dice)
-            + fn_weight * soft_dice_loss(pred * label, label, batch=batch_dice))
+    weights = None
+    if batch_dice and area_cap:
+        weights = area_cap / label.reshape(label.shape[0], -1).sum(1).clamp(min=area_cap)
+    loss = (soft_dice_loss(pred, label, batch=batch_dice, weights=weights)
+            + fn_weight * soft_dice_loss(pred * label, label, batch=batch_dice, weights=weights))
     return loss.mean()

@@ -48,8 +48,13 @@ class SegTrainConfig:
         fn_weight: weight of the false-negative Dice term.
         batch_dice: Dice over the whole batch instead of per crop (per crop is dlwpt's; it stops
             learning from background crops, see :mod:`nodulekit.train.losses`).
+        dice_area_cap: nodule pixels beyond which a crop weighs less in the pooled Dice, so that
+            crops of big nodules do not drown the false positives of the others (None: off).
         prior: initial nodule probability of every pixel (output bias) for a fresh model.
         negative_share: share of background crops; the rest are centred near nodule voxels.
+        lookalike_share: share of the background crops centred near a non-nodule candidate of
+            ``candidates.csv`` (vessels seen end-on, airway walls: the hard negatives); the others
+            lie anywhere in the body.
         crop: training crop side; ``window``: side of the square around a nodule voxel it is taken from.
         augment: random flips, shifts, scale, rotation and noise on the training crops.
         val_fraction: share of scans held out for validation.
@@ -73,8 +78,10 @@ class SegTrainConfig:
     lr: float = 2e-3
     fn_weight: float = 8.0
     batch_dice: bool = True
+    dice_area_cap: float | None = 64.0
     prior: float = 0.01
     negative_share: float = 0.3
+    lookalike_share: float = 0.5
     crop: int = 64
     window: int = 96
     augment: bool = True
@@ -115,13 +122,18 @@ def best_key(row: dict) -> tuple:
     return (f("nodule_recall"), f("dice"))
 
 
-def recall_key(row: dict) -> tuple:
+def recall_key(row: dict, target: float | None = None) -> tuple:
     """Ranking for fine-tuning a compressed model that must keep the baseline's recall: nodule
     recall, then pixel recall (to 0.01, so that a model predicting everything cannot win on it
-    alone), then Dice."""
+    alone), then Dice. With ``target`` (the baseline's pixel recall), recall above it counts as
+    equal: among the epochs that keep the baseline's recall, the best Dice wins instead of the one
+    that marks the most."""
     k = best_key(row)
     v = row.get("recall", float("nan"))
-    return (k[0], -1.0 if v is None or not math.isfinite(v) else round(float(v), 2), k[1])
+    v = -1.0 if v is None or not math.isfinite(v) else round(float(v), 2)
+    if target is not None:
+        v = min(v, round(float(target), 2))
+    return (k[0], v, k[1])
 
 
 def init_output_prior(model: SegModel, prior: float = 0.01) -> None:
@@ -164,7 +176,7 @@ def _save(path: Path, model: torch.nn.Module, **extra) -> None:
 
 
 def fit_seg(model: torch.nn.Module, train_ds, val_ds, *, epochs: int, lr: float, fn_weight: float = 8.0,
-            batch_dice: bool = True,
+            batch_dice: bool = True, dice_area_cap: float | None = 64.0,
             batch_size: int = 16, workers: int = 0, seed: int = 0, out_dir: str | Path | None = None,
             set_train_mode: Callable | None = None, set_eval_mode: Callable | None = None,
             augment: bool | RandAffine | None = True, resume: bool = False, warmup_fraction: float = 0.05,
@@ -187,6 +199,7 @@ def fit_seg(model: torch.nn.Module, train_ds, val_ds, *, epochs: int, lr: float,
         lr: peak learning rate of Adam (warm-up, then cosine decay).
         fn_weight: false-negative weight of :func:`nodulekit.train.losses.dice_loss`.
         batch_dice: Dice pooled over the batch (``dice_loss(batch_dice=...)``).
+        dice_area_cap: ``dice_loss(area_cap=...)``.
         batch_size: crops per step and process.
         workers: DataLoader workers.
         seed: seed of augmentation and shuffling.
@@ -273,7 +286,8 @@ def fit_seg(model: torch.nn.Module, train_ds, val_ds, *, epochs: int, lr: float,
             for group in opt.param_groups:
                 group["lr"] = lr * lr_factor(step, total, warmup)
             x = x.to(dev, non_blocking=True).contiguous(memory_format=fmt)
-            loss = dice_loss(net(x), y.to(dev, non_blocking=True), fn_weight, batch_dice=batch_dice)
+            loss = dice_loss(net(x), y.to(dev, non_blocking=True), fn_weight, batch_dice=batch_dice,
+                             area_cap=dice_area_cap)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -366,7 +380,7 @@ def train_seg(cfg: SegTrainConfig) -> dict:
         train_ds, val_ds = build_seg_datasets(
             cfg.data, val_fraction=cfg.val_fraction, samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size
             * ctx.world_size, crop=cfg.crop, window=cfg.window, negative_share=cfg.negative_share,
-            val_negative_slices=cfg.val_negative_slices, seed=cfg.seed, cache=cache,
+            lookalike_share=cfg.lookalike_share, val_negative_slices=cfg.val_negative_slices, seed=cfg.seed, cache=cache,
             progress=cfg.progress and ctx.is_main)
         torch.manual_seed(cfg.seed)
         if cfg.init:
@@ -379,7 +393,7 @@ def train_seg(cfg: SegTrainConfig) -> dict:
                  sum(p.numel() for p in model.parameters()), len(train_ds.scans), cfg.epochs, cfg.steps_per_epoch,
                  cfg.batch_size, ctx.world_size)
         history = fit_seg(model, train_ds, val_ds, epochs=cfg.epochs, lr=cfg.lr, fn_weight=cfg.fn_weight,
-                          batch_dice=cfg.batch_dice,
+                          batch_dice=cfg.batch_dice, dice_area_cap=cfg.dice_area_cap,
                           batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, out_dir=out,
                           augment=cfg.augment, resume=cfg.resume, val_every=cfg.val_every, config=config,
                           channels_last=ctx.device.type == "cpu", device=ctx.device,
