@@ -75,3 +75,21 @@ def test_real_cptac_scan(cptac_mhd):
     assert np.median(ct.hu[m]) < -600
     dilated = lung_mask(ct.hu, ct.spacing)
     assert (dilated >= m).all() and lung_volume_ml(dilated, ct.spacing) < 1.5 * volume
+
+
+@pytest.mark.parametrize("spacing", [(0.7, 0.68, 0.68), (2.5, 0.8, 0.6), (6.0, 1.1, 1.1)])
+def test_dilation_is_the_cylinder_dilation(spacing):
+    from scipy import ndimage
+
+    from nodulekit.detect.lung_mask import _dilate
+
+    rng = np.random.default_rng(0)
+    mask = rng.random((20, 40, 50)) > 0.995
+    mask[8:11, 10:20, 20:30] = True
+    sz, sy, sx = spacing
+    r = [int(np.floor(5.0 / s)) for s in spacing]
+    rows, cols = np.ogrid[-r[1]: r[1] + 1, -r[2]: r[2] + 1]
+    disk = (rows * sy) ** 2 + (cols * sx) ** 2 <= 25.0
+    cylinder = np.repeat(disk[None], 2 * r[0] + 1, axis=0)  # a disk on every slice within 5 mm
+    expected = ndimage.binary_dilation(mask, structure=cylinder)
+    assert np.array_equal(_dilate(mask, 5.0, np.array(spacing)), expected)

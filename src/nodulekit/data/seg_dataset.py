@@ -275,7 +275,8 @@ def _lookalikes(data_dir: Path, uids: set[str]) -> dict[str, list]:
 
 def build_seg_datasets(data_dir: str | Path, *, val_fraction: float = 0.25, samples_per_epoch: int = 2048,
                        crop: int = 64, window: int = 96, negative_share: float = 0.3, lookalike_share: float = 0.5,
-                       val_negative_slices: int = 8, seed: int = 0, cache=None, progress: bool = True) -> tuple[SegTrainDataset, SegValDataset]:
+                       val_negative_slices: int = 8, seed: int = 0, cache=None, progress: bool = True
+                       ) -> tuple[SegTrainDataset, SegValDataset]:
     """Training and validation datasets of a LUNA16-layout folder, split by
     :func:`nodulekit.data.split.train_val_split` (a scan is never on both sides)."""
     from nodulekit.data.luna import find_series

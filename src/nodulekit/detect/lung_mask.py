@@ -25,16 +25,18 @@ def _spacing_zyx(spacing_xyz) -> np.ndarray:
 
 
 def _dilate(mask: np.ndarray, radius_mm: float, spacing_zyx: np.ndarray) -> np.ndarray:
-    """Dilate by a cylinder: a disk of ``radius_mm`` in plane, then as many slices along z.
+    """Dilate by a cylinder: a disk of ``radius_mm`` in plane, and as many slices along z.
 
-    A cylinder is a little more generous than a ball and three times faster to apply.
+    A cylinder is a little more generous than a ball. It is applied as two passes whose cost does
+    not grow with the radius: a running maximum along z, then, per slice, the pixels within
+    ``radius_mm`` of the mask by a Euclidean distance transform (the same set as a binary dilation
+    with the disk ``(dy * sy)^2 + (dx * sx)^2 <= radius^2``, several times faster).
     """
-    r = np.floor(radius_mm / spacing_zyx).astype(int)
-    rows, cols = np.ogrid[-r[1]: r[1] + 1, -r[2]: r[2] + 1]
-    disk = (rows * spacing_zyx[1]) ** 2 + (cols * spacing_zyx[2]) ** 2 <= radius_mm**2
-    out = ndimage.binary_dilation(mask, structure=disk[None])
-    if r[0] > 0:
-        out = ndimage.binary_dilation(out, structure=np.ones((3, 1, 1), dtype=bool), iterations=int(r[0]))
+    r_z = int(np.floor(radius_mm / spacing_zyx[0]))
+    out = ndimage.maximum_filter1d(mask, size=2 * r_z + 1, axis=0, mode="constant") if r_z > 0 else mask.copy()
+    for z in range(out.shape[0]):
+        if out[z].any():
+            out[z] = ndimage.distance_transform_edt(~out[z], sampling=spacing_zyx[1:]) <= radius_mm
     return out
 
 
