@@ -22,10 +22,11 @@ log = get_logger("demo")
 
 @dataclass
 class DemoConfig:
-    """Sizes of a demo run. ``for_mode`` gives the full run (about 20 minutes on 2 cores) or the
-    quick one (about 5 minutes, every stage touched on small data); both hold out a fixed number
-    of scans, so validation, the compression study's measurements and detection cost the same
-    whatever ``scans`` is (more scans give the classifier more training nodules)."""
+    """Sizes of a demo run. ``for_mode`` gives the full run (about 20 minutes on 2 cores without
+    the RKNN builds) or the quick one (about 5 minutes, every stage touched on small data); both
+    hold out a fixed number of scans, so validation, the compression study's measurements and
+    detection cost the same whatever ``scans`` is (more scans give the classifier more training
+    nodules)."""
 
     out: str = "runs/demo"
     quick: bool = False
@@ -37,14 +38,14 @@ class DemoConfig:
     seg_epochs: int | None = 8  # None: the training config's default
     seg_steps: int | None = 200
     seg_val_every: int | None = 4  # the best epoch is nearly always the last one (cosine decay)
-    cls_epochs: int | None = 8
+    cls_epochs: int | None = 6
     cls_steps: int | None = None
     cls_val_negatives: int | None = 1000
     finetune_epochs: int = 3
-    finetune_steps: int = 128  # per fine-tuning epoch of the pruned model
+    finetune_steps: int = 512  # per fine-tuning epoch of the pruned model
     qat_epochs: int = 5
     optimize_steps: int = 32  # per QAT epoch
-    calib_slices: int = 64
+    calib_slices: int = 32
     bench_runs: int = 20
     rknn: bool = True
     workers: int = 2
