@@ -35,11 +35,12 @@ class StudyConfig:
     prune_ratio: str = "0.5,down_path.2=0.625"
     finetune_epochs: int = 5
     # half the channels gone, the pruned model relearns most of its function: training's learning
-    # rate, not a fine-tuning one (on the demo's data 5e-4 x 384 steps gave recall 0.62 at precision
-    # 0.06; 2e-3 x 1,536 steps recall 0.62 at precision 0.15, Dice above the baseline's)
+    # rate, not a fine-tuning one (on the demo's data: 5e-4 for 384 steps gave recall 0.62 at
+    # precision 0.06; 2e-3 for 768 steps 0.64 at 0.09, for 1,536 steps 0.62 at 0.15, Dice above
+    # the baseline's)
     finetune_lr: float = 2e-3
     # pruned fine-tuning gets its own epoch length (None: samples_per_epoch): recovering from the
-    # cut needs more steps than QAT, and a pruned step costs a quarter of a fake-quant one
+    # cut takes far more steps than QAT's adjustment of a trained model
     finetune_samples_per_epoch: int | None = None
     fn_weight: float = 8.0  # false-negative weight of the fine-tuning loss (training default)
     qat_epochs: int = 5
