@@ -59,8 +59,8 @@ class DemoConfig:
             return cls(out=out, seed=seed, scans=scans, val_fraction=_held_out_share(scans, VAL_SCANS), rknn=rknn)
         scans = scans or 6
         return cls(out=out, quick=True, seed=seed, scans=scans, val_fraction=_held_out_share(scans, 2), size=256,
-                   max_slices=64, seg_epochs=2, seg_steps=25, seg_val_every=1, cls_epochs=1, cls_steps=10, finetune_epochs=1,
-                   finetune_steps=8, qat_epochs=1, optimize_steps=8, calib_slices=8, bench_runs=5, rknn=rknn)
+                   max_slices=64, seg_epochs=2, seg_steps=25, seg_val_every=1, cls_epochs=1, cls_steps=10,
+                   finetune_epochs=1, finetune_steps=8, qat_epochs=1, optimize_steps=8, calib_slices=8, bench_runs=5, rknn=rknn)
 
 
 VAL_SCANS = 3  # scans a full demo holds out, whatever its size
