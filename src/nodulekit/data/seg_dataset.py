@@ -260,17 +260,14 @@ def load_seg_scans(data_dir: str | Path, uids: Sequence[str] | None = None, cach
 
 def _lookalikes(data_dir: Path, uids: set[str]) -> dict[str, list]:
     """World centres of the non-nodule candidates per seriesuid; empty without a candidates table."""
-    from nodulekit.data.luna import candidates_table, read_candidates
+    from nodulekit.data.luna import annotations_by_series, candidates_table, read_candidates
 
     try:
         table = candidates_table(data_dir)
     except InputError:
         return {}
-    out: dict[str, list] = {}
-    for c in read_candidates(table):
-        if not c.is_nodule and c.seriesuid in uids:
-            out.setdefault(c.seriesuid, []).append(c.center_xyz)
-    return out
+    by_uid = annotations_by_series(c for c in read_candidates(table) if not c.is_nodule and c.seriesuid in uids)
+    return {uid: [c.center_xyz for c in rows] for uid, rows in by_uid.items()}
 
 
 def build_seg_datasets(data_dir: str | Path, *, val_fraction: float = 0.25, samples_per_epoch: int = 2048,

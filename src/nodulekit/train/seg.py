@@ -380,7 +380,8 @@ def train_seg(cfg: SegTrainConfig) -> dict:
         train_ds, val_ds = build_seg_datasets(
             cfg.data, val_fraction=cfg.val_fraction, samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size
             * ctx.world_size, crop=cfg.crop, window=cfg.window, negative_share=cfg.negative_share,
-            lookalike_share=cfg.lookalike_share, val_negative_slices=cfg.val_negative_slices, seed=cfg.seed, cache=cache,
+            lookalike_share=cfg.lookalike_share, val_negative_slices=cfg.val_negative_slices, seed=cfg.seed,
+            cache=cache,
             progress=cfg.progress and ctx.is_main)
         torch.manual_seed(cfg.seed)
         if cfg.init:
