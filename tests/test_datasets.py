@@ -182,3 +182,34 @@ def test_cls_crops_are_centred_and_balanced(tmp_path):
     assert float(crop.min()) >= -1000
     val = ClsValDataset(samples, cache, max_negatives=2)
     assert len(val) == 3 and [val[i][1] for i in range(3)] == [1, 0, 0]
+
+
+class _Scorer(torch.nn.Module):
+    """A stand-in classifier: its nodule probability is a fixed linear function of the crop."""
+
+    def forward(self, x):
+        x = x.flatten(1).double()
+        s = 0.5 + torch.atan(x @ torch.linspace(-1, 1, x.shape[1], dtype=x.dtype) / 1e6) / torch.pi
+        return None, torch.stack([1 - s, s], 1)
+
+
+def test_hard_negative_mining_draws_the_highest_scoring_non_nodules(tmp_path):
+    from nodulekit.data.cache import VolumeCache
+    from nodulekit.data.cls_dataset import ClsTrainDataset, load_cls_samples
+    from nodulekit.train.cls import mine_hard_negatives
+
+    root = _tiny_luna(tmp_path)
+    cache = VolumeCache(tmp_path / "cache")
+    ds = ClsTrainDataset(load_cls_samples(root, cache=cache), cache, samples_per_epoch=40, seed=0)
+    crops = [ds.crops(s) for s in ds.neg]
+    scores = np.array([float(_Scorer()(c[None])[1][0, 1]) for c in crops])
+    assert len(np.unique(scores)) == len(scores)  # the stand-in tells the negatives apart
+    hard = mine_hard_negatives(_Scorer(), ds, pool=5, keep=2, seed=0, epoch=1)
+    assert sorted(hard.tolist()) == sorted(np.argsort(-scores)[:2].tolist())
+    key = lambda t: t.numpy().tobytes()  # noqa: E731
+    assert len({key(ds[i][0]) for i in range(1, 40, 2)}) > 2  # uniform draws before mining
+    ds.set_hard_negatives(hard, share=1.0)
+    assert {key(ds[i][0]) for i in range(1, 40, 2)} == {key(crops[j]) for j in hard}
+    assert [ds[i][1] for i in range(6)] == [1, 0] * 3
+    with pytest.raises(ValueError, match="share"):
+        ds.set_hard_negatives(hard, share=1.5)

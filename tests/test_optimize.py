@@ -202,16 +202,18 @@ def test_pruned_finetuning_has_its_own_epoch_length_and_keeps_the_baselines_reca
     seen = {}
 
     def fake_fit(model, train, val, **kwargs):
-        seen.update(samples=len(train), rank=kwargs["rank"])
+        seen.update(samples=len(train), rank=kwargs["rank"], cap=kwargs["dice_area_cap"])
         return [{"epoch": 1}]
 
     monkeypatch.setattr(seg_train, "fit_seg", fake_fit)
     torch.manual_seed(0)
     baseline = SegModel().eval()
-    ctx = StudyContext(StudyConfig(**{**TINY, "finetune_samples_per_epoch": 40}), train_ds, val_ds, {}, baseline)
+    cfg = StudyConfig(**{**TINY, "finetune_samples_per_epoch": 40, "dice_area_cap": 256.0})
+    ctx = StudyContext(cfg, train_ds, val_ds, {}, baseline)
     before = len(train_ds)
     out = stage_finetune(Candidate(prune_seg(baseline, "0.5")), ctx)
     assert seen["samples"] == 40 and len(train_ds) == before  # restored for QAT
+    assert seen["cap"] == 256.0  # the study's own area cap, not training's
     target = out.meta["finetune_recall_target"]
     assert target == ctx.baseline_recall and 0.0 <= target <= 1.0
     above = {"nodule_recall": 1.0, "recall": min(1.0, target + 0.3), "dice": 0.1}

@@ -24,6 +24,9 @@ def add_parser(sub):
     p.add_argument("--finetune-samples-per-epoch", type=int, default=d.finetune_samples_per_epoch,
                    help="training crops per fine-tuning epoch of the pruned model (default: --samples-per-epoch)")
     p.add_argument("--fn-weight", type=float, default=d.fn_weight, help="false-negative weight while fine-tuning")
+    p.add_argument("--dice-area-cap", type=float, default=d.dice_area_cap,
+                   help="area cap of the pooled Dice while fine-tuning and in QAT (default %(default)s; 0: "
+                        "none; see nodulekit.train.losses)")
     p.add_argument("--qat-epochs", type=int, default=d.qat_epochs)
     p.add_argument("--qat-val-every", type=int, default=d.qat_val_every,
                    help="validate the fake-quant graph every N QAT epochs and after the last, keeping the best "
@@ -56,6 +59,7 @@ def run(args) -> int:
         variants=tuple(args.variants) if args.variants else None, prune_ratio=args.prune_ratio,
         finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
         finetune_samples_per_epoch=args.finetune_samples_per_epoch, fn_weight=args.fn_weight,
+        dice_area_cap=args.dice_area_cap or None,
         qat_epochs=args.qat_epochs, qat_val_every=args.qat_val_every,
         qat_val_slices=args.qat_val_slices or None, qat_lr=args.qat_lr,
         fn_weight_qat=args.fn_weight_qat, calib_slices=args.calib_slices, calib_method=args.calib_method,

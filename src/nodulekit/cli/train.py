@@ -57,6 +57,10 @@ def add_parser(sub):
                                       "the defaults of nodulekit.train.cls.ClsTrainConfig.")
     _common(cls, "runs/cls", "cls")
     cls.add_argument("--val-max-negatives", type=int, help="non-nodule candidates sampled for validation")
+    cls.add_argument("--hard-pool", type=int,
+                     help="non-nodules scored before each epoch after the first for hard-negative mining (0: off)")
+    cls.add_argument("--hard-keep", type=int, help="highest-scoring ones of the pool kept as hard negatives")
+    cls.add_argument("--hard-share", type=float, help="share of the negatives drawn from the hard ones")
     cls.add_argument("--crop-spacing", dest="crop_spacing_text", metavar="MM",
                      help="mm per crop voxel 'index,row,col' (default 1.25,0.8,0.8: every scan's crops at one "
                           "voxel size), or 'native' for the scan's own voxels as dlwpt-code")

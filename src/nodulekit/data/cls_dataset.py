@@ -49,7 +49,9 @@ class ClsTrainDataset(Dataset):
     """Balanced training crops: even indices are nodules, odd ones non-nodules.
 
     Items are ``(crop (1, 32, 48, 48) float32, label int64)``. Positives are few, so each epoch
-    walks a fresh permutation of them (repeating as needed); negatives are drawn at random.
+    walks a fresh permutation of them (repeating as needed); negatives are drawn at random, a
+    ``hard_share`` of them from the hard negatives set by :meth:`set_hard_negatives` (the ones the
+    classifier currently scores highest, see :func:`nodulekit.train.cls.mine_hard_negatives`).
 
     Args:
         samples: training candidates (both classes needed).
@@ -69,9 +71,18 @@ class ClsTrainDataset(Dataset):
                              f"{len(self.neg)} non-nodules")
         self.crops = _Crops(cache, crop, crop_spacing)
         self.samples_per_epoch, self.seed, self.epoch = int(samples_per_epoch), seed, 0
+        self.hard: np.ndarray = np.zeros(0, np.int64)  # indices into self.neg
+        self.hard_share = 0.0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def set_hard_negatives(self, indices, share: float) -> None:
+        """Draw ``share`` of the negatives from ``indices`` (into :attr:`neg`), the rest uniformly."""
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"hard-negative share must be in [0, 1], got {share}")
+        self.hard = np.asarray(indices, np.int64).reshape(-1)
+        self.hard_share = float(share) if self.hard.size else 0.0
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -83,6 +94,8 @@ class ClsTrainDataset(Dataset):
             perm = np.random.default_rng((self.seed, self.epoch, cycle, 1)).permutation(len(self.pos))
             return self.crops(self.pos[perm[k]]), 1
         rng = np.random.default_rng((self.seed, self.epoch, int(index), 0))
+        if self.hard_share and rng.random() < self.hard_share:
+            return self.crops(self.neg[self.hard[rng.integers(self.hard.size)]]), 0
         return self.crops(self.neg[rng.integers(len(self.neg))]), 0
 
 

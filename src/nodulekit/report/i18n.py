@@ -20,7 +20,9 @@ STRINGS = {
                            "Recall at baseline precision (%)", "Change (pts)"],
         "settings": "Settings",
         "settings_text": ("Pruning: L1-norm structured channel pruning (torch-pruning), ratio `{prune_ratio}`, "
-                          "{finetune_epochs} fine-tuning epochs. PTQ: ONNX Runtime static QDQ, per-channel int8 "
+                          "{finetune_epochs} fine-tuning epochs. Fine-tuning and QAT weigh a crop's sums in the "
+                          "pooled Dice by `{dice_area_cap} / max(nodule pixels, {dice_area_cap})` (training: 64). "
+                          "PTQ: ONNX Runtime static QDQ, per-channel int8 "
                           "weights, uint8 activations, `{calib_method}` calibration on {calib_slices} training "
                           "slices (half with nodules). QAT: torchao PT2E fake-quant, {qat_epochs} epochs, "
                           "false-negative weight {fn_weight_qat}. The pruned model's fine-tuning keeps the epoch with "
@@ -82,6 +84,7 @@ STRINGS = {
                            "变化（百分点）"],
         "settings": "实验设置",
         "settings_text": ("剪枝：基于 L1 范数的结构化通道剪枝（torch-pruning），比例 `{prune_ratio}`，微调 {finetune_epochs} 轮。"
+                          "微调与 QAT 的批量 Dice 中，每个裁剪块的求和按 `{dice_area_cap} / max(结节像素数, {dice_area_cap})` 加权（训练时为 64）。"
                           "PTQ：ONNX Runtime 静态 QDQ 量化，逐通道 int8 权重，uint8 激活，`{calib_method}` 校准，"
                           "{calib_slices} 张训练切片（一半含结节）。QAT：torchao PT2E 伪量化训练 {qat_epochs} 轮，"
                           "假阴性权重 {fn_weight_qat}。剪枝模型微调保留的轮次：先看结节级召回率，再看不超过基线的像素级召回率，"

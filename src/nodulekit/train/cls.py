@@ -49,6 +49,10 @@ class ClsTrainConfig:
         val_fraction: share of scans held out (the same split as segmentation).
         val_max_negatives: non-nodule candidates sampled for validation (None: all).
         recall_target: sensitivity at which the false-positive reduction is reported.
+        hard_pool: non-nodule training candidates scored before each epoch after the first (0: no
+            hard-negative mining).
+        hard_keep: how many of the highest-scoring ones form the hard set.
+        hard_share: share of the negatives drawn from the hard set.
         workers, threads, seed, resume, init, cache_dir, device, progress: as in ``SegTrainConfig``.
     """
 
@@ -64,6 +68,15 @@ class ClsTrainConfig:
     val_fraction: float = 0.25
     val_max_negatives: int | None = 2000
     recall_target: float = 0.95
+    # the detector's false positives are the candidates that look most like nodules, and random
+    # draws rarely show the classifier those: from the second epoch on, a quarter of the negatives
+    # come from the hard_keep highest-scoring of hard_pool freshly drawn ones. On the demo's data
+    # (6 epochs, its held-out detections rescored): CPM 0.51 -> 0.63, false positives per scan at
+    # 0.5 from 55 to 36 with every nodule kept; a share of 0.5 reached CPM 0.63 but lost 2 of 7
+    # nodules at 0.5
+    hard_pool: int = 1024
+    hard_keep: int = 256
+    hard_share: float = 0.25
     workers: int = 0
     threads: int | None = None
     seed: int = 0
@@ -146,6 +159,23 @@ def predict_cls(model: torch.nn.Module, ds, batch_size: int = 64, device="cpu") 
     return np.concatenate(labels), np.concatenate(probs)
 
 
+def mine_hard_negatives(model: torch.nn.Module, train_ds, pool: int, keep: int, seed: int, epoch: int,
+                        device="cpu") -> np.ndarray:
+    """Indices (into ``train_ds.neg``) of the ``keep`` non-nodules the model scores highest among
+    ``pool`` drawn from ``(seed, epoch)`` (the same on every DDP rank)."""
+    from nodulekit.data.cls_dataset import ClsValDataset
+
+    n = len(train_ds.neg)
+    drawn = np.sort(np.random.default_rng((seed, epoch, 7)).choice(n, min(pool, n), replace=False))
+    scored = ClsValDataset([train_ds.neg[i] for i in drawn], train_ds.crops.cache, max_negatives=None,
+                           crop=train_ds.crops.crop, crop_spacing=train_ds.crops.crop_spacing)
+    _, probs = predict_cls(model, scored, device=device)
+    order = np.argsort(-probs, kind="stable")[:keep]
+    log.info("hard negatives: %d of %d scored non-nodules, nodule probability %.3f-%.3f", len(order), len(drawn),
+             float(probs[order[-1]]) if len(order) else math.nan, float(probs[order[0]]) if len(order) else math.nan)
+    return drawn[order]
+
+
 def train_cls(cfg: ClsTrainConfig) -> dict:
     """Train the classifier as ``cfg`` says (also under ``torchrun``).
 
@@ -206,6 +236,9 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
             train_ds.set_epoch(epoch)
+            if epoch > 0 and cfg.hard_pool > 0 and cfg.hard_share > 0:
+                hard = mine_hard_negatives(model, train_ds, cfg.hard_pool, cfg.hard_keep, cfg.seed, epoch, dev)
+                train_ds.set_hard_negatives(hard, cfg.hard_share)
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1009 + ctx.rank)
             model.train()
             loss_sum = 0.0
