@@ -36,7 +36,7 @@ def _report():
         "machine": {"cpu": "test cpu", "threads": 2, "onnxruntime": "1.32.0"},
         "dataset": {"data_dir": "synth", "val_slices": 10},
         "settings": {"prune_ratio": "0.5", "finetune_epochs": 1, "qat_val_slices": 16, "calib_method": "percentile", "calib_slices": 64,
-                     "qat_epochs": 5, "fn_weight_qat": 2.0},
+                     "qat_epochs": 5, "fn_weight_qat": 2.0, "dice_area_cap": 256.0},
         "timings_s": {"prune": 1.0, "qat": 50.0},
         "npu": [{"name": "baseline_fp16", "weight_memory_kib": 236.0, "internal_memory_kib": 28672,
                  "size_kib": 500.0, "recall": 0.8, "cpu_fallback_layers": 0, "latency_us": None},
@@ -82,6 +82,11 @@ def test_markdown_in_both_languages():
     assert "Recall at the baseline's precision" in en and "与基线精确率相同时的召回率" in zh
     assert "| 0.745 | 61.2 |" in en and "| 0.745 | 61.2 |" in zh
     assert "RK3588S NPU" in en and "LUNA16" in en
+    # the settings paragraph, not the key-value fallback
+    assert "`256.0 / max(nodule pixels, 256.0)`" in en and "`256.0 / max(结节像素数, 256.0)`" in zh
+    report = _report()
+    report["settings"]["dice_area_cap"] = None
+    assert "`∞ / max(nodule pixels, ∞)`" in render_markdown(report, "en", {})
 
 
 def test_report_cli_rerenders_from_json_alone(tmp_path):

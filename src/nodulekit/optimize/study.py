@@ -46,8 +46,8 @@ class StudyConfig:
     # area cap of the pooled Dice while fine-tuning and in QAT (training's is 64; None: no cap). The
     # cap sets where a compressed model settles between marking the inside of big nodules and
     # marking nothing else: on the demo's data (3 x 512 steps, widths 8/16/24) cap 64 gave pixel
-    # recall 0.62 at precision 0.15, 256 gave 0.81 at 0.085, no cap 0.77 at 0.073 (the float
-    # baseline, trained with 64 from scratch: 0.77 at 0.12)
+    # recall 0.62 at precision 0.15, 128 gave 0.61 at 0.125, 256 gave 0.81 at 0.085, no cap 0.77 at
+    # 0.073 (the float baseline, trained with 64 from scratch: 0.77 at 0.12)
     dice_area_cap: float | None = 256.0
     qat_epochs: int = 5
     # QAT keeps its epoch with the best recall on qat_val_slices validation slices (the fake-quant

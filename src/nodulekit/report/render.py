@@ -244,7 +244,10 @@ def render_markdown(report: dict, lang: str, plots: dict[str, str]) -> str:
     settings = report.get("settings")
     if settings:
         try:
-            parts += [f"## {s['settings']}", s["settings_text"].format(**settings)]
+            shown = dict(settings)
+            if "dice_area_cap" in shown and not shown["dice_area_cap"]:
+                shown["dice_area_cap"] = "∞"  # no cap
+            parts += [f"## {s['settings']}", s["settings_text"].format(**shown)]
         except KeyError:
             parts += [f"## {s['settings']}", _kv(settings)]
         if any(r["name"].endswith("ptq") for r in rows):
