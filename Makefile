@@ -10,7 +10,7 @@ QUICK ?= 0
 DEMO_ARGS := $(if $(filter 1,$(QUICK)),--quick,)
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-rknn test test-fast rknn venv clean
+.PHONY: demo demo-rknn froc-independent test test-fast rknn venv clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,19 @@ demo: $(STAMP)
 	$(VENV)/bin/nodulekit demo --out runs/demo $(DEMO_ARGS)
 
 demo-rknn: rknn demo
+
+# FROC on scans the demo never trained or chose anything on: a second synthetic draw (seed 1,
+# 10 scans, 38 nodules) through the demo's deployed models; about 12 min on 2 cores
+INDEP := runs/independent
+froc-independent: $(STAMP)
+	test -f runs/demo/optimize/baseline/model.onnx && test -f runs/demo/classifier/cls3d.onnx || \
+	  { echo "run make demo first"; exit 1; }
+	$(VENV)/bin/nodulekit synth --out $(INDEP)/data --scans 10 --seed 1 --workers 2
+	$(VENV)/bin/nodulekit detect $(INDEP)/data/subset0 --backend onnx --cls-backend onnx \
+	  --seg runs/demo/optimize/baseline/model.onnx --cls runs/demo/classifier/cls3d.onnx --out $(INDEP)/detect
+	$(VENV)/bin/nodulekit evaluate --detections $(INDEP)/detect/nodules.csv \
+	  --annotations $(INDEP)/data/annotations.csv --excluded $(INDEP)/data/annotations_excluded.csv \
+	  --seriesuids $(INDEP)/data/seriesuids.csv --out $(INDEP)/evaluate
 
 test: $(STAMP) rknn
 	$(PY) -m pytest -q $(PYTEST_ARGS)
