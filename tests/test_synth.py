@@ -70,44 +70,6 @@ def test_class_balance_and_excluded(synth_data):
         assert float(r[4]) < 3.0
 
 
-def test_vessel_lookalikes_cover_trunks_caps_tips_and_bronchus_ends_without_changing_the_image(monkeypatch):
-    import nodulekit.data.synth.scan as scan_mod
-    from nodulekit.data.synth import vessels
-
-    seen = {}
-    real = scan_mod._vessel_lookalikes
-
-    def spy(rng, trees, airways):
-        seen["trees"], seen["airways"], seen["pts"] = trees, airways, real(rng, trees, airways)
-        return seen["pts"]
-
-    monkeypatch.setattr(scan_mod, "_vessel_lookalikes", spy)
-    with_them = render_scan(0, 1, **SMALL)
-    trees, pts = seen["trees"], seen["pts"]
-
-    def nearest(targets):
-        return np.linalg.norm(pts[:, None] - np.asarray(targets)[None], axis=2).min(axis=0)
-
-    # every kind is there: points inside the trunks (radius >= 4.5 mm), next to wide caps, next to
-    # vessel leaf tips and bronchus ends
-    def inside(p, s):
-        d = s.p1 - s.p0
-        t = float(np.clip((p - s.p0) @ d / (d @ d), 0, 1))
-        return np.linalg.norm(s.p0 + t * d - p) <= max(s.r0, s.r1)
-
-    trunks = [s for s in trees if s.r0 >= 4.5]
-    assert trunks and len(pts) >= 100
-    assert sum(any(inside(p, s) for s in trunks) for p in pts) >= 50
-    assert (nearest(vessels.leaf_ends(trees)) < 3).sum() >= 50
-    assert (nearest(vessels.leaf_ends(seen["airways"])) < 4).sum() >= 10
-    assert (nearest([s.p1 for s in trees if s.r1 >= 2.0]) < 10).mean() > 0.5
-    # they come from their own random stream: dropping them leaves the image and labels alike
-    monkeypatch.setattr(scan_mod, "_vessel_lookalikes", lambda rng, trees, airways: np.zeros((0, 3)))
-    without = render_scan(0, 1, **SMALL)
-    assert np.array_equal(with_them.ct.hu, without.ct.hu) and np.array_equal(with_them.labels, without.labels)
-    assert len(with_them.negatives) > len(without.negatives)
-
-
 def test_same_seed_same_bytes(tmp_path):
     a = generate_scan(3, 1, **SMALL)
     b = generate_scan(3, 1, **SMALL)

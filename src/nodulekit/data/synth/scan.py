@@ -139,11 +139,7 @@ def render_scan(seed: int, index: int, *, size: int = 512, max_slices: int | Non
             taken.append((c, d / 2))
             excluded.append(nod.Nodule(tuple(float(v) for v in c), round(d, 2), kind, attached))
 
-    # the vessel look-alikes draw from their own stream, so the image of a given seed does not
-    # depend on how many of them there are
-    lookalike_rng = np.random.default_rng([seed, index, 55556])
-    negatives = _negatives(rng, cf, fine, trees, airways, ribs, found, excluded,
-                           extra=_vessel_lookalikes(lookalike_rng, trees, airways))
+    negatives = _negatives(rng, cf, fine, trees, airways, ribs, found, excluded)
     blur_and_noise(hu, acq, rng)
     arr, origin, direction = flip_geometry(to_int16(hu), fine.origin, fine.spacing, fine.shape, flip_axis)
     labels, _, _ = flip_geometry(labels, fine.origin, fine.spacing, fine.shape, flip_axis)
@@ -160,47 +156,8 @@ def _world(grid: Grid, irc) -> np.ndarray:
     return np.asarray(grid.origin) + np.asarray(grid.spacing) * np.asarray(irc)[::-1]
 
 
-def _vessel_lookalikes(rng, trees, airways) -> np.ndarray:
-    """Where a vessel or airway tree passes for a nodule, (N, 3) world mm: points off the axis of
-    wide vessels (the hilar trunks and first branches, radius 4.5 mm and more, which fill a
-    classifier's crop, and those of 2.5-4.5 mm), the rounded caps where a
-    wide segment hands over to narrower children, the rounded tips of the vessel leaves, and the
-    closed ends of the smallest bronchi (a dome of wall); each end moved by up to about its radius,
-    as a detector's centre of mass would be."""
-    big = np.concatenate([_off_axis(rng, [t for t in trees if t.r0 >= 4.5], 120),
-                          _off_axis(rng, [t for t in trees if 2.5 <= t.r0 < 4.5], 80)])
-    caps = [(s.p1, s.r1) for s in trees if s.r1 >= 2.0]
-    caps = [caps[i] for i in rng.permutation(len(caps))[:80]]
-    tips = vessels.leaf_ends(trees)
-    tips = tips[rng.permutation(len(tips))[:150]]
-    cap_pts = np.array([p + rng.normal(size=3) * 0.5 * r for p, r in caps]).reshape(-1, 3)
-    tip_pts = tips + rng.normal(size=tips.shape) * 0.5
-    air_tips = vessels.leaf_ends(airways)
-    air_tips = air_tips[rng.permutation(len(air_tips))[:40]]
-    air_pts = air_tips + rng.normal(size=air_tips.shape) * 0.8
-    return np.concatenate([big, cap_pts, tip_pts, air_pts])
-
-
-def _off_axis(rng, segs, n: int) -> np.ndarray:
-    """``n`` points inside random ``segs``, anywhere from the centre line to 80 % of the radius
-    out (a detector's blob centre in a wide vessel is rarely on its axis), (n, 3)."""
-    if not segs:
-        return np.zeros((0, 3))
-    pts = []
-    for i in rng.integers(0, len(segs), n):
-        s = segs[i]
-        axis = (s.p1 - s.p0) / max(np.linalg.norm(s.p1 - s.p0), 1e-6)
-        off = rng.normal(size=3)
-        off -= (off @ axis) * axis
-        off /= max(np.linalg.norm(off), 1e-6)
-        t = rng.uniform(0.05, 0.95)
-        pts.append(s.p0 + t * (s.p1 - s.p0) + off * rng.uniform(0, 0.8) * (s.r0 + t * (s.r1 - s.r0)))
-    return np.array(pts)
-
-
-def _negatives(rng, cf, fine: Grid, trees, airways, ribs, found, excluded, extra=None) -> list[tuple]:
-    """Class-0 candidates at things that look like nodules: vessels, forks, pleura, ribs, airway walls
-    (drawn from ``rng``), then the ``extra`` points (N, 3) given."""
+def _negatives(rng, cf, fine: Grid, trees, airways, ribs, found, excluded) -> list[tuple]:
+    """Class-0 candidates at things that look like nodules: vessels, forks, pleura, ribs, airway walls."""
     lo = np.asarray(fine.origin)
     hi = lo + np.asarray(fine.spacing) * (np.array(fine.shape[::-1]) - 1)
     zr = (lo[2], hi[2])
@@ -219,8 +176,6 @@ def _negatives(rng, cf, fine: Grid, trees, airways, ribs, found, excluded, extra
         aw = aw + rng.normal(size=aw.shape) * 1.5
         groups.append(aw)
     groups.append(np.array([e.center_xyz for e in excluded]).reshape(-1, 3))
-    if extra is not None:
-        groups.append(np.asarray(extra, float).reshape(-1, 3))
     pts = np.concatenate([g.reshape(-1, 3) for g in groups])
     ok = np.all((pts >= lo + 2) & (pts <= hi - 2), axis=1)
     for f in found:

@@ -66,13 +66,6 @@ def bifurcations(segs: list[Segment]) -> np.ndarray:
     return np.array(pts).reshape(-1, 3)
 
 
-def leaf_ends(segs: list[Segment]) -> np.ndarray:
-    """End points of leaf segments (the rounded tips where a tree stops), (N, 3)."""
-    starts = {tuple(np.round(s.p0, 3)) for s in segs}
-    pts = [s.p1 for s in segs if tuple(np.round(s.p1, 3)) not in starts]
-    return np.array(pts).reshape(-1, 3)
-
-
 def points_on(segs: list[Segment], rng: np.random.Generator, n: int, r_range=(0.8, 6.0)) -> np.ndarray:
     """``n`` random points on the centre lines of segments whose radius lies in ``r_range``."""
     pool = [s for s in segs if r_range[0] <= s.r0 <= r_range[1]]
