@@ -26,7 +26,7 @@ demo: $(STAMP)
 demo-rknn: rknn demo
 
 # FROC on scans the demo never trained or chose anything on: a second synthetic draw (seed 1,
-# 10 scans, 38 nodules) through the demo's deployed models; about 12 min on 2 cores
+# 10 scans, 38 nodules) through the demo's deployed models; about 11 min on 2 cores
 INDEP := runs/independent
 froc-independent: $(STAMP)
 	test -f runs/demo/optimize/baseline/model.onnx && test -f runs/demo/classifier/cls3d.onnx || \
