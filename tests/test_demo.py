@@ -10,6 +10,7 @@ def test_quick_mode_is_smaller_in_every_stage():
     assert quick.scans < full.scans and quick.size < full.size
     assert quick.qat_epochs <= full.qat_epochs and quick.bench_runs < full.bench_runs
     assert full.qat_epochs == 5 and full.scans >= 8
+    assert quick.cls_epochs < full.cls_epochs and quick.mine_slices < full.mine_slices
 
 
 def test_synthetic_data_is_reused_only_with_the_same_parameters(tmp_path, monkeypatch):

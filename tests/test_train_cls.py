@@ -54,3 +54,20 @@ def test_cli_train_cls_smoke(synth_data, tmp_path):
     assert read_checkpoint(out / "cls_last.pt")["epoch"] == 2
     summary = json.loads((out / "summary.json").read_text())
     assert [r["epoch"] for r in summary["history"]] == [1, 2]
+
+
+def test_keep_last_epoch_with_detector_negatives(synth_data, tmp_path):
+    from nodulekit.data.luna import candidates_table, read_candidates, write_candidates
+    from nodulekit.train.cls import ClsTrainConfig, train_cls
+
+    # stand-in detector table: the dataset's own non-nodules, moved by 3 mm
+    detector = tmp_path / "detector.csv"
+    write_candidates(detector, [type(c)(c.seriesuid, tuple(v + 3.0 for v in c.center_xyz), False)
+                                for c in read_candidates(candidates_table(synth_data)) if not c.is_nodule][:200])
+    cfg = ClsTrainConfig(data=str(synth_data), out=str(tmp_path / "run"), epochs=2, steps_per_epoch=2, batch_size=4,
+                         val_max_negatives=20, progress=False, cache_dir=str(tmp_path / "cache"), keep="last",
+                         detector_candidates=str(detector), detector_from_epoch=2)
+    result = train_cls(cfg)
+    assert read_checkpoint(tmp_path / "run" / "cls.pt")["epoch"] == 2 and result["best"]["epoch"] == 2
+    with pytest.raises(ValueError, match="keep"):
+        train_cls(ClsTrainConfig(data=str(synth_data), out=str(tmp_path / "x"), keep="median"))

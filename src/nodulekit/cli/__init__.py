@@ -19,6 +19,7 @@ COMMANDS = {
     "synth": "synth",
     "info": "info",
     "train": "train",
+    "mine": "mine",
     "detect": "detect",
     "evaluate": "evaluate",
     "optimize": "optimize",

@@ -51,12 +51,22 @@ def add_parser(sub):
     seg.add_argument("--val-every", type=int, help="validate every N epochs (and after the last)")
     seg.set_defaults(func=run_seg)
 
-    cls = tsub.add_parser("cls", help="false-positive-reduction classifier (RUN/cls.pt, best by AUC)",
+    cls = tsub.add_parser("cls", help="false-positive-reduction classifier (RUN/cls.pt, best by AUC or last)",
                           description="Train LunaModel on 32x48x48 crops around candidates.csv entries, "
                                       "balanced 1:1, validating on held-out candidates after each epoch. Options left out keep "
                                       "the defaults of nodulekit.train.cls.ClsTrainConfig.")
     _common(cls, "runs/cls", "cls")
     cls.add_argument("--val-max-negatives", type=int, help="non-nodule candidates sampled for validation")
+    cls.add_argument("--val-every", type=int, help="validate every N epochs (and after the last)")
+    cls.add_argument("--keep", choices=["best", "last"],
+                     help="epoch saved as RUN/cls.pt: best validation AUC (default) or the last one")
+    cls.add_argument("--detector-candidates", metavar="CSV",
+                     help="candidates table of the detector's own findings on the training scans "
+                          "(nodulekit mine); its non-nodules join the negatives")
+    cls.add_argument("--detector-share", type=float,
+                     help="share of the negatives drawn from --detector-candidates (default 0.5)")
+    cls.add_argument("--detector-from-epoch", type=int,
+                     help="first epoch (1-based) that draws them (default 4: the easy negatives first)")
     cls.add_argument("--hard-pool", type=int,
                      help="non-nodules scored before each epoch after the first for hard-negative mining (0: off)")
     cls.add_argument("--hard-keep", type=int, help="highest-scoring ones of the pool kept as hard negatives")
@@ -74,14 +84,14 @@ def _config(cls, args):
     return cls(**given)
 
 
-def _print(result: dict, keys) -> None:
+def _print(result: dict, keys, label: str = "best epoch") -> None:
     import os
 
     if os.environ.get("RANK", "0") != "0":
         return
     best = result["best"]
     parts = [f"{k} {best[k]:.3f}" for k in keys if isinstance(best.get(k), float)]
-    print(f"best epoch {best.get('epoch')}: {', '.join(parts)}")
+    print(f"{label} {best.get('epoch')}: {', '.join(parts)}")
     print(f"checkpoint: {result['checkpoint']}  ({result['seconds']:.0f} s)")
 
 
@@ -105,5 +115,5 @@ def run_cls(args) -> int:
         except ValueError as exc:
             raise InputError("--crop-spacing", str(exc)) from None
     result = train_cls(cfg)
-    _print(result, ("auc", "f1", "precision", "recall", "fp_reduction"))
+    _print(result, ("auc", "f1", "precision", "recall", "fp_reduction"), "kept epoch")
     return 0

@@ -51,7 +51,9 @@ class ClsTrainDataset(Dataset):
     Items are ``(crop (1, 32, 48, 48) float32, label int64)``. Positives are few, so each epoch
     walks a fresh permutation of them (repeating as needed); negatives are drawn at random, a
     ``hard_share`` of them from the hard negatives set by :meth:`set_hard_negatives` (the ones the
-    classifier currently scores highest, see :func:`nodulekit.train.cls.mine_hard_negatives`).
+    classifier currently scores highest, see :func:`nodulekit.train.cls.mine_hard_negatives`), and,
+    once :meth:`set_detector_share` is called, a share from ``detector_negatives``: the detector's
+    own false positives on the training scans (:func:`nodulekit.detect.mine.mine_candidates`).
 
     Args:
         samples: training candidates (both classes needed).
@@ -60,10 +62,11 @@ class ClsTrainDataset(Dataset):
         seed: base seed; call :meth:`set_epoch` before each epoch.
         crop, crop_spacing: crop size in voxels and mm per voxel (``None``: native voxels), see
             :mod:`nodulekit.data.crops`.
+        detector_negatives: more non-nodules, kept apart from ``samples``.
     """
 
     def __init__(self, samples: Sequence[ClsSample], cache, samples_per_epoch: int, seed: int = 0,
-                 crop=CLS_CROP, crop_spacing=None):
+                 crop=CLS_CROP, crop_spacing=None, detector_negatives: Sequence[ClsSample] = ()):
         self.pos = [s for s in samples if s.is_nodule]
         self.neg = [s for s in samples if not s.is_nodule]
         if not self.pos or not self.neg:
@@ -73,6 +76,14 @@ class ClsTrainDataset(Dataset):
         self.samples_per_epoch, self.seed, self.epoch = int(samples_per_epoch), seed, 0
         self.hard: np.ndarray = np.zeros(0, np.int64)  # indices into self.neg
         self.hard_share = 0.0
+        self.detector_neg = [s for s in detector_negatives if not s.is_nodule]
+        self.detector_share = 0.0
+
+    def set_detector_share(self, share: float) -> None:
+        """Draw ``share`` of the negatives from :attr:`detector_neg` (0: none)."""
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"detector-negative share must be in [0, 1], got {share}")
+        self.detector_share = float(share) if self.detector_neg else 0.0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -94,6 +105,8 @@ class ClsTrainDataset(Dataset):
             perm = np.random.default_rng((self.seed, self.epoch, cycle, 1)).permutation(len(self.pos))
             return self.crops(self.pos[perm[k]]), 1
         rng = np.random.default_rng((self.seed, self.epoch, int(index), 0))
+        if self.detector_share and rng.random() < self.detector_share:
+            return self.crops(self.detector_neg[rng.integers(len(self.detector_neg))]), 0
         if self.hard_share and rng.random() < self.hard_share:
             return self.crops(self.neg[self.hard[rng.integers(self.hard.size)]]), 0
         return self.crops(self.neg[rng.integers(len(self.neg))]), 0
@@ -123,13 +136,15 @@ class ClsValDataset(Dataset):
         return self.crops(s), int(s.is_nodule)
 
 
-def load_cls_samples(data_dir: str | Path, uids: Sequence[str] | None = None, cache=None) -> list[ClsSample]:
+def load_cls_samples(data_dir: str | Path, uids: Sequence[str] | None = None, cache=None,
+                     table: str | Path | None = None) -> list[ClsSample]:
     """Candidates of a LUNA16-layout folder, merged with its annotations and located in voxels.
 
     Args:
         data_dir: folder with ``subset*/``, ``candidates_V2.csv`` or ``candidates.csv``, and ``annotations.csv``.
         uids: keep only these series (default: every scan found).
         cache: VolumeCache used to read each scan's geometry.
+        table: another candidates table to read instead of the folder's own.
     """
     from nodulekit.data.cache import VolumeCache
     from nodulekit.data.luna import (candidates_table, find_series, merge_candidates, read_annotations,
@@ -137,7 +152,7 @@ def load_cls_samples(data_dir: str | Path, uids: Sequence[str] | None = None, ca
 
     data_dir = Path(data_dir)
     series = find_series(data_dir)
-    cands = read_candidates(candidates_table(data_dir))
+    cands = read_candidates(table if table is not None else candidates_table(data_dir))
     ann = read_annotations(data_dir / "annotations.csv") if (data_dir / "annotations.csv").is_file() else []
     keep = set(series if uids is None else uids) & set(series)
     cache = cache if cache is not None else VolumeCache(data_dir / ".cache")
@@ -154,10 +169,12 @@ def load_cls_samples(data_dir: str | Path, uids: Sequence[str] | None = None, ca
 
 
 def build_cls_datasets(data_dir: str | Path, *, val_fraction: float = 0.25, samples_per_epoch: int = 2048,
-                       val_max_negatives: int | None = 2000, seed: int = 0, cache=None, crop_spacing=None
-                       ) -> tuple[ClsTrainDataset, ClsValDataset]:
+                       val_max_negatives: int | None = 2000, seed: int = 0, cache=None, crop_spacing=None,
+                       detector_candidates: str | Path | None = None) -> tuple[ClsTrainDataset, ClsValDataset]:
     """Balanced training and held-out validation datasets, split by seriesuid like segmentation;
-    crops of ``crop_spacing`` mm per voxel (``None``: native voxels)."""
+    crops of ``crop_spacing`` mm per voxel (``None``: native voxels). The non-nodules of
+    ``detector_candidates`` (a candidates table) that lie on training scans become the training
+    set's ``detector_negatives``; validation never sees them."""
     from nodulekit.data.cache import VolumeCache
     from nodulekit.data.luna import find_series
     from nodulekit.data.split import train_val_split
@@ -173,5 +190,12 @@ def build_cls_datasets(data_dir: str | Path, *, val_fraction: float = 0.25, samp
     val = [s for s in samples if s.seriesuid in val_set]
     log.info("classifier data: %d training candidates (%d nodules), %d validation (%d nodules)",
              len(train), sum(s.is_nodule for s in train), len(val), sum(s.is_nodule for s in val))
-    return (ClsTrainDataset(train, cache, samples_per_epoch, seed, crop_spacing=crop_spacing),
+    detector = []
+    if detector_candidates is not None:
+        detector = [s for s in load_cls_samples(data_dir, train_uids, cache, table=detector_candidates)
+                    if not s.is_nodule]
+        log.info("detector negatives: %d on %d training scans from %s", len(detector),
+                 len({s.seriesuid for s in detector}), detector_candidates)
+    return (ClsTrainDataset(train, cache, samples_per_epoch, seed, crop_spacing=crop_spacing,
+                            detector_negatives=detector),
             ClsValDataset(val, cache, val_max_negatives, seed, crop_spacing=crop_spacing))

@@ -36,7 +36,7 @@ def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = 0.5, batch
         ct: a :class:`~nodulekit.data.volume.CTVolume`.
         seg_runner: ``(N, 7, H, W) -> (N, 1, H, W)`` probabilities.
         cls_runner: ``(N, 1, 32, 48, 48) -> (N,)`` nodule probabilities; its ``crop_spacing``
-            attribute (if any) sets the crops' voxel size.
+            attribute (if any) sets the crops' voxel size. ``None``: candidates only, unclassified.
         seg_threshold: segmentation probability threshold.
         batch_size: slices per segmentation call.
         min_volume_mm3: smallest component kept as a candidate.
@@ -67,9 +67,10 @@ def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = 0.5, batch
     candidates = find_candidates(ct.hu, labels, n, ct)
     timings["candidates"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    classify(ct, candidates, cls_runner)
-    timings["classification"] = time.perf_counter() - t
+    if cls_runner is not None:
+        t = time.perf_counter()
+        classify(ct, candidates, cls_runner)
+        timings["classification"] = time.perf_counter() - t
     return {
         "candidates": candidates,
         "labels": labels,

@@ -1,6 +1,6 @@
 """Training the false-positive-reduction classifier (``LunaModel`` on 32x48x48 crops).
 
-Run folder: ``cls.pt`` (best by AUC), ``cls_last.pt`` (resume), ``log.csv``, ``tb/``, ``roc.png``,
+Run folder: ``cls.pt`` (best by AUC, or the last epoch), ``cls_last.pt`` (resume), ``log.csv``, ``tb/``, ``roc.png``,
 ``summary.json``.
 """
 
@@ -49,6 +49,12 @@ class ClsTrainConfig:
         val_fraction: share of scans held out (the same split as segmentation).
         val_max_negatives: non-nodule candidates sampled for validation (None: all).
         recall_target: sensitivity at which the false-positive reduction is reported.
+        val_every: validate every this many epochs (and after the last).
+        keep: which epoch ``cls.pt`` holds: ``best`` (highest validation AUC) or ``last``.
+        detector_candidates: candidates table of the detector's own findings on the training scans
+            (:func:`nodulekit.detect.mine.mine_candidates`); its non-nodules become negatives too.
+        detector_share: share of the negatives drawn from them.
+        detector_from_epoch: first epoch (1-based) that draws them.
         hard_pool: non-nodule training candidates scored before each epoch after the first (0: no
             hard-negative mining).
         hard_keep: how many of the highest-scoring ones form the hard set.
@@ -68,6 +74,8 @@ class ClsTrainConfig:
     val_fraction: float = 0.25
     val_max_negatives: int | None = 2000
     recall_target: float = 0.95
+    val_every: int = 1
+    keep: str = "best"
     # the detector's false positives are the candidates that look most like nodules, and random
     # draws rarely show the classifier those: from the second epoch on, a quarter of the negatives
     # come from the hard_keep highest-scoring of hard_pool freshly drawn ones. On the demo's data
@@ -75,6 +83,14 @@ class ClsTrainConfig:
     # 0.5 from 55 to 36 with every nodule kept; a share of 0.5 reached CPM 0.63 but lost 2 of 7
     # nodules at 0.5. Seven nodules make that coarse: on 38 nodules of a second draw (make
     # froc-independent) the demo's classifier trained this way reaches CPM 0.44
+    # The candidates table's non-nodules are not what the segmentation proposes (LUNA16's
+    # candidates_V2 comes from other CAD systems; the synthetic table from the generator's rules).
+    # Its own false positives on the training scans, from the fourth epoch on (a classifier that
+    # meets them from the start learns far more slowly), measured on the demo's 20 synthetic scans:
+    # see README, "Detection and FROC"
+    detector_candidates: str | None = None
+    detector_share: float = 0.5
+    detector_from_epoch: int = 4
     hard_pool: int = 1024
     hard_keep: int = 256
     hard_share: float = 0.25
@@ -181,7 +197,7 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
     """Train the classifier as ``cfg`` says (also under ``torchrun``).
 
     Returns:
-        ``run_dir``, ``checkpoint`` (best by AUC), ``best`` (its validation row), ``history``, ``seconds``.
+        ``run_dir``, ``checkpoint`` (the kept epoch), ``best`` (its validation row), ``history``, ``seconds``.
     """
     import os
 
@@ -192,6 +208,8 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
     from nodulekit.errors import InputError
     from nodulekit.models.checkpoint import load_cls_model
 
+    if cfg.keep not in ("best", "last"):
+        raise ValueError(f"keep must be 'best' or 'last', got {cfg.keep!r}")
     t_start = time.perf_counter()
     ctx = init_distributed(cfg.device)
     dev = ctx.device
@@ -206,7 +224,8 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
         train_ds, val_ds = build_cls_datasets(
             cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, cache=cache,
             samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size * ctx.world_size,
-            val_max_negatives=cfg.val_max_negatives, crop_spacing=cfg.crop_spacing)
+            val_max_negatives=cfg.val_max_negatives, crop_spacing=cfg.crop_spacing,
+            detector_candidates=cfg.detector_candidates)
 
         torch.manual_seed(cfg.seed)
         # Conv3d runs about 2.5x faster on the CPU with channels-last activations
@@ -237,6 +256,7 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
             train_ds.set_epoch(epoch)
+            train_ds.set_detector_share(cfg.detector_share if epoch + 1 >= cfg.detector_from_epoch else 0.0)
             if epoch > 0 and cfg.hard_pool > 0 and cfg.hard_share > 0:
                 hard = mine_hard_negatives(model, train_ds, cfg.hard_pool, cfg.hard_keep, cfg.seed, epoch, dev)
                 train_ds.set_hard_negatives(hard, cfg.hard_share)
@@ -257,7 +277,8 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
                 loss_sum += loss.item()
             row = {"epoch": epoch + 1, "loss": mean_across(loss_sum / steps, ctx), "lr": opt.param_groups[0]["lr"],
                    "train_s": time.perf_counter() - t0}
-            if ctx.is_main:
+            labels = probs = None
+            if ctx.is_main and ((epoch + 1) % max(1, cfg.val_every) == 0 or epoch + 1 == cfg.epochs):
                 labels, probs = predict_cls(model, val_ds, device=dev)
                 row.update(cls_metrics(labels, probs, recall_target=cfg.recall_target))
             row["seconds"] = time.perf_counter() - t0
@@ -273,9 +294,10 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
                 best = auc
             if writes:
                 meta = {"epoch": epoch + 1, "metrics": row, "config": config}
-                if improved:
+                if improved if cfg.keep == "best" else True:
                     save_cls_checkpoint(out / "cls.pt", model, **meta)
-                    save_roc_png(out / "roc.png", labels, probs)
+                    if labels is not None:
+                        save_roc_png(out / "roc.png", labels, probs)
                 save_cls_checkpoint(out / "cls_last.pt", model, **meta, optimizer_state=opt.state_dict(),
                                     history=history, best_auc=best, rng=_runlog.rng_state())
                 _runlog.write_csv(out / "log.csv", history)
@@ -283,12 +305,13 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
             barrier(ctx)
         tb.close()
         scored = [r for r in history if math.isfinite(r.get("auc", math.nan))]
-        best_row = max(scored, key=lambda r: r["auc"]) if scored else (history[-1] if history else {})
+        best_row = (history[-1] if history else {}) if cfg.keep == "last" or not scored else \
+            max(scored, key=lambda r: r["auc"])
         result = {"run_dir": str(out), "checkpoint": str(out / "cls.pt"), "best": best_row, "history": history,
                   "seconds": time.perf_counter() - t_start}
         if writes:
             (out / "summary.json").write_text(json.dumps(result, indent=2, default=float))
-            log.info("best epoch %s: AUC %.3f -> %s (%.0f s)", best_row.get("epoch"), best_row.get("auc", math.nan),
+            log.info("kept epoch %s: AUC %.3f -> %s (%.0f s)", best_row.get("epoch"), best_row.get("auc", math.nan),
                      out / "cls.pt", result["seconds"])
         return result
     finally:

@@ -1,0 +1,42 @@
+"""``nodulekit mine --data DIR --seg CKPT --out CSV``: the detector's false positives on training scans."""
+
+from __future__ import annotations
+
+from nodulekit.deploy import BACKENDS
+
+
+def add_parser(sub):
+    p = sub.add_parser("mine", help="write the segmentation's non-nodule candidates on training scans as a table",
+                       description="Run the segmentation over the training scans of a LUNA16-layout folder (the "
+                                   "held-out ones of --val-fraction are skipped) and write every candidate away from "
+                                   "the annotated and excluded findings as a class-0 row of a candidates table, for "
+                                   "`nodulekit train cls --detector-candidates`.")
+    p.add_argument("--data", required=True, help="dataset folder in LUNA16 layout (subset*/, annotations.csv)")
+    p.add_argument("--seg", required=True, help="segmentation checkpoint (nodulekit or dlwpt) or .onnx file")
+    p.add_argument("--out", required=True, help="candidates table to write (CSV)")
+    p.add_argument("--val-fraction", type=float, default=0.25,
+                   help="share of scans held out, as given to `nodulekit train` (default 0.25); 0: every scan")
+    p.add_argument("--max-slices", type=int, help="segment only the middle N slices of each scan (default: all)")
+    p.add_argument("--backend", default="torch", choices=BACKENDS[:2], help="segmentation runtime (torch or onnx)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of the runtime")
+    p.add_argument("--batch-size", type=int, default=4, help="slices per segmentation call")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from nodulekit.data.luna import find_series
+    from nodulekit.data.split import train_val_split
+    from nodulekit.detect.mine import mine_candidates
+
+    uids = sorted(find_series(args.data))
+    if args.val_fraction > 0:
+        uids = train_val_split(uids, args.val_fraction)[0]
+    summary = mine_candidates(args.data, args.seg, args.out, uids=uids, backend=args.backend, threads=args.threads,
+                              max_slices=args.max_slices, batch_size=args.batch_size, progress=not args.no_progress)
+    for f in summary["failed"]:
+        print(f"SKIPPED {f['error']}")
+    print(f"scans {summary['scans_ok']} ok, {len(summary['failed'])} skipped; candidates {summary['candidates']}, "
+          f"non-nodules written {summary['negatives']}, near a finding {summary['near_findings']}; "
+          f"{summary['seconds']:.0f} s -> {summary['csv']}")
+    return 1 if summary["scans_ok"] == 0 else 0
