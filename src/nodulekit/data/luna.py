@@ -194,6 +194,20 @@ def find_series(data_dir: str | Path) -> dict[str, Path]:
     return out
 
 
+def select_series(data_dir: str | Path, uids: Iterable[str] | None = None) -> dict[str, Path]:
+    """:func:`find_series` narrowed to ``uids`` in the order given (default: all, sorted).
+
+    Raises:
+        InputError: a seriesuid has no scan in ``data_dir``.
+    """
+    series = find_series(data_dir)
+    uids = sorted(series) if uids is None else list(uids)
+    missing = [u for u in uids if u not in series]
+    if missing:
+        raise InputError(data_dir, f"{len(missing)} seriesuid(s) not found, e.g. {missing[0]}")
+    return {u: series[u] for u in uids}
+
+
 def annotations_by_series(rows: Iterable[Annotation | Candidate]) -> dict[str, list]:
     """Group annotations (or candidates) by seriesuid, keeping their order."""
     out: dict[str, list] = {}

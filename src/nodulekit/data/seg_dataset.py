@@ -232,15 +232,12 @@ def load_seg_scans(data_dir: str | Path, uids: Sequence[str] | None = None, cach
     from tqdm import tqdm
 
     from nodulekit.data.cache import VolumeCache
-    from nodulekit.data.luna import annotations_by_series, find_series, read_annotations
+    from nodulekit.data.luna import annotations_by_series, read_annotations, select_series
     from nodulekit.data.masks import nodule_labels
 
     data_dir = Path(data_dir)
-    series = find_series(data_dir)
-    uids = sorted(series) if uids is None else list(uids)
-    missing = [u for u in uids if u not in series]
-    if missing:
-        raise InputError(data_dir, f"{len(missing)} seriesuid(s) not found, e.g. {missing[0]}")
+    series = select_series(data_dir, uids)
+    uids = list(series)
     cache = cache if cache is not None else VolumeCache(data_dir / ".cache")
     ann_csv = data_dir / "annotations.csv"
     annotations = read_annotations(ann_csv) if ann_csv.is_file() else []

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from nodulekit.detect.candidates import MIN_VOLUME_MM3
-from nodulekit.errors import InputError
 from nodulekit.log import get_logger
 
 log = get_logger("detect")
@@ -84,17 +83,13 @@ def mine_candidates(
     from tqdm import tqdm
 
     from nodulekit.data.ct import read_ct
-    from nodulekit.data.luna import annotations_by_series, find_series, read_annotations
+    from nodulekit.data.luna import annotations_by_series, read_annotations, select_series
     from nodulekit.deploy.runtime import load_seg_runner
     from nodulekit.detect.pipeline import MIN_SLICES, detect_scan
 
     t0 = time.perf_counter()
     data_dir = Path(data_dir)
-    series = find_series(data_dir)
-    uids = sorted(series) if uids is None else list(uids)
-    unknown = [u for u in uids if u not in series]
-    if unknown:
-        raise InputError(data_dir, f"no scan for seriesuid {unknown[0]} ({len(unknown)} unknown)")
+    series = select_series(data_dir, uids)
     findings = read_annotations(data_dir / "annotations.csv")
     if (data_dir / "annotations_excluded.csv").is_file():
         findings += read_annotations(data_dir / "annotations_excluded.csv", unknown_diameter_mm=10.0)
@@ -110,7 +105,7 @@ def mine_candidates(
     with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["seriesuid", "coordX", "coordY", "coordZ", "class"])
-        for uid in tqdm(uids, desc="mine", unit="scan", disable=not progress):
+        for uid in tqdm(series, desc="mine", unit="scan", disable=not progress):
             try:
                 ct = _window(read_ct(series[uid], min_slices=MIN_SLICES), max_slices)
                 res = detect_scan(ct, runner, None, batch_size=batch_size, min_volume_mm3=min_volume_mm3)
