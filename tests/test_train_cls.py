@@ -66,8 +66,9 @@ def test_keep_last_epoch_with_detector_negatives(synth_data, tmp_path):
                                 for c in read_candidates(candidates_table(synth_data)) if not c.is_nodule][:200])
     cfg = ClsTrainConfig(data=str(synth_data), out=str(tmp_path / "run"), epochs=2, steps_per_epoch=2, batch_size=4,
                          val_max_negatives=20, progress=False, cache_dir=str(tmp_path / "cache"), keep="last",
-                         detector_candidates=str(detector), detector_from_epoch=2)
+                         detector_candidates=str(detector), detector_from_epoch=2, val_every=2)
     result = train_cls(cfg)
     assert read_checkpoint(tmp_path / "run" / "cls.pt")["epoch"] == 2 and result["best"]["epoch"] == 2
+    assert "auc" not in result["history"][0] and "auc" in result["history"][1]  # validated every 2nd epoch
     with pytest.raises(ValueError, match="keep"):
         train_cls(ClsTrainConfig(data=str(synth_data), out=str(tmp_path / "x"), keep="median"))

@@ -287,7 +287,9 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
             row["seconds"] = time.perf_counter() - t0
             row = _runlog.clean_row(row)
             history.append(row)
-            if ctx.is_main:
+            if ctx.is_main and labels is None:
+                log.info("epoch %d/%d  loss %.4f (%.0f s)", epoch + 1, cfg.epochs, row["loss"], row["seconds"])
+            elif ctx.is_main:
                 log.info("epoch %d/%d  loss %.4f  AUC %.3f  F1 %.3f  FP cut %.1fx at %.0f%% sensitivity (%.0f s)",
                          epoch + 1, cfg.epochs, row["loss"], row.get("auc", math.nan), row.get("f1", math.nan),
                          row.get("fp_reduction", math.nan), 100 * cfg.recall_target, row["seconds"])
