@@ -236,13 +236,16 @@ def merge_candidates(candidates: Iterable[Candidate], annotations: Iterable[Anno
 
 
 def _write(path: str | Path, header: tuple[str, ...] | None, rows: Iterable[Iterable]) -> Path:
+    """Write a table whole or not at all: to a temporary name first, then moved into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         if header:
             w.writerow(header)
         w.writerows(rows)
+    tmp.replace(path)
     return path
 
 

@@ -12,7 +12,6 @@ nodule's edge is neither a clean positive nor a clean negative).
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,7 +82,7 @@ def mine_candidates(
     from tqdm import tqdm
 
     from nodulekit.data.ct import read_ct
-    from nodulekit.data.luna import annotations_by_series, read_annotations, select_series
+    from nodulekit.data.luna import Candidate, annotations_by_series, read_annotations, select_series, write_candidates
     from nodulekit.deploy.runtime import load_seg_runner
     from nodulekit.detect.pipeline import MIN_SLICES, detect_scan
 
@@ -97,33 +96,24 @@ def mine_candidates(
               for uid, rows in annotations_by_series(findings).items()}
     runner = load_seg_runner(seg, backend=backend, threads=threads)
 
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_csv.with_name(f".{out_csv.name}.tmp")
-    found = near = 0
-    ok, failed = 0, []
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["seriesuid", "coordX", "coordY", "coordZ", "class"])
-        for uid in tqdm(series, desc="mine", unit="scan", disable=not progress):
-            try:
-                ct = _window(read_ct(series[uid], min_slices=MIN_SLICES), max_slices)
-                res = detect_scan(ct, runner, None, batch_size=batch_size, min_volume_mm3=min_volume_mm3)
-            except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the others
-                msg = f"{series[uid]}: {type(exc).__name__}: {exc}".splitlines()[0]
-                log.warning("SKIP %s", msg)
-                failed.append({"seriesuid": uid, "error": msg})
-                continue
-            ok += 1
-            for cand in res["candidates"]:
-                found += 1
-                if clear_of_findings(cand.center_xyz, by_uid.get(uid, ())):
-                    writer.writerow([uid, *(f"{v:.3f}" for v in cand.center_xyz), 0])
-                else:
-                    near += 1
-    tmp.replace(out_csv)
-    summary = {"scans_ok": ok, "failed": failed, "candidates": found, "negatives": found - near,
-               "near_findings": near, "seconds": round(time.perf_counter() - t0, 1), "csv": str(out_csv)}
+    ok, found, negatives, failed = 0, 0, [], []
+    for uid in tqdm(series, desc="mine", unit="scan", disable=not progress):
+        try:
+            ct = _window(read_ct(series[uid], min_slices=MIN_SLICES), max_slices)
+            res = detect_scan(ct, runner, None, batch_size=batch_size, min_volume_mm3=min_volume_mm3)
+        except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the others
+            msg = f"{series[uid]}: {type(exc).__name__}: {exc}".splitlines()[0]
+            log.warning("SKIP %s", msg)
+            failed.append({"seriesuid": uid, "error": msg})
+            continue
+        ok += 1
+        found += len(res["candidates"])
+        negatives += [Candidate(uid, tuple(float(v) for v in c.center_xyz), False) for c in res["candidates"]
+                      if clear_of_findings(c.center_xyz, by_uid.get(uid, ()))]
+    out_csv = write_candidates(out_csv, negatives)
+    summary = {"scans_ok": ok, "failed": failed, "candidates": found, "negatives": len(negatives),
+               "near_findings": found - len(negatives), "seconds": round(time.perf_counter() - t0, 1),
+               "csv": str(out_csv)}
     log.info("mined %d scans: %d candidates, %d non-nodules written, %d near a finding left out (%.0f s) -> %s",
-             ok, found, found - near, near, summary["seconds"], out_csv)
+             ok, found, len(negatives), found - len(negatives), summary["seconds"], out_csv)
     return summary
