@@ -192,10 +192,11 @@ def build_cls_datasets(data_dir: str | Path, *, val_fraction: float = 0.25, samp
              len(train), sum(s.is_nodule for s in train), len(val), sum(s.is_nodule for s in val))
     detector = []
     if detector_candidates is not None:
-        detector = [s for s in load_cls_samples(data_dir, train_uids, cache, table=detector_candidates)
-                    if not s.is_nodule]
-        log.info("detector negatives: %d on %d training scans from %s", len(detector),
-                 len({s.seriesuid for s in detector}), detector_candidates)
-    return (ClsTrainDataset(train, cache, samples_per_epoch, seed, crop_spacing=crop_spacing,
-                            detector_negatives=detector),
+        detector = load_cls_samples(data_dir, train_uids, cache, table=detector_candidates)
+    train_ds = ClsTrainDataset(train, cache, samples_per_epoch, seed, crop_spacing=crop_spacing,
+                               detector_negatives=detector)
+    if detector_candidates is not None:
+        log.info("detector negatives: %d on %d training scans from %s", len(train_ds.detector_neg),
+                 len({s.seriesuid for s in train_ds.detector_neg}), detector_candidates)
+    return (train_ds,
             ClsValDataset(val, cache, val_max_negatives, seed, crop_spacing=crop_spacing))
