@@ -299,7 +299,7 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
                 best = auc
             if writes:
                 meta = {"epoch": epoch + 1, "metrics": row, "config": config}
-                if improved if cfg.keep == "best" else True:
+                if improved or cfg.keep == "last":
                     save_cls_checkpoint(out / "cls.pt", model, **meta)
                     if labels is not None:
                         save_roc_png(out / "roc.png", labels, probs)
