@@ -156,7 +156,6 @@ def run_demo(cfg: DemoConfig) -> dict:
                                            val_every=max(1, cls_epochs // 2),
                                            **_given(steps_per_epoch=cfg.cls_steps,
                                                     val_max_negatives=cfg.cls_val_negatives)))
-    cls_run["mined"] = mined
     cls_ckpt = Path(shutil.copy2(cls_run["checkpoint"], models / "cls.pt"))
 
     report = _optimize(cfg, timer, seg_ckpt, cls_ckpt, data, out)
@@ -178,7 +177,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                              seriesuids_csv=eval_dir / "seriesuids_val.csv", out_dir=eval_dir)
 
     timer.timings["total"] = round(time.perf_counter() - t_start, 1)
-    report = _final_report(cfg, report, synth, seg_run, cls_run, detection, froc, timer, out)
+    report = _final_report(cfg, report, synth, seg_run, cls_run, mined, detection, froc, timer, out)
     _print_summary(report, out / "report")
     return report
 
@@ -234,7 +233,7 @@ def _optimize(cfg: DemoConfig, timer: _Timer, seg_ckpt: Path, cls_ckpt: Path, da
     return report
 
 
-def _final_report(cfg, report, synth, seg_run, cls_run, detection, froc, timer, out: Path) -> dict:
+def _final_report(cfg, report, synth, seg_run, cls_run, mined, detection, froc, timer, out: Path) -> dict:
     from nodulekit.report.render import render_report, write_report_json
 
     report_dir = _fresh(out / "report")
@@ -258,7 +257,7 @@ def _final_report(cfg, report, synth, seg_run, cls_run, detection, froc, timer, 
     report["training"] = {
         "seg": {k: v for k, v in seg_run["best"].items() if isinstance(v, (int, float))},
         "cls": {k: v for k, v in cls_run.get("best", {}).items() if isinstance(v, (int, float))},
-        "mine": {k: v for k, v in cls_run.get("mined", {}).items() if isinstance(v, (int, float))},
+        "mine": {k: v for k, v in mined.items() if isinstance(v, (int, float))},
     }
     report["dataset"] = {**report.get("dataset", {}), "synthetic": True,
                          **{k: v for k, v in synth.items() if isinstance(v, (int, float, str))}}
