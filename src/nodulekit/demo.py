@@ -23,7 +23,7 @@ log = get_logger("demo")
 
 @dataclass
 class DemoConfig:
-    """Sizes of a demo run. ``for_mode`` gives the full run (about 23 minutes on 2 cores without
+    """Sizes of a demo run. ``for_mode`` gives the full run (about 20 minutes on 2 cores without
     the RKNN builds) or the quick one (about 3 minutes, every stage touched on small data); both
     hold out a fixed number of scans, so validation, the compression study's measurements and
     detection cost the same whatever ``scans`` is (more scans give the classifier more training
