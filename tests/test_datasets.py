@@ -225,3 +225,26 @@ def test_hard_negative_mining_draws_the_highest_scoring_non_nodules(tmp_path):
     assert [ds[i][1] for i in range(6)] == [1, 0] * 3
     with pytest.raises(ValueError, match="share"):
         ds.set_hard_negatives(hard, share=1.5)
+
+
+def test_detector_negatives_drawn_from_the_picked_ones(tmp_path):
+    from nodulekit.data.cache import VolumeCache
+    from nodulekit.data.cls_dataset import ClsTrainDataset, load_cls_samples
+    from nodulekit.train.cls import highest_scoring
+
+    root = _tiny_luna(tmp_path)
+    cache = VolumeCache(tmp_path / "cache")
+    samples = load_cls_samples(root, cache=cache)
+    negatives = [s for s in samples if not s.is_nodule]
+    ds = ClsTrainDataset(samples, cache, samples_per_epoch=40, seed=0, detector_negatives=negatives)
+    crops = [ds.crops(s) for s in ds.detector_neg]
+    scores = np.array([float(_Scorer()(c[None])[1][0, 1]) for c in crops])
+    picked = highest_scoring(_Scorer(), ds.detector_neg, ds.crops, keep=2)
+    assert picked.tolist() == np.argsort(-scores)[:2].tolist()
+    key = lambda t: t.numpy().tobytes()  # noqa: E731
+    ds.set_detector_share(1.0)
+    assert len({key(ds[i][0]) for i in range(1, 40, 2)}) > 2  # every detector negative drawn
+    ds.set_detector_share(1.0, picked)
+    assert {key(ds[i][0]) for i in range(1, 40, 2)} == {key(crops[j]) for j in picked}
+    ds.set_detector_share(1.0, [])
+    assert ds.detector_share == 0.0  # nothing picked: nothing drawn from them

@@ -56,18 +56,30 @@ def test_cli_train_cls_smoke(synth_data, tmp_path):
     assert [r["epoch"] for r in summary["history"]] == [1, 2]
 
 
-def test_keep_last_epoch_with_detector_negatives(synth_data, tmp_path):
+def test_keep_last_epoch_with_detector_negatives(synth_data, tmp_path, monkeypatch):
+    import nodulekit.train.cls as cls_module
     from nodulekit.data.luna import candidates_table, read_candidates, write_candidates
     from nodulekit.train.cls import ClsTrainConfig, train_cls
 
-    # stand-in detector table: the dataset's own non-nodules, moved by 3 mm
+    picks, highest_scoring = [], cls_module.highest_scoring
+
+    def recording(model, samples, crops, keep, *args, **kwargs):
+        out = highest_scoring(model, samples, crops, keep, *args, **kwargs)
+        picks.append((kwargs.get("what"), len(samples), keep, len(out)))
+        return out
+
+    monkeypatch.setattr(cls_module, "highest_scoring", recording)
+    # stand-in detector table: about 200 of the dataset's own non-nodules, from every scan, moved by 3 mm
     detector = tmp_path / "detector.csv"
+    negatives = [c for c in read_candidates(candidates_table(synth_data)) if not c.is_nodule]
     write_candidates(detector, [type(c)(c.seriesuid, tuple(v + 3.0 for v in c.center_xyz), False)
-                                for c in read_candidates(candidates_table(synth_data)) if not c.is_nodule][:200])
+                                for c in negatives[:: max(1, len(negatives) // 200)]])
     cfg = ClsTrainConfig(data=str(synth_data), out=str(tmp_path / "run"), epochs=2, steps_per_epoch=2, batch_size=4,
                          val_max_negatives=20, progress=False, cache_dir=str(tmp_path / "cache"), keep="last",
-                         detector_candidates=str(detector), detector_from_epoch=2, val_every=2)
+                         detector_candidates=str(detector), detector_from_epoch=2, detector_hard=50, val_every=2)
     result = train_cls(cfg)
+    picked = [p for p in picks if p[0] == "detector negatives"]
+    assert len(picked) == 1 and picked[0][1] > 50 and picked[0][2:] == (50, 50)  # before epoch 2 alone
     assert read_checkpoint(tmp_path / "run" / "cls.pt")["epoch"] == 2 and result["best"]["epoch"] == 2
     assert "auc" not in result["history"][0] and "auc" in result["history"][1]  # validated every 2nd epoch
     with pytest.raises(ValueError, match="keep"):

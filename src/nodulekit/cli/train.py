@@ -67,6 +67,9 @@ def add_parser(sub):
                      help="share of the negatives drawn from --detector-candidates (default 0.5)")
     cls.add_argument("--detector-from-epoch", type=int,
                      help="first epoch (1-based) that draws them (default 4: the easy negatives first)")
+    cls.add_argument("--detector-hard", type=int, metavar="K",
+                     help="score them all before each epoch that draws them and draw only from the K "
+                          "highest-scoring (default 0: from all)")
     cls.add_argument("--hard-pool", type=int,
                      help="non-nodules scored before each epoch after the first for hard-negative mining (0: off)")
     cls.add_argument("--hard-keep", type=int, help="highest-scoring ones of the pool kept as hard negatives")

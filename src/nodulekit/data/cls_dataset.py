@@ -53,7 +53,8 @@ class ClsTrainDataset(Dataset):
     ``hard_share`` of them from the hard negatives set by :meth:`set_hard_negatives` (the ones the
     classifier currently scores highest, see :func:`nodulekit.train.cls.mine_hard_negatives`), and,
     once :meth:`set_detector_share` is called, a share from ``detector_negatives``: the detector's
-    own false positives on the training scans (:func:`nodulekit.detect.mine.mine_candidates`).
+    own false positives on the training scans (:func:`nodulekit.detect.mine.mine_candidates`), all
+    of them or the ones it picks.
 
     Args:
         samples: training candidates (both classes needed).
@@ -77,13 +78,17 @@ class ClsTrainDataset(Dataset):
         self.hard: np.ndarray = np.zeros(0, np.int64)  # indices into self.neg
         self.hard_share = 0.0
         self.detector_neg = [s for s in detector_negatives if not s.is_nodule]
+        self.detector_pick = np.arange(len(self.detector_neg))  # indices into detector_neg that are drawn
         self.detector_share = 0.0
 
-    def set_detector_share(self, share: float) -> None:
-        """Draw ``share`` of the negatives from :attr:`detector_neg` (0: none)."""
+    def set_detector_share(self, share: float, pick=None) -> None:
+        """Draw ``share`` of the negatives from :attr:`detector_neg` (0: none): from the ``pick``
+        indices into it alone when given (the ones the classifier scores highest, say), else from all."""
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"detector-negative share must be in [0, 1], got {share}")
-        self.detector_share = float(share) if self.detector_neg else 0.0
+        n = len(self.detector_neg)
+        self.detector_pick = np.arange(n) if pick is None else np.asarray(pick, np.int64).reshape(-1)
+        self.detector_share = float(share) if self.detector_pick.size else 0.0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -106,7 +111,7 @@ class ClsTrainDataset(Dataset):
             return self.crops(self.pos[perm[k]]), 1
         rng = np.random.default_rng((self.seed, self.epoch, int(index), 0))
         if self.detector_share and rng.random() < self.detector_share:
-            return self.crops(self.detector_neg[rng.integers(len(self.detector_neg))]), 0
+            return self.crops(self.detector_neg[self.detector_pick[rng.integers(self.detector_pick.size)]]), 0
         if self.hard_share and rng.random() < self.hard_share:
             return self.crops(self.neg[self.hard[rng.integers(self.hard.size)]]), 0
         return self.crops(self.neg[rng.integers(len(self.neg))]), 0
