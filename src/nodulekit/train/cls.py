@@ -103,7 +103,8 @@ class ClsTrainConfig:
     # the 600 of 2,766 it scores highest (rescored before each of the last three of six epochs; 239 s
     # against 217 s), rescoring the same detections: held-out CPM 0.653 -> 0.796, 26.0 -> 15.7 false
     # positives per scan at 0.5 with all 7 nodules; on 38 nodules of a second draw 0.500 -> 0.523,
-    # 31.6 -> 17.5 with the same 28 nodules. Off by default: both CPM gains lie inside the 95 % intervals
+    # 31.6 -> 17.5 with the same 28 nodules. At seed 1 (a classifier that trained poorly either way)
+    # 10-18 % fewer false positives at 0.5 but CPM -0.10 and +0.02, so it is off by default
     detector_hard: int = 0
     workers: int = 0
     threads: int | None = None
