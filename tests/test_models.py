@@ -92,6 +92,36 @@ def test_fresh_classifier_starts_at_chance_and_its_relus_are_alive():
     assert float(m.features(x).gt(0).float().mean()) > 0.2
 
 
+def test_training_batch_norms_fold_into_the_dlwpt_layout(tmp_path):
+    """A classifier trained with batch norms (``norm=True``) folds into the plain layout with the
+    same outputs in eval mode (float32 rounding: 1e-4 of the logits' scale), and a checkpoint that
+    still holds them loads folded."""
+    from nodulekit.models.checkpoint import save_cls_checkpoint
+
+    torch.manual_seed(0)
+    m = LunaModel(norm=True).train()
+    torch.nn.init.normal_(m.head_linear.weight, std=0.05)
+    x = torch.randn(4, 1, 32, 48, 48) * 400 - 300
+    with torch.no_grad():
+        for _ in range(3):  # running statistics off their start (momentum 0.1)
+            m(x)
+        for bn in (mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm3d) and mod is not m.tail_batchnorm):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    m.eval()
+    plain = m.folded()
+    assert not plain.norm and set(plain.state_dict()) == set(LunaModel().state_dict())
+    assert n_params(plain) == 222_220
+    want = m(x)[0]
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(plain(x)[0], want, rtol=0, atol=1e-4 * float(want.abs().max()))
+    save_cls_checkpoint(tmp_path / "last.pt", m)
+    loaded, _ = load_cls_model(tmp_path / "last.pt")
+    assert not loaded.norm
+    torch.testing.assert_close(loaded(x)[0], want, rtol=0, atol=1e-4 * float(want.abs().max()))
+    assert LunaModel().folded().norm is False
+
+
 def test_wrong_shape_checkpoint_is_named(tmp_path):
     good = SegModel()
     save_seg_checkpoint(tmp_path / "a.pt", good)

@@ -56,6 +56,20 @@ def test_cli_train_cls_smoke(synth_data, tmp_path):
     assert [r["epoch"] for r in summary["history"]] == [1, 2]
 
 
+def test_norm_run_saves_the_dlwpt_layout_and_resumes(synth_data, tmp_path):
+    from nodulekit.train.cls import ClsTrainConfig, train_cls
+
+    cfg = dict(data=str(synth_data), out=str(tmp_path / "run"), epochs=1, steps_per_epoch=2, batch_size=4,
+               val_max_negatives=20, progress=False, cache_dir=str(tmp_path / "cache"), norm=True)
+    train_cls(ClsTrainConfig(**cfg))
+    saved = read_checkpoint(tmp_path / "run" / "cls.pt")["model_state"]
+    assert not any(".bn" in k for k in saved) and "block1.conv1.weight" in saved
+    assert any(".bn1." in k for k in read_checkpoint(tmp_path / "run" / "cls_last.pt")["model_state"])
+    result = train_cls(ClsTrainConfig(**{**cfg, "epochs": 2, "resume": True}))
+    assert [r["epoch"] for r in result["history"]] == [1, 2]
+    assert load_cls_model(tmp_path / "run" / "cls.pt")[0].norm is False
+
+
 def test_keep_last_epoch_with_detector_negatives(synth_data, tmp_path, monkeypatch):
     import nodulekit.train.cls as cls_module
     from nodulekit.data.luna import candidates_table, read_candidates, write_candidates

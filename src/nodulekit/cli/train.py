@@ -7,6 +7,8 @@ Run several processes with ``torchrun --nproc_per_node N -m nodulekit train seg 
 
 from __future__ import annotations
 
+import argparse
+
 
 def _common(p, default_out: str, what: str):
     p.add_argument("--data", required=True, help="dataset folder in LUNA16 layout (subset*/, annotations.csv, ...)")
@@ -74,6 +76,10 @@ def add_parser(sub):
                      help="non-nodules scored before each epoch after the first for hard-negative mining (0: off)")
     cls.add_argument("--hard-keep", type=int, help="highest-scoring ones of the pool kept as hard negatives")
     cls.add_argument("--hard-share", type=float, help="share of the negatives drawn from the hard ones")
+    cls.add_argument("--norm", action=argparse.BooleanOptionalAction, default=None,
+                     help="batch norm after every convolution while training, merged into the convolutions of "
+                          "the saved classifier, which keeps dlwpt's layout (default: on; --no-norm trains the "
+                          "plain layout)")
     cls.add_argument("--crop-spacing", dest="crop_spacing_text", metavar="MM",
                      help="mm per crop voxel 'index,row,col' (default 1.25,0.8,0.8: every scan's crops at one "
                           "voxel size), or 'native' for the scan's own voxels as dlwpt-code")

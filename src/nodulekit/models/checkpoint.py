@@ -119,9 +119,11 @@ def load_cls_model(path: str | Path) -> tuple[LunaModel, dict]:
         crop = tuple(ckpt.get("crop", (32, 48, 48)))
     except KeyError as exc:
         raise InputError(path, f"not a LunaModel classifier checkpoint ({exc})") from None
-    model = LunaModel(widths=widths, crop=crop, crop_spacing=ckpt.get("crop_spacing_mm"))
+    # a run's resume point (cls_last.pt) may hold training-time batch norms: merged on loading
+    norm = any(".bn1." in k for k in state)
+    model = LunaModel(widths=widths, crop=crop, crop_spacing=ckpt.get("crop_spacing_mm"), norm=norm)
     _load_state(model, state, path)
-    return model.eval(), ckpt
+    return model.folded().eval(), ckpt
 
 
 def _load_state(model: torch.nn.Module, state: dict, path) -> None:

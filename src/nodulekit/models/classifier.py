@@ -17,16 +17,27 @@ from nodulekit import CLS_CROP
 
 
 class LunaBlock(nn.Module):
-    def __init__(self, in_ch: int, mid_ch: int, out_ch: int):
+    """[Conv3d + ReLU] x 2, then MaxPool3d 2; ``norm`` puts a BatchNorm3d after each convolution
+    (``bn1``, ``bn2``), for training only: :meth:`LunaModel.folded` merges them into the convolutions."""
+
+    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, norm: bool = False):
         super().__init__()
         self.conv1 = nn.Conv3d(in_ch, mid_ch, kernel_size=3, padding=1, bias=True)
         self.relu1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv3d(mid_ch, out_ch, kernel_size=3, padding=1, bias=True)
         self.relu2 = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool3d(2, 2)
+        if norm:
+            self.bn1, self.bn2 = nn.BatchNorm3d(mid_ch), nn.BatchNorm3d(out_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.maxpool(self.relu2(self.conv2(self.relu1(self.conv1(x)))))
+        x = self.conv1(x)
+        if hasattr(self, "bn1"):
+            x = self.bn1(x)
+        x = self.conv2(self.relu1(x))
+        if hasattr(self, "bn2"):
+            x = self.bn2(x)
+        return self.maxpool(self.relu2(x))
 
 
 class LunaModel(nn.Module):
@@ -38,11 +49,15 @@ class LunaModel(nn.Module):
         crop_spacing: mm per crop voxel (index, row, col) the model was trained on, or ``None`` for
             native voxels (dlwpt); not used by ``forward``, it tells callers how to cut the crops
             (:func:`nodulekit.data.crops.cls_crop`).
+        norm: batch norm after every convolution, a training aid: without it the 8 plain
+            convolutions can sit at chance for the first hundred steps or more, longer at some seeds
+            than others. :meth:`folded` returns the dlwpt layout with the same outputs in eval mode.
     """
 
     def __init__(self, widths=None, crop: tuple[int, int, int] = CLS_CROP, n_classes: int = 2,
-                 crop_spacing=None):
+                 crop_spacing=None, norm: bool = False):
         super().__init__()
+        self.norm = bool(norm)
         widths = widths or [(8, 8), (16, 16), (32, 32), (64, 64)]
         self.widths = [tuple(int(c) for c in w) for w in widths]
         self.crop = tuple(crop)
@@ -52,7 +67,7 @@ class LunaModel(nn.Module):
         self.tail_batchnorm = nn.BatchNorm3d(1)
         prev = 1
         for i, (mid, out) in enumerate(self.widths, start=1):
-            setattr(self, f"block{i}", LunaBlock(prev, mid, out))
+            setattr(self, f"block{i}", LunaBlock(prev, mid, out, norm=self.norm))
             prev = out
         flat = prev * math.prod(s // 16 for s in self.crop)
         self.head_linear = nn.Linear(flat, n_classes)
@@ -72,6 +87,27 @@ class LunaModel(nn.Module):
                     nn.init.uniform_(m.bias, -bound, bound)
         nn.init.zeros_(self.head_linear.weight)
         nn.init.zeros_(self.head_linear.bias)
+
+    def folded(self) -> "LunaModel":
+        """This model in the dlwpt layout: a copy with each batch norm merged into the convolution
+        before it (``torch.nn.utils.fuse_conv_bn_weights``, eval-mode statistics); ``self`` when
+        there are none."""
+        from torch.nn.utils import fuse_conv_bn_weights
+
+        if not self.norm:
+            return self
+        plain = LunaModel(widths=self.widths, crop=self.crop, n_classes=self.head_linear.out_features,
+                          crop_spacing=self.crop_spacing)
+        state = {k: v for k, v in self.state_dict().items() if ".bn" not in k}
+        for i in range(1, len(self.widths) + 1):
+            block = getattr(self, f"block{i}")
+            for conv, bn in (("conv1", "bn1"), ("conv2", "bn2")):
+                c, b = getattr(block, conv), getattr(block, bn)
+                w, bias = fuse_conv_bn_weights(c.weight, c.bias, b.running_mean, b.running_var, b.eps,
+                                               b.weight, b.bias)
+                state[f"block{i}.{conv}.weight"], state[f"block{i}.{conv}.bias"] = w.detach(), bias.detach()
+        plain.load_state_dict(state)
+        return plain.to(next(self.parameters()).device).eval()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.tail_batchnorm(x)
