@@ -119,6 +119,27 @@ def test_interpolation_at_known_rates(tmp_path):
     assert thr["sensitivity"] == 1.0 and thr["fps_per_scan"] == 8.0
 
 
+def test_fewest_false_positives_within_a_sensitivity_loss(tmp_path):
+    # 20 nodules in one scan, found at probabilities 0.99 .. 0.80 (step 0.01); 100 FP marks at 0.005 ..
+    # 0.995 (step 0.01), 40 of them above 0.6; the max_marks cap does not apply to this point
+    anns = [("s", 0, 100 * k, 0, 10) for k in range(20)]
+    dets = [("s", 0, 100 * k, 0, round(0.99 - 0.01 * k, 2)) for k in range(20)]
+    dets += [("s", 5000 + 20 * k, 0, 0, round(0.005 + 0.01 * k, 3)) for k in range(100)]
+    res = _evaluate(tmp_path, dets, anns, uids=["s"])
+    every, best = res["operating_points"]["all_candidates"], res["operating_points"]["within_loss"]
+    assert every["sensitivity"] == 1.0 and every["fps_per_scan"] == 100
+    # 5 points of 20 nodules: one may be lost; the 19th-highest nodule sits at 0.81, above it 19 FPs
+    assert best["true_positives"] == 19 and best["threshold"] == pytest.approx(0.81)
+    assert best["false_positives"] == 19 and best["fp_reduction"] == pytest.approx(100 / 19)
+    none_lost = _evaluate(tmp_path, dets, anns, uids=["s"], max_sensitivity_loss=0.0)["operating_points"]["within_loss"]
+    assert none_lost["true_positives"] == 20 and none_lost["false_positives"] == 20
+    # segmentation that misses half: the loss counts from what every mark finds (10 of 20)
+    half = _evaluate(tmp_path, dets[10:], anns, uids=["s"], max_sensitivity_loss=0.1)["operating_points"]
+    assert half["all_candidates"]["sensitivity"] == 0.5
+    assert half["within_loss"]["true_positives"] == 8 and half["within_loss"]["threshold"] == pytest.approx(0.82)
+    assert _evaluate(tmp_path, dets, [], uids=["s"])["operating_points"]["within_loss"] is None
+
+
 def test_vertical_segment_takes_the_highest_sensitivity(tmp_path):
     # 8 scans: at exactly 1 FP per scan (8 FPs) two more nodules are found at the same probability
     dets = [("s0", 300 + 10 * k, 0, 0, 0.9) for k in range(8)]

@@ -239,7 +239,8 @@ def _final_report(cfg, report, synth, seg_run, cls_run, mined, detection, froc, 
 
     report_dir = _fresh(out / "report")
     ops = froc.get("operating_points", {})
-    labels = {"all_candidates": "segmentation alone", "at_threshold": "with classifier (p >= 0.5)"}
+    labels = {"all_candidates": "segmentation alone", "at_threshold": "with classifier (p >= 0.5)",
+              "within_loss": "with classifier, fewest FP within 5 points"}
     report["detection"] = {
         "cpm": froc["cpm"],
         "cpm_ci": froc.get("cpm_ci"),
@@ -248,7 +249,7 @@ def _final_report(cfg, report, synth, seg_run, cls_run, mined, detection, froc, 
         "operating_points": [
             {"operating point": labels.get(k, k), **{m: round(v, 4) if isinstance(v, float) else v
                                                      for m, v in op.items()}}
-            for k, op in ops.items()
+            for k, op in ops.items() if op is not None
         ],
         "n_scans": froc.get("n_scans"),
         "n_nodules": froc.get("n_nodules"),

@@ -15,6 +15,9 @@ def add_parser(sub):
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples for the 95%% CI (0: none)")
     p.add_argument("--max-marks", type=int, default=100, help="most probable marks kept per scan")
     p.add_argument("--threshold", type=float, default=0.5, help="probability of the reported operating point")
+    p.add_argument("--max-sensitivity-loss", type=float, default=0.05,
+                   help="also report the threshold with the fewest false positives that loses at most this much "
+                        "sensitivity against every mark (default 0.05)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -24,7 +27,7 @@ def run(args) -> int:
 
     res = evaluate_froc(args.detections, args.annotations, args.excluded, args.seriesuids, args.out,
                         n_bootstrap=args.bootstrap, seed=args.seed, max_marks=args.max_marks,
-                        threshold=args.threshold)
+                        threshold=args.threshold, max_sensitivity_loss=args.max_sensitivity_loss)
     sens = "  ".join(f"{r:g}:{'-' if s is None else f'{s:.3f}'}"
                      for r, s in zip(res["fps_per_scan"], res["sensitivities"]))
     ci = res["cpm_ci"]
@@ -33,5 +36,8 @@ def run(args) -> int:
     print(f"sensitivity @ FP/scan  {sens}")
     print(f"CPM {res['cpm']}" + (f"  95% CI [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
     for name, op in res["operating_points"].items():
-        print(f"{name}: threshold {op['threshold']}  sensitivity {op['sensitivity']}  FP/scan {op['fps_per_scan']}")
+        if op is None:
+            continue
+        cut = f"  ({op['fp_reduction']:.1f}x fewer FP)" if op.get("fp_reduction") else ""
+        print(f"{name}: threshold {op['threshold']}  sensitivity {op['sensitivity']}  FP/scan {op['fps_per_scan']}{cut}")
     return 0

@@ -175,6 +175,26 @@ def operating_point(results: list[ScanResult], threshold: float | None) -> dict:
     }
 
 
+def fewest_false_positives(results: list[ScanResult], max_loss: float) -> dict:
+    """The threshold with the fewest false positives per scan whose sensitivity lies at most
+    ``max_loss`` below that of every mark (what the classifier must reach: e.g. 10x fewer false
+    positives than segmentation alone for at most 5 points of sensitivity); ``fp_reduction`` is how
+    many times fewer false positives than every mark (None when none is left). None when no scan
+    holds a nodule."""
+    n_nodules = sum(r.n_nodules for r in results)
+    if not n_nodules:
+        return None
+    tp = np.sort(np.concatenate([np.zeros(0)] + [r.tp_probs for r in results]))[::-1]
+    # the fewest true positives that stay within the loss (a tolerance for 0.05 * n in floats)
+    need = max(0, math.ceil((len(tp) / n_nodules - max_loss) * n_nodules - 1e-9))
+    threshold = float(tp[need - 1]) if need else math.inf
+    point = operating_point(results, threshold)
+    every = operating_point(results, None)["false_positives"]
+    point.update(max_sensitivity_loss=max_loss, threshold=threshold if need else None,
+                 fp_reduction=every / point["false_positives"] if point["false_positives"] else None)
+    return point
+
+
 def bootstrap(results: list[ScanResult], n_bootstrap: int = 1000, seed: int = 0, rates=FP_RATES,
               grid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Resample scans with replacement and recompute the curve.
@@ -201,7 +221,7 @@ def bootstrap(results: list[ScanResult], n_bootstrap: int = 1000, seed: int = 0,
 
 def evaluate_froc(detections_csv, annotations_csv, excluded_csv=None, seriesuids_csv=None, out_dir=None, *,
                   n_bootstrap: int = 1000, seed: int = 0, max_marks: int | None = MAX_MARKS,
-                  threshold: float = 0.5) -> dict:
+                  threshold: float = 0.5, max_sensitivity_loss: float = 0.05) -> dict:
     """LUNA16 FROC of a CAD marks table.
 
     Args:
@@ -216,6 +236,8 @@ def evaluate_froc(detections_csv, annotations_csv, excluded_csv=None, seriesuids
         max_marks: most probable marks kept per scan.
         threshold: probability of the classifier operating point reported next to the
             all-candidates point.
+        max_sensitivity_loss: the third operating point (``within_loss``) is the threshold with the
+            fewest false positives that loses at most this much sensitivity against every mark.
 
     Returns:
         ``sensitivities`` and ``fps_per_scan`` (7 each), ``cpm``, ``cpm_ci``, ``sensitivities_ci``,
@@ -248,6 +270,7 @@ def evaluate_froc(detections_csv, annotations_csv, excluded_csv=None, seriesuids
                 for uid in uids]
 
     results = match_all(max_marks)
+    uncapped = match_all(None)
     fps, sens, _ = froc_curve(results)
     n_nodules = sum(r.n_nodules for r in results)
     if n_nodules == 0:
@@ -274,8 +297,9 @@ def evaluate_froc(detections_csv, annotations_csv, excluded_csv=None, seriesuids
         "n_ignored_duplicates": sum(r.n_ignored_duplicates for r in results),
         "n_detections_outside_scans": outside,
         "operating_points": {
-            "all_candidates": operating_point(match_all(None), None),
+            "all_candidates": operating_point(uncapped, None),
             "at_threshold": operating_point(results, threshold),
+            "within_loss": fewest_false_positives(uncapped, max_sensitivity_loss),
         },
         "curve": {"fps_per_scan": _floats(grid), "sensitivity": _floats(sensitivity_at(fps, sens, grid))},
     }
