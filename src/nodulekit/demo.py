@@ -39,7 +39,7 @@ class DemoConfig:
     seg_epochs: int | None = 8  # None: the training config's default
     seg_steps: int | None = 200
     seg_val_every: int | None = 4  # the best epoch is nearly always the last one (cosine decay)
-    cls_epochs: int | None = 10
+    cls_epochs: int | None = 6
     cls_steps: int | None = None
     cls_val_negatives: int | None = 1000
     mine_slices: int | None = 24  # middle slices of each training scan the segmentation mines
@@ -149,11 +149,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         cls_run = train_cls(ClsTrainConfig(data=str(data), out=str(_fresh(out / "train" / "cls")), seed=cfg.seed,
                                            val_fraction=cfg.val_fraction, epochs=cls_epochs,
                                            detector_candidates=mined["csv"],
-                                           # the epochs from the fourth on meet the detector's own false
+                                           # the second half of the epochs meets the detector's own false
                                            # positives, which the validation candidates do not hold:
                                            # the last epoch is kept, not the best validation AUC
-                                           detector_from_epoch=min(ClsTrainConfig.detector_from_epoch, cls_epochs),
-                                           keep="last",
+                                           detector_from_epoch=cls_epochs // 2 + 1, keep="last",
                                            val_every=max(1, cls_epochs // 2),
                                            **_given(steps_per_epoch=cfg.cls_steps,
                                                     val_max_negatives=cfg.cls_val_negatives)))

@@ -112,10 +112,12 @@ class ClsTrainConfig:
     # epochs at some seeds (validation AUC 0.78 after six epochs at seed 1, 0.995 at seed 0). With it
     # (the demo's data, six epochs, seeds 0/1/2; its detections rescored, 38 nodules of a second
     # synthetic draw): validation AUC 0.96-0.99, 23-31 false positives per scan at 0.5 instead of
-    # 32-91, independent CPM 0.534/0.455/0.357 against 0.500/0.395/0.440. It also fits faster:
+    # 32-91, but independent CPM 0.534/0.455/0.357 against 0.500/0.395/0.440. It fits faster:
     # ten epochs reach CPM 0.602/0.609 at seeds 0/1 (12.0/17.7 false positives per scan at 0.5, 28
-    # of 38 nodules), where twelve without it reached 0.571 at seed 0
-    norm: bool = True
+    # of 38 nodules), where twelve without it reached 0.571 at seed 0. Ten epochs cost the demo
+    # about 6 minutes more (28 min 41 s in all), past its 25-minute budget, and at six epochs it
+    # gains no CPM, so it is off by default: dlwpt's plain training
+    norm: bool = False
     workers: int = 0
     threads: int | None = None
     seed: int = 0
