@@ -44,12 +44,13 @@ def test_cli_train_cls_smoke(synth_data, tmp_path):
 
     out = tmp_path / "run"
     args = ["train", "cls", "--data", str(synth_data), "--out", str(out), "--epochs", "1", "--steps-per-epoch", "2",
-            "--batch-size", "4", "--val-max-negatives", "20", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+            "--batch-size", "4", "--val-max-negatives", "20", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+            "--norm"]
     assert main(args) == 0
     for name in ("cls.pt", "cls_last.pt", "log.csv", "roc.png", "summary.json"):
         assert (out / name).is_file(), name
     model, ckpt = load_cls_model(out / "cls.pt")
-    assert ckpt["epoch"] == 1 and "auc" in ckpt["metrics"]
+    assert ckpt["epoch"] == 1 and "auc" in ckpt["metrics"] and ckpt["config"]["norm"] is True
     assert main([*args[:6], "--epochs", "2", *args[8:], "--resume"]) == 0
     assert read_checkpoint(out / "cls_last.pt")["epoch"] == 2
     summary = json.loads((out / "summary.json").read_text())
