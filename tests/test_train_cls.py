@@ -45,12 +45,13 @@ def test_cli_train_cls_smoke(synth_data, tmp_path):
     out = tmp_path / "run"
     args = ["train", "cls", "--data", str(synth_data), "--out", str(out), "--epochs", "1", "--steps-per-epoch", "2",
             "--batch-size", "4", "--val-max-negatives", "20", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
-            "--norm"]
+            "--no-norm"]  # batch norm is the default (see the next test): the plain dlwpt training here
     assert main(args) == 0
     for name in ("cls.pt", "cls_last.pt", "log.csv", "roc.png", "summary.json"):
         assert (out / name).is_file(), name
     model, ckpt = load_cls_model(out / "cls.pt")
-    assert ckpt["epoch"] == 1 and "auc" in ckpt["metrics"] and ckpt["config"]["norm"] is True
+    assert ckpt["epoch"] == 1 and "auc" in ckpt["metrics"] and ckpt["config"]["norm"] is False
+    assert not any(".bn" in k for k in read_checkpoint(out / "cls_last.pt")["model_state"])
     assert main([*args[:6], "--epochs", "2", *args[8:], "--resume"]) == 0
     assert read_checkpoint(out / "cls_last.pt")["epoch"] == 2
     summary = json.loads((out / "summary.json").read_text())
@@ -99,3 +100,33 @@ def test_keep_last_epoch_with_detector_negatives(synth_data, tmp_path, monkeypat
     assert "auc" not in result["history"][0] and "auc" in result["history"][1]  # validated every 2nd epoch
     with pytest.raises(ValueError, match="keep"):
         train_cls(ClsTrainConfig(data=str(synth_data), out=str(tmp_path / "x"), keep="median"))
+
+
+def test_predict_cls_scores_a_normed_model_as_its_eval_mode():
+    """predict_cls scores a model trained with batch norms through its merged copy: the same
+    probabilities as the normed model in eval mode (to 1e-4), and the model is left unchanged."""
+    import torch
+
+    from nodulekit.models.classifier import LunaModel
+    from nodulekit.train.cls import predict_cls
+
+    torch.manual_seed(0)
+    model = LunaModel(norm=True)
+    for m in model.modules():  # running statistics away from the identity, as after training
+        if isinstance(m, torch.nn.BatchNorm3d) and m.num_features > 1:
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    model.tail_batchnorm.running_mean.fill_(-500.0)
+    model.tail_batchnorm.running_var.fill_(500.0 ** 2)
+    torch.nn.init.normal_(model.head_linear.weight, std=0.05)
+    crops = torch.rand(6, 1, 32, 48, 48) * 2000 - 1000
+    ds = [(crops[i], i % 2) for i in range(len(crops))]
+    labels, probs = predict_cls(model, ds, batch_size=4)
+    model.eval()
+    with torch.no_grad():
+        expected = model(crops)[1][:, 1].numpy()
+    assert labels.tolist() == [0, 1, 0, 1, 0, 1]
+    assert np.ptp(expected) > 1e-3  # the check below tells models apart
+    np.testing.assert_allclose(probs, expected, atol=1e-4)
+    assert hasattr(model.block1, "bn1")

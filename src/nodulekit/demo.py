@@ -39,7 +39,11 @@ class DemoConfig:
     seg_epochs: int | None = 8  # None: the training config's default
     seg_steps: int | None = 200
     seg_val_every: int | None = 4  # the best epoch is nearly always the last one (cosine decay)
-    cls_epochs: int | None = 6
+    cls_epochs: int | None = 8
+    # the epochs from this one on also meet the detector's own false positives on the training
+    # scans, which the validation candidates do not hold: the last epoch is kept, not the best
+    # validation AUC
+    cls_detector_from: int = 4
     cls_steps: int | None = None
     cls_val_negatives: int | None = 1000
     mine_slices: int | None = 24  # middle slices of each training scan the segmentation mines
@@ -62,6 +66,7 @@ class DemoConfig:
         scans = scans or 6
         return cls(out=out, quick=True, seed=seed, scans=scans, val_fraction=_held_out_share(scans, 2), size=256,
                    max_slices=64, seg_epochs=2, seg_steps=25, seg_val_every=1, cls_epochs=2, cls_steps=10,
+                   cls_detector_from=2,
                    mine_slices=16,
                    finetune_epochs=1, finetune_steps=8, qat_epochs=1, optimize_steps=8, calib_slices=8, bench_runs=5, rknn=rknn)
 
@@ -149,10 +154,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         cls_run = train_cls(ClsTrainConfig(data=str(data), out=str(_fresh(out / "train" / "cls")), seed=cfg.seed,
                                            val_fraction=cfg.val_fraction, epochs=cls_epochs,
                                            detector_candidates=mined["csv"],
-                                           # the second half of the epochs meets the detector's own false
-                                           # positives, which the validation candidates do not hold:
-                                           # the last epoch is kept, not the best validation AUC
-                                           detector_from_epoch=cls_epochs // 2 + 1, keep="last",
+                                           detector_from_epoch=min(cfg.cls_detector_from, cls_epochs), keep="last",
                                            val_every=max(1, cls_epochs // 2),
                                            **_given(steps_per_epoch=cfg.cls_steps,
                                                     val_max_negatives=cfg.cls_val_negatives)))
