@@ -38,7 +38,7 @@ class DemoConfig:
     max_slices: int | None = None
     seg_epochs: int | None = 8  # None: the training config's default
     seg_steps: int | None = 200
-    seg_val_every: int | None = 4  # the best epoch is nearly always the last one (cosine decay)
+    seg_val_every: int | None = 8  # after the last epoch only: the best one nearly always (cosine decay)
     cls_epochs: int | None = 8
     # the epochs from this one on also meet the detector's own false positives on the training
     # scans, which the validation candidates do not hold: the last epoch is kept, not the best
