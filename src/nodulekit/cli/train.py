@@ -78,7 +78,8 @@ def add_parser(sub):
     cls.add_argument("--hard-share", type=float, help="share of the negatives drawn from the hard ones")
     cls.add_argument("--norm", action=argparse.BooleanOptionalAction, default=None,
                      help="batch norm after every convolution while training, merged into the convolutions of "
-                          "the saved classifier, which keeps dlwpt's layout (default: on; --no-norm trains plainly as dlwpt)")
+                          "the saved classifier, which keeps dlwpt's layout (default: on; --no-norm trains plainly as dlwpt, "
+                          "and fine-tunes an --init checkpoint without renormalizing its convolutions)")
     cls.add_argument("--crop-spacing", dest="crop_spacing_text", metavar="MM",
                      help="mm per crop voxel 'index,row,col' (default 1.25,0.8,0.8: every scan's crops at one "
                           "voxel size), or 'native' for the scan's own voxels as dlwpt-code")

@@ -112,8 +112,9 @@ class ClsTrainConfig:
     # epochs at some seeds (validation AUC 0.78 after six epochs at seed 1, 0.995 at seed 0). With it
     # (the demo's data, its detections rescored, 38 nodules of a second synthetic draw): at six
     # epochs independent CPM 0.534/0.455/0.357 at seeds 0/1/2 against 0.500/0.395/0.440 without, but
-    # it fits faster, and eight epochs (mined negatives from the fourth) reach 0.598/0.564 at seeds
-    # 0/1 (ten: 0.602/0.609; the plain training's best, twelve epochs at seed 0: 0.571)
+    # it fits faster, and eight epochs (mined negatives from the fourth) reach 0.598/0.564/0.466 at
+    # seeds 0/1/2, mean 0.543 against the plain six epochs' 0.445 (ten: 0.602/0.609 at seeds 0/1;
+    # the plain training's best, twelve epochs at seed 0: 0.571)
     norm: bool = True
     workers: int = 0
     threads: int | None = None
@@ -262,7 +263,9 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
         # Conv3d runs about 2.5x faster on the CPU with channels-last activations
         model = LunaModel(norm=cfg.norm)
         if cfg.init:
-            # batch norms (if any) start as identities on top of the given weights
+            # batch norms (if any) start with unit scale and zero shift on top of the given weights;
+            # in training they normalize by batch statistics, so the first steps change what the
+            # checkpoint computes (--no-norm fine-tunes it unchanged)
             model.load_state_dict(load_cls_model(cfg.init)[0].state_dict(), strict=not cfg.norm)
         model = model.to(dev, memory_format=CHANNELS_LAST)
         model.crop_spacing = None if cfg.crop_spacing is None else tuple(float(v) for v in cfg.crop_spacing)
