@@ -130,3 +130,22 @@ def test_predict_cls_scores_a_normed_model_as_its_eval_mode():
     assert np.ptp(expected) > 1e-3  # the check below tells models apart
     np.testing.assert_allclose(probs, expected, atol=1e-4)
     assert hasattr(model.block1, "bn1")
+
+
+def test_init_keeps_the_checkpoints_widths(synth_data, tmp_path):
+    """--init starts from a checkpoint of other widths (a pruned classifier) with batch norms added on
+    top, and the saved classifier keeps those widths in dlwpt's layout."""
+    import torch
+
+    from nodulekit.models.checkpoint import save_cls_checkpoint
+    from nodulekit.models.classifier import LunaModel
+    from nodulekit.train.cls import ClsTrainConfig, train_cls
+
+    widths = [(8, 8), (8, 16), (16, 24), (24, 32)]
+    torch.manual_seed(0)
+    save_cls_checkpoint(tmp_path / "small.pt", LunaModel(widths=widths))
+    train_cls(ClsTrainConfig(data=str(synth_data), out=str(tmp_path / "run"), epochs=1, steps_per_epoch=2,
+                             batch_size=4, val_max_negatives=20, progress=False, cache_dir=str(tmp_path / "cache"),
+                             init=str(tmp_path / "small.pt")))
+    model, _ = load_cls_model(tmp_path / "run" / "cls.pt")
+    assert model.widths == widths and not model.norm

@@ -261,12 +261,18 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
 
         torch.manual_seed(cfg.seed)
         # Conv3d runs about 2.5x faster on the CPU with channels-last activations
-        model = LunaModel(norm=cfg.norm)
         if cfg.init:
-            # batch norms (if any) start with unit scale and zero shift on top of the given weights;
-            # in training they normalize by batch statistics, so the first steps change what the
-            # checkpoint computes (--no-norm fine-tunes it unchanged)
-            model.load_state_dict(load_cls_model(cfg.init)[0].state_dict(), strict=not cfg.norm)
+            # the checkpoint's widths and crop (pruned or dlwpt ones too); batch norms (if any) start
+            # with unit scale and zero shift on top of its weights, but in training they normalize by
+            # batch statistics, so the first steps change what it computes (--no-norm: unchanged)
+            init = load_cls_model(cfg.init)[0]
+            model = LunaModel(widths=init.widths, crop=init.crop, norm=cfg.norm)
+            loaded = model.load_state_dict(init.state_dict(), strict=False)
+            unmatched = [k for k in loaded.missing_keys if ".bn" not in k] + list(loaded.unexpected_keys)
+            if unmatched:
+                raise InputError(cfg.init, f"classifier weights do not match LunaModel: {unmatched[:3]}")
+        else:
+            model = LunaModel(norm=cfg.norm)
         model = model.to(dev, memory_format=CHANNELS_LAST)
         model.crop_spacing = None if cfg.crop_spacing is None else tuple(float(v) for v in cfg.crop_spacing)
         net = wrap_model(model, ctx)
