@@ -240,8 +240,9 @@ def _final_report(cfg, report, synth, seg_run, cls_run, mined, detection, froc, 
 
     report_dir = _fresh(out / "report")
     ops = froc.get("operating_points", {})
+    loss = (ops.get("within_loss") or {}).get("max_sensitivity_loss", 0.05)
     labels = {"all_candidates": "segmentation alone", "at_threshold": "with classifier (p >= 0.5)",
-              "within_loss": "with classifier, fewest FP within 5 points"}
+              "within_loss": f"with classifier, fewest FP within {100 * loss:g} points"}
     report["detection"] = {
         "cpm": froc["cpm"],
         "cpm_ci": froc.get("cpm_ci"),

@@ -175,7 +175,7 @@ def operating_point(results: list[ScanResult], threshold: float | None) -> dict:
     }
 
 
-def fewest_false_positives(results: list[ScanResult], max_loss: float) -> dict:
+def fewest_false_positives(results: list[ScanResult], max_loss: float) -> dict | None:
     """The threshold with the fewest false positives per scan whose sensitivity lies at most
     ``max_loss`` below that of every mark (what the classifier must reach: e.g. 10x fewer false
     positives than segmentation alone for at most 5 points of sensitivity); ``fp_reduction`` is how
