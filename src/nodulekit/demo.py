@@ -236,11 +236,12 @@ def _optimize(cfg: DemoConfig, timer: _Timer, seg_ckpt: Path, cls_ckpt: Path, da
 
 
 def _final_report(cfg, report, synth, seg_run, cls_run, mined, detection, froc, timer, out: Path) -> dict:
+    from nodulekit.evaluate.froc import MAX_SENSITIVITY_LOSS
     from nodulekit.report.render import render_report, write_report_json
 
     report_dir = _fresh(out / "report")
     ops = froc.get("operating_points", {})
-    loss = (ops.get("within_loss") or {}).get("max_sensitivity_loss", 0.05)
+    loss = (ops.get("within_loss") or {}).get("max_sensitivity_loss", MAX_SENSITIVITY_LOSS)
     labels = {"all_candidates": "segmentation alone", "at_threshold": "with classifier (p >= 0.5)",
               "within_loss": f"with classifier, fewest FP within {100 * loss:g} points"}
     report["detection"] = {

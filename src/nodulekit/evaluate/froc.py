@@ -31,6 +31,8 @@ log = get_logger("evaluate")
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 MAX_MARKS = 100
 EXCLUDED_UNKNOWN_DIAMETER_MM = 10.0
+# the ``within_loss`` operating point: the fewest false positives that lose at most this much sensitivity
+MAX_SENSITIVITY_LOSS = 0.05
 
 
 @dataclass
@@ -221,7 +223,7 @@ def bootstrap(results: list[ScanResult], n_bootstrap: int = 1000, seed: int = 0,
 
 def evaluate_froc(detections_csv, annotations_csv, excluded_csv=None, seriesuids_csv=None, out_dir=None, *,
                   n_bootstrap: int = 1000, seed: int = 0, max_marks: int | None = MAX_MARKS,
-                  threshold: float = 0.5, max_sensitivity_loss: float = 0.05) -> dict:
+                  threshold: float = 0.5, max_sensitivity_loss: float = MAX_SENSITIVITY_LOSS) -> dict:
     """LUNA16 FROC of a CAD marks table.
 
     Args:
