@@ -71,11 +71,14 @@ def add_parser(sub):
                      help="first epoch (1-based) that draws them (default 4: the easy negatives first)")
     cls.add_argument("--detector-hard", type=int, metavar="K",
                      help="score them all before each epoch that draws them and draw only from the K "
-                          "highest-scoring (default 0: from all)")
+                          "highest-scoring (default 600; 0: from all)")
     cls.add_argument("--hard-pool", type=int,
                      help="non-nodules scored before each epoch after the first for hard-negative mining (0: off)")
     cls.add_argument("--hard-keep", type=int, help="highest-scoring ones of the pool kept as hard negatives")
     cls.add_argument("--hard-share", type=float, help="share of the negatives drawn from the hard ones")
+    cls.add_argument("--insert-share", type=float, metavar="P",
+                     help="share of the positives that are a synthetic nodule drawn into the scan at a random "
+                          "non-nodule candidate (lesion insertion; default 0.5; 0: listed nodules only)")
     cls.add_argument("--norm", action=argparse.BooleanOptionalAction, default=None,
                      help="batch norm after every convolution while training, merged into the convolutions of "
                           "the saved classifier, which keeps dlwpt's layout (default: on; --no-norm trains plainly as dlwpt, "

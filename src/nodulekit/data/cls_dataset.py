@@ -23,6 +23,8 @@ from nodulekit.log import get_logger
 
 log = get_logger("data")
 
+INSERT_OFFSET = 0.7  # an inserted nodule's centre lies up to this many radii from its candidate
+
 
 @dataclass(frozen=True)
 class ClsSample:
@@ -64,10 +66,15 @@ class ClsTrainDataset(Dataset):
         crop, crop_spacing: crop size in voxels and mm per voxel (``None``: native voxels), see
             :mod:`nodulekit.data.crops`.
         detector_negatives: more non-nodules, kept apart from ``samples``.
+        insert_share: share of the positives that are a synthetic nodule inserted at a random
+            non-nodule candidate (:mod:`nodulekit.data.insert`) instead of a listed nodule.
     """
 
     def __init__(self, samples: Sequence[ClsSample], cache, samples_per_epoch: int, seed: int = 0,
-                 crop=CLS_CROP, crop_spacing=None, detector_negatives: Sequence[ClsSample] = ()):
+                 crop=CLS_CROP, crop_spacing=None, detector_negatives: Sequence[ClsSample] = (),
+                 insert_share: float = 0.0):
+        if not 0.0 <= insert_share <= 1.0:
+            raise ValueError(f"inserted-nodule share must be in [0, 1], got {insert_share}")
         self.pos = [s for s in samples if s.is_nodule]
         self.neg = [s for s in samples if not s.is_nodule]
         if not self.pos or not self.neg:
@@ -80,6 +87,7 @@ class ClsTrainDataset(Dataset):
         self.detector_neg = [s for s in detector_negatives if not s.is_nodule]
         self.detector_pick = np.arange(len(self.detector_neg))  # indices into detector_neg that are drawn
         self.detector_share = 0.0
+        self.insert_share = float(insert_share)
 
     def set_detector_share(self, share: float, pick=None) -> None:
         """Draw ``share`` of the negatives from :attr:`detector_neg` (0: none): from the ``pick``
@@ -105,6 +113,12 @@ class ClsTrainDataset(Dataset):
 
     def __getitem__(self, index: int):
         if index % 2 == 0:
+            if self.insert_share:
+                rng = np.random.default_rng((self.seed, self.epoch, int(index), 2))
+                if rng.random() < self.insert_share:
+                    crop = self._inserted(rng)
+                    if crop is not None:
+                        return crop, 1
             j = index // 2
             cycle, k = divmod(j, len(self.pos))
             perm = np.random.default_rng((self.seed, self.epoch, cycle, 1)).permutation(len(self.pos))
@@ -115,6 +129,20 @@ class ClsTrainDataset(Dataset):
         if self.hard_share and rng.random() < self.hard_share:
             return self.crops(self.neg[self.hard[rng.integers(self.hard.size)]]), 0
         return self.crops(self.neg[rng.integers(len(self.neg))]), 0
+
+
+    def _inserted(self, rng: np.random.Generator, tries: int = 8) -> torch.Tensor | None:
+        # a candidate outside the lung (a rib, the chest wall) takes no nodule: try another
+        from nodulekit.data.insert import inserted_crop
+
+        for _ in range(tries):
+            s = self.neg[rng.integers(len(self.neg))]
+            vol = self.crops.cache.get(s.path)
+            crop = inserted_crop(vol.hu, vol.spacing, s.center_irc, self.crops.crop, self.crops.crop_spacing,
+                                 rng, offset_radii=INSERT_OFFSET)
+            if crop is not None:
+                return torch.from_numpy(np.clip(crop, HU_MIN, HU_MAX)[None])
+        return None
 
 
 class ClsValDataset(Dataset):
@@ -175,11 +203,13 @@ def load_cls_samples(data_dir: str | Path, uids: Sequence[str] | None = None, ca
 
 def build_cls_datasets(data_dir: str | Path, *, val_fraction: float = 0.25, samples_per_epoch: int = 2048,
                        val_max_negatives: int | None = 2000, seed: int = 0, cache=None, crop_spacing=None,
-                       detector_candidates: str | Path | None = None) -> tuple[ClsTrainDataset, ClsValDataset]:
+                       detector_candidates: str | Path | None = None,
+                       insert_share: float = 0.0) -> tuple[ClsTrainDataset, ClsValDataset]:
     """Balanced training and held-out validation datasets, split by seriesuid like segmentation;
     crops of ``crop_spacing`` mm per voxel (``None``: native voxels). The non-nodules of
     ``detector_candidates`` (a candidates table) that lie on training scans become the training
-    set's ``detector_negatives``; validation never sees them."""
+    set's ``detector_negatives``; validation never sees them. ``insert_share`` of the training
+    positives are inserted nodules (see :class:`ClsTrainDataset`); validation has only real ones."""
     from nodulekit.data.cache import VolumeCache
     from nodulekit.data.luna import find_series
     from nodulekit.data.split import train_val_split
@@ -199,7 +229,7 @@ def build_cls_datasets(data_dir: str | Path, *, val_fraction: float = 0.25, samp
     if detector_candidates is not None:
         detector = load_cls_samples(data_dir, train_uids, cache, table=detector_candidates)
     train_ds = ClsTrainDataset(train, cache, samples_per_epoch, seed, crop_spacing=crop_spacing,
-                               detector_negatives=detector)
+                               detector_negatives=detector, insert_share=insert_share)
     if detector_candidates is not None:
         log.info("detector negatives: %d on %d training scans from %s", len(train_ds.detector_neg),
                  len({s.seriesuid for s in train_ds.detector_neg}), detector_candidates)

@@ -30,16 +30,21 @@ def sample_specs(rng: np.random.Generator) -> tuple[list[tuple], list[tuple]]:
     n = int(rng.choice([1, 1, 2, 2, 3, 3, 4, 5, 6]))
     specs = []
     for _ in range(n):
-        if rng.uniform() < 0.12:
-            d = rng.uniform(10, 30)
-        else:
-            d = float(np.exp(rng.normal(np.log(6.2), 0.35)))
-        d = float(np.clip(d, 3.2, 30))
-        kind = str(rng.choice(KINDS, p=[0.72, 0.1, 0.18]))
+        d, kind = draw_nodule(rng)
         attached = str(rng.choice(ATTACHED, p=[0.5, 0.25, 0.25]))
         specs.append((d, kind, attached))
     tiny = [(float(rng.uniform(1.5, 2.9)), "solid", "none") for _ in range(int(rng.integers(0, 4)))]
     return specs, tiny
+
+
+def draw_nodule(rng: np.random.Generator) -> tuple[float, str]:
+    """Diameter (mm, 3.2-30: most near 6 mm, one in eight 10-30 mm) and kind of one nodule."""
+    if rng.uniform() < 0.12:
+        d = rng.uniform(10, 30)
+    else:
+        d = float(np.exp(rng.normal(np.log(6.2), 0.35)))
+    d = float(np.clip(d, 3.2, 30))
+    return d, str(rng.choice(KINDS, p=[0.72, 0.1, 0.18]))
 
 
 def place(rng, d: float, attached: str, cf: CoarseFields, vessels: list[Segment], z_range, taken) -> np.ndarray | None:
@@ -81,12 +86,36 @@ def _shape_radius(rng, r: float, ux, uy, uz, lobulation: float):
     return r * out
 
 
-def _ball(rng, grid, center, r, lob, sl_xyz):
+def _ball(rng, pixel_mm: float, center, r, lob, sl_xyz):
     x, y, z = sl_xyz
     dx, dy, dz = x - center[0], y - center[1], z - center[2]
     d = np.sqrt(dx * dx + dy * dy + dz * dz) + np.float32(1e-6)
     rad = _shape_radius(rng, r, dx / d, dy / d, dz / d, lob)
-    return np.clip((rad - d) * np.float32(1.0 / grid.spacing[0]) + np.float32(0.5), 0, 1)
+    return np.clip((rad - d) * np.float32(1.0 / pixel_mm) + np.float32(0.5), 0, 1)
+
+
+def nodule_field(rng, xyz, pixel_mm: float, center, d: float, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """A nodule on a voxel grid, before the scanner's blur and noise.
+
+    Args:
+        xyz: world (x, y, z) mm of the voxels, broadcastable as (z, y, x) arrays.
+        pixel_mm: in-plane voxel size, the width of the partial-volume edge.
+        center, d, kind: world (x, y, z) mm of its centre, diameter in mm, one of :data:`KINDS`.
+
+    Returns:
+        ``(f, val)``: the share of each voxel the nodule fills (0-1) and its HU there.
+    """
+    r = d / 2
+    lob = 0.07 if r < 4 else 0.12
+    f = _ball(rng, pixel_mm, center, r, lob, xyz)
+    if kind == "ground_glass":
+        val = rng.uniform(-650, -420) + _texture(rng, f.shape, 35.0, pixel_mm)
+    else:
+        val = rng.uniform(20, 70) + _texture(rng, f.shape, 10.0, pixel_mm)
+        if kind == "part_solid":
+            core = _ball(rng, pixel_mm, center + rng.normal(0, 0.15 * r, 3), r * rng.uniform(0.3, 0.6), lob, xyz)
+            val = (rng.uniform(-620, -420) + _texture(rng, f.shape, 35.0, pixel_mm)) * (1 - core) + val * core
+    return f, val
 
 
 def render(hu, labels, lung, grid: Grid, center, d: float, kind: str, rng, label: int) -> np.ndarray | None:
@@ -101,16 +130,8 @@ def render(hu, labels, lung, grid: Grid, center, d: float, kind: str, rng, label
         return None
     sl, xyz = box
     inside = lung[sl]
-    lob = 0.07 if r < 4 else 0.12
-    if kind == "ground_glass":
-        f = _ball(rng, grid, center, r, lob, xyz) * inside
-        val = rng.uniform(-650, -420) + _texture(rng, f.shape, 35.0, grid)
-    else:
-        f = _ball(rng, grid, center, r, lob, xyz) * inside
-        val = rng.uniform(20, 70) + _texture(rng, f.shape, 10.0, grid)
-        if kind == "part_solid":
-            core = _ball(rng, grid, center + rng.normal(0, 0.15 * r, 3), r * rng.uniform(0.3, 0.6), lob, xyz) * inside
-            val = (rng.uniform(-620, -420) + _texture(rng, f.shape, 35.0, grid)) * (1 - core) + val * core
+    f, val = nodule_field(rng, xyz, grid.spacing[0], center, d, kind)
+    f = f * inside
     own = (f >= 0.5) & inside
     if label:
         if not own.any():
@@ -128,6 +149,6 @@ def render(hu, labels, lung, grid: Grid, center, d: float, kind: str, rng, label
     return (cen + offs).astype(float)  # (index, row, col) on the canonical grid
 
 
-def _texture(rng, shape, sd: float, grid: Grid) -> np.ndarray:
-    t = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 1.2 / grid.spacing[0] + 0.3)
+def _texture(rng, shape, sd: float, pixel_mm: float) -> np.ndarray:
+    t = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 1.2 / pixel_mm + 0.3)
     return t * np.float32(sd / max(float(t.std()), 1e-6))
