@@ -130,7 +130,6 @@ class ClsTrainDataset(Dataset):
             return self.crops(self.neg[self.hard[rng.integers(self.hard.size)]]), 0
         return self.crops(self.neg[rng.integers(len(self.neg))]), 0
 
-
     def _inserted(self, rng: np.random.Generator, tries: int = 8) -> torch.Tensor | None:
         # a candidate outside the lung (a rib, the chest wall) takes no nodule: try another
         from nodulekit.data.insert import inserted_crop
@@ -141,7 +140,7 @@ class ClsTrainDataset(Dataset):
             crop = inserted_crop(vol.hu, vol.spacing, s.center_irc, self.crops.crop, self.crops.crop_spacing,
                                  rng, offset_radii=INSERT_OFFSET)
             if crop is not None:
-                return torch.from_numpy(np.clip(crop, HU_MIN, HU_MAX)[None])
+                return torch.from_numpy(crop[None])
         return None
 
 

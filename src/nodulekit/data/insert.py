@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from nodulekit import HU_MAX, HU_MIN
 from nodulekit.data.crops import crop_hu, resampled_crop
 from nodulekit.data.synth.nodules import draw_nodule, nodule_field
 
@@ -96,5 +97,5 @@ def inserted_crop(hu: np.ndarray, spacing_xyz, center_irc, shape, crop_spacing, 
     if not insert_nodule(box, spacing_xyz, local, d, kind, rng):
         return None
     if crop_spacing is None:
-        return np.clip(crop_hu(box, local, shape), -1000, 1000).astype(np.float32)
+        return np.clip(crop_hu(box, local, shape), HU_MIN, HU_MAX)
     return resampled_crop(box, spacing_irc, local, shape, crop_spacing)
