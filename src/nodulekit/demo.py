@@ -156,6 +156,9 @@ def run_demo(cfg: DemoConfig) -> dict:
                                            detector_candidates=mined["csv"],
                                            detector_from_epoch=min(cfg.cls_detector_from, cls_epochs), keep="last",
                                            val_every=max(1, cls_epochs // 2),
+                                           # one loader process draws the inserted nodules while the
+                                           # model trains (the same batches as without it)
+                                           workers=1,
                                            **_given(steps_per_epoch=cfg.cls_steps,
                                                     val_max_negatives=cfg.cls_val_negatives)))
     cls_ckpt = Path(shutil.copy2(cls_run["checkpoint"], models / "cls.pt"))
