@@ -23,8 +23,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from nodulekit import HU_MAX, HU_MIN
-from nodulekit.data.crops import crop_hu, resampled_crop
+from nodulekit.data.crops import cls_crop, crop_hu
 from nodulekit.data.synth.nodules import draw_nodule, nodule_field
 
 LUNG_HU = -400.0  # smoothed HU below which the tissue counts as lung
@@ -96,6 +95,4 @@ def inserted_crop(hu: np.ndarray, spacing_xyz, center_irc, shape, crop_spacing, 
     local = center - origin
     if not insert_nodule(box, spacing_xyz, local, d, kind, rng):
         return None
-    if crop_spacing is None:
-        return np.clip(crop_hu(box, local, shape), HU_MIN, HU_MAX)
-    return resampled_crop(box, spacing_irc, local, shape, crop_spacing)
+    return cls_crop(box, spacing_xyz, local, shape, crop_spacing)
