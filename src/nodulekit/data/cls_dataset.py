@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nodulekit import CLS_CROP, HU_MAX, HU_MIN
+from nodulekit import CLS_CROP, HU_MAX, HU_MIN, VAL_FRACTION
 from nodulekit.errors import InputError
 from nodulekit.log import get_logger
 
@@ -200,27 +200,28 @@ def load_cls_samples(data_dir: str | Path, uids: Sequence[str] | None = None, ca
     return out
 
 
-def build_cls_datasets(data_dir: str | Path, *, val_fraction: float = 0.25, samples_per_epoch: int = 2048,
-                       val_max_negatives: int | None = 2000, seed: int = 0, cache=None, crop_spacing=None,
-                       detector_candidates: str | Path | None = None,
+def build_cls_datasets(data_dir: str | Path, *, val_fraction: float = VAL_FRACTION, split_file: str | Path | None = None,
+                       samples_per_epoch: int = 2048, val_max_negatives: int | None = 2000, seed: int = 0, cache=None,
+                       crop_spacing=None, detector_candidates: str | Path | None = None,
                        insert_share: float = 0.0) -> tuple[ClsTrainDataset, ClsValDataset]:
-    """Balanced training and held-out validation datasets, split by seriesuid like segmentation;
-    crops of ``crop_spacing`` mm per voxel (``None``: native voxels). The non-nodules of
-    ``detector_candidates`` (a candidates table) that lie on training scans become the training
-    set's ``detector_negatives``; validation never sees them. ``insert_share`` of the training
+    """Balanced training and held-out validation datasets, split by seriesuid like segmentation
+    (:func:`nodulekit.data.split.resolve_split`: ``split_file``'s scans when one is given, else
+    ``val_fraction`` of them); crops of ``crop_spacing`` mm per voxel (``None``: native voxels). The
+    non-nodules of ``detector_candidates`` (a candidates table) that lie on training scans become the
+    training set's ``detector_negatives``; validation never sees them. ``insert_share`` of the training
     positives are inserted nodules (see :class:`ClsTrainDataset`); validation has only real ones."""
     from nodulekit.data.cache import VolumeCache
     from nodulekit.data.luna import find_series
-    from nodulekit.data.split import train_val_split
+    from nodulekit.data.split import resolve_split
 
     uids = sorted(find_series(data_dir))
     if not uids:
         raise InputError(data_dir, "no CT scans found (expected subset*/<uid>.mhd)")
     cache = cache if cache is not None else VolumeCache(Path(data_dir) / ".cache")
-    train_uids, val_uids = train_val_split(uids, val_fraction)
-    samples = load_cls_samples(data_dir, uids, cache)
-    val_set = set(val_uids)
-    train = [s for s in samples if s.seriesuid not in val_set]
+    train_uids, val_uids = resolve_split(uids, val_fraction, split_file)
+    train_set, val_set = set(train_uids), set(val_uids)
+    samples = load_cls_samples(data_dir, [u for u in uids if u in train_set or u in val_set], cache)
+    train = [s for s in samples if s.seriesuid in train_set]
     val = [s for s in samples if s.seriesuid in val_set]
     log.info("classifier data: %d training candidates (%d nodules), %d validation (%d nodules)",
              len(train), sum(s.is_nodule for s in train), len(val), sum(s.is_nodule for s in val))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nodulekit import CONTEXT_SLICES, HU_MAX, HU_MIN
+from nodulekit import CONTEXT_SLICES, HU_MAX, HU_MIN, VAL_FRACTION
 from nodulekit.errors import InputError
 from nodulekit.log import get_logger
 
@@ -267,19 +267,20 @@ def _lookalikes(data_dir: Path, uids: set[str]) -> dict[str, list]:
     return {uid: [c.center_xyz for c in rows] for uid, rows in by_uid.items()}
 
 
-def build_seg_datasets(data_dir: str | Path, *, val_fraction: float = 0.25, samples_per_epoch: int = 2048,
-                       crop: int = 64, window: int = 96, negative_share: float = 0.3, lookalike_share: float = 0.5,
-                       val_negative_slices: int = 8, seed: int = 0, cache=None, progress: bool = True
-                       ) -> tuple[SegTrainDataset, SegValDataset]:
+def build_seg_datasets(data_dir: str | Path, *, val_fraction: float = VAL_FRACTION, split_file: str | Path | None = None,
+                       samples_per_epoch: int = 2048, crop: int = 64, window: int = 96, negative_share: float = 0.3,
+                       lookalike_share: float = 0.5, val_negative_slices: int = 8, seed: int = 0, cache=None,
+                       progress: bool = True) -> tuple[SegTrainDataset, SegValDataset]:
     """Training and validation datasets of a LUNA16-layout folder, split by
-    :func:`nodulekit.data.split.train_val_split` (a scan is never on both sides)."""
+    :func:`nodulekit.data.split.resolve_split` (a scan is never on both sides): the held-out scans
+    of ``split_file`` when one is given, else ``val_fraction`` of them by seriesuid hash."""
     from nodulekit.data.luna import find_series
-    from nodulekit.data.split import train_val_split
+    from nodulekit.data.split import resolve_split
 
     uids = sorted(find_series(data_dir))
     if not uids:
         raise InputError(data_dir, "no CT scans found (expected subset*/<uid>.mhd)")
-    train_uids, val_uids = train_val_split(uids, val_fraction)
+    train_uids, val_uids = resolve_split(uids, val_fraction, split_file)
     scans = load_seg_scans(data_dir, train_uids + val_uids, cache=cache, progress=progress)
     by_uid = {s.uid: s for s in scans}
     log.info("segmentation data: %d training scans, %d validation scans", len(train_uids), len(val_uids))

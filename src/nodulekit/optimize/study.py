@@ -20,6 +20,8 @@ import torch
 
 from nodulekit.log import get_logger
 from nodulekit.optimize import variants as V
+from nodulekit.train.config import POSITIVE, RunConfig, setting
+from nodulekit.train.seg import SegTrainConfig
 
 log = get_logger("optimize")
 
@@ -27,52 +29,48 @@ PR_BINS = 200  # probability bins of the precision-recall histograms (thresholds
 
 
 @dataclass
-class StudyConfig:
-    """Settings of a compression study (``None`` means "not set")."""
+class StudyConfig(RunConfig):
+    """Settings of a compression study (``None`` means "not set"); the shared ones are
+    :class:`nodulekit.train.config.RunConfig`'s and apply to the fine-tuning and QAT."""
 
-    variants: tuple[str, ...] | None = None  # default: every entry of the variants table
-    # channel ratio spec (nodulekit.optimize.prune): widths 8/16/24, multiples of 8 as the NPU wants
-    prune_ratio: str = "0.5,down_path.2=0.625"
-    finetune_epochs: int = 5
-    # half the channels gone, the pruned model relearns most of its function: training's learning
-    # rate, not a fine-tuning one (on the demo's data: 5e-4 for 384 steps gave recall 0.62 at
-    # precision 0.06; 2e-3 for 768 steps 0.64 at 0.09, for 1,536 steps 0.62 at 0.15, Dice above
-    # the baseline's)
-    finetune_lr: float = 2e-3
-    # pruned fine-tuning gets its own epoch length (None: samples_per_epoch): recovering from the
-    # cut takes far more steps than QAT's adjustment of a trained model
-    finetune_samples_per_epoch: int | None = None
-    fn_weight: float = 8.0  # false-negative weight of the fine-tuning loss (training default)
-    # area cap of the pooled Dice while fine-tuning and in QAT (training's is 64; None: no cap). The
-    # cap sets where a compressed model settles between marking the inside of big nodules and
-    # marking nothing else: on the demo's data (3 x 512 steps, widths 8/16/24) cap 64 gave pixel
-    # recall 0.62 at precision 0.15, 128 gave 0.61 at 0.125, 256 gave 0.81 at 0.085, no cap 0.77 at
-    # 0.073 (the float baseline, trained with 64 from scratch: 0.77 at 0.12)
-    dice_area_cap: float | None = 256.0
-    qat_epochs: int = 5
-    # QAT keeps its epoch with the best recall on qat_val_slices validation slices (the fake-quant
-    # graph runs ~0.7 s per 512x512 slice; all of them every epoch cost more than the training);
-    # qat_val_every 0 exports the last epoch. The exported file is measured on every slice afterwards.
-    qat_val_every: int = 1
-    qat_val_slices: int | None = 16  # None: every validation slice
-    qat_lr: float = 1e-4
-    fn_weight_qat: float = 6.0  # lower than training's 8 (the design); 2 cost 8-11 recall points here
-    calib_slices: int = 64
-    calib_method: str = "percentile"
-    val_fraction: float = 0.25  # share of scans held out (the same split as training)
-    samples_per_epoch: int = 1024
-    batch_size: int = 16
-    crop: int = 64
-    workers: int = 0
-    val_every: int = 1
-    bench_runs: int = 20
-    bench_warmup: int = 3
-    bench_size: int = 512
-    threads: int = 2
-    torchscript: bool = True
-    rknn: bool = False
-    seed: int = 0
-    progress: bool = True
+    # latencies are compared at one fixed thread count, whatever the machine's cores
+    threads: int | None = 2
+    variants: tuple[str, ...] | None = setting(None, "variants to build (default: every entry of the variants "
+                                                     "table; the baseline is always included)")
+    # widths 8/16/24: multiples of 8, as the NPU wants
+    prune_ratio: str = setting("0.5,down_path.2=0.625", "channel ratio: '0.5' or per block "
+                                                        "'down_path.0=0.3,up_path.1=0.6' (nodulekit.optimize.prune)")
+    finetune_epochs: int = setting(5, "fine-tuning epochs of the pruned model")
+    # half the channels gone, the pruned model relearns most of its function: training's rate
+    finetune_lr: float = setting(SegTrainConfig.lr, "peak learning rate of the pruned model's fine-tuning",
+                                 check=POSITIVE)
+    # recovering from the cut takes far more steps than QAT's adjustment of a trained model
+    finetune_samples_per_epoch: int | None = setting(None, "training crops per fine-tuning epoch of the pruned "
+                                                           "model (default: samples_per_epoch)", check=POSITIVE)
+    fn_weight: float = setting(SegTrainConfig.fn_weight, "false-negative weight of the fine-tuning loss")
+    # the cap sets where a compressed model settles between marking the inside of big nodules and
+    # marking nothing else: a larger one than training's keeps more of the baseline's recall
+    dice_area_cap: float | None = setting(256.0, "area cap of the pooled Dice while fine-tuning and in QAT (0: "
+                                                 "none; see nodulekit.train.losses)", zero_is_none=True)
+    qat_epochs: int = setting(5, "quantization-aware training epochs")
+    # the fake-quant graph runs ~0.7 s per 512x512 slice: validating on all slices every epoch would
+    # cost more than the training; the exported file is measured on every slice afterwards
+    qat_val_every: int = setting(1, "validate the fake-quant graph every N QAT epochs and after the last, keeping "
+                                    "the best epoch by recall (0: export the last epoch)")
+    qat_val_slices: int | None = setting(16, "validation slices for picking the QAT epoch, nodule slices first "
+                                             "(0: all)", zero_is_none=True)
+    qat_lr: float = setting(1e-4, "peak learning rate of QAT", check=POSITIVE)
+    # lower than training's: QAT adjusts a model that already finds the nodules
+    fn_weight_qat: float = setting(6.0, "false-negative weight during QAT")
+    calib_slices: int = setting(64, "calibration slices of post-training quantization", check=POSITIVE)
+    calib_method: str = setting("percentile", "activation range calibration of post-training quantization")
+    samples_per_epoch: int = setting(1024, "training crops per fine-tuning and QAT epoch", check=POSITIVE)
+    crop: int = setting(SegTrainConfig.crop, "training crop side", check=POSITIVE)
+    bench_runs: int = setting(20, "timed runs per deployed file", check=POSITIVE)
+    bench_warmup: int = setting(3, "untimed runs before them")
+    bench_size: int = setting(512, "slice side of the latency input", check=POSITIVE)
+    torchscript: bool = setting(True, "also export TorchScript files")
+    rknn: bool = setting(False, "also build RKNN models (needs .venv-rknn)")
 
 
 @dataclass

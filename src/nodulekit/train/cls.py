@@ -1,4 +1,4 @@
-"""Training the false-positive-reduction classifier (``LunaModel`` on 32x48x48 crops).
+"""Training the false-positive-reduction classifier (``LunaModel`` on ``nodulekit.CLS_CROP`` crops).
 
 Run folder: ``cls.pt`` (best by AUC, or the last epoch), ``cls_last.pt`` (resume), ``log.csv``, ``tb/``, ``roc.png``,
 ``summary.json``.
@@ -23,121 +23,60 @@ from nodulekit.log import get_logger
 from nodulekit.models.checkpoint import read_checkpoint, save_cls_checkpoint
 from nodulekit.models.classifier import LunaModel
 from nodulekit.train import _runlog
+from nodulekit.train.config import FRACTION, POSITIVE, SHARE, TrainConfig, setting
 from nodulekit.train.ddp import barrier, cleanup, init_distributed, mean_across, wrap_model
 from nodulekit.train.seg import lr_factor
 
 log = get_logger("train")
 
 CHANNELS_LAST = torch.channels_last_3d
+KEEP = ("best", "last")  # which epoch cls.pt holds
 
 
 @dataclass
-class ClsTrainConfig:
-    """Settings of a classifier run (the demo trains 8 epochs of these defaults in 9 minutes on 2 cores).
+class ClsTrainConfig(TrainConfig):
+    """Settings of a classifier run (the demo trains 8 epochs of these defaults in 9 minutes on 2 cores);
+    the shared ones are :class:`nodulekit.train.config.TrainConfig`'s. A batch is half nodules, half
+    non-nodules."""
 
-    Attributes:
-        data: dataset folder in LUNA16 layout with ``candidates.csv``.
-        out: run folder.
-        epochs: training epochs, each followed by validation.
-        steps_per_epoch: optimizer steps per epoch (per process under DDP).
-        batch_size: crops per step, half nodules, half non-nodules.
-        lr: peak Adam learning rate (warm-up, then cosine decay).
-        augment: random flips, shifts, scale, in-plane rotation and noise.
-        augment_scale: largest relative zoom (0.2: content 0.83x to 1.25x its size).
-        crop_spacing: mm per crop voxel (index, row, col), or ``None`` for native voxels as dlwpt
-            (see :mod:`nodulekit.data.crops`); the checkpoint records it for detection.
-        val_fraction: share of scans held out (the same split as segmentation).
-        val_max_negatives: non-nodule candidates sampled for validation (None: all).
-        recall_target: sensitivity at which the false-positive reduction is reported.
-        val_every: validate every this many epochs (and after the last).
-        keep: which epoch ``cls.pt`` holds: ``best`` (highest validation AUC) or ``last``.
-        detector_candidates: candidates table of the detector's own findings on the training scans
-            (:func:`nodulekit.detect.mine.mine_candidates`); its non-nodules become negatives too.
-        detector_share: share of the negatives drawn from them.
-        detector_from_epoch: first epoch (1-based) that draws them.
-        detector_hard: before each epoch that draws them, score them all and draw only from this
-            many highest-scoring ones (0: from all of them).
-        hard_pool: non-nodule training candidates scored before each epoch after the first (0: no
-            hard-negative mining).
-        hard_keep: how many of the highest-scoring ones form the hard set.
-        hard_share: share of the negatives drawn from the hard set.
-        insert_share: share of the positives that are synthetic nodules inserted at non-nodule
-            candidates (:mod:`nodulekit.data.insert`).
-        norm: train with batch norm after every convolution; the checkpoints hold it merged into
-            the convolutions (dlwpt's layout), except ``cls_last.pt``, which resumes the run.
-        workers, threads, seed, resume, init, cache_dir, device, progress: as in ``SegTrainConfig``.
-    """
-
-    data: str = ""
-    out: str = "runs/cls"
-    epochs: int = 10
-    steps_per_epoch: int = 60
-    batch_size: int = 16
-    lr: float = 1e-3
-    augment: bool = True
-    augment_scale: float = 0.2
-    crop_spacing: tuple[float, float, float] | None = DEFAULT_CROP_SPACING
-    val_fraction: float = 0.25
-    val_max_negatives: int | None = 2000
-    recall_target: float = 0.95
-    val_every: int = 1
-    keep: str = "best"
-    # the detector's false positives are the candidates that look most like nodules, and random
-    # draws rarely show the classifier those: from the second epoch on, a quarter of the negatives
-    # come from the hard_keep highest-scoring of hard_pool freshly drawn ones. On the demo's data
-    # (6 epochs, its held-out detections rescored): CPM 0.51 -> 0.63, false positives per scan at
-    # 0.5 from 55 to 36 with every nodule kept; a share of 0.5 reached CPM 0.63 but lost 2 of 7
-    # nodules at 0.5. Seven nodules make that coarse: on 38 nodules of a second draw (make
-    # froc-independent) the demo's classifier trained this way reaches CPM 0.44
-    hard_pool: int = 1024
-    hard_keep: int = 256
-    hard_share: float = 0.25
-    # The candidates table's non-nodules are not what the segmentation proposes (LUNA16's
-    # candidates_V2 comes from other CAD systems, the synthetic table from the generator's rules).
-    # Half of the negatives from the segmentation's own false positives on the training scans (all
-    # slices of the demo's 17), from the fourth of six epochs on, rescoring the same detections: on
-    # 38 nodules of a second synthetic draw, 30.6 instead of 44.1 false positives per scan at 0.5
-    # for the same 27 nodules (CPM 0.455 against 0.440), and on the real CPTAC scan 18 marks above
-    # 0.5 instead of 67. Drawn from the first epoch, the classifier learned far more slowly (CPM
-    # 0.391 after six epochs)
-    detector_candidates: str | None = None
-    detector_share: float = 0.5
-    detector_from_epoch: int = 4
-    # The detector's false positives the classifier already rejects teach it little. Drawing from
-    # the 600 of 2,766 it scores highest (rescored before each of the last three of six epochs; 239 s
-    # against 217 s), rescoring the same detections: held-out CPM 0.653 -> 0.796, 26.0 -> 15.7 false
-    # positives per scan at 0.5 with all 7 nodules; on 38 nodules of a second draw 0.500 -> 0.523,
-    # 31.6 -> 17.5 with the same 28 nodules. At seed 1 (a classifier that trained poorly either way)
-    # 10-18 % fewer false positives at 0.5 but CPM -0.10 and +0.02. With inserted nodules (below)
-    # it is on: see there
-    detector_hard: int = 600
-    # A few dozen training nodules leave the small ones on vessels and at the pleura as exceptions:
-    # eleven of the 38 nodules of a second synthetic draw (3.2-7.3 mm) scored below 0.1 even with
-    # the crop on their annotated centre. Half of the positives drawn as a nodule inserted at a
-    # non-nodule candidate (nodulekit.data.insert), with detector_hard=600; the demo's data and
-    # detections rescored, 8 normed epochs, seeds 0 / 1. The 7 held-out nodules: CPM 0.714 / 0.531
-    # -> 0.918 / 0.612; within 5 points of segmentation alone 3.2x / 5.1x -> 406x / 24x fewer false
-    # positives. The 38 of the second draw: CPM 0.598 / 0.564 -> 0.602 / 0.605; at 0.5, 26 nodules
-    # at 9.5 false positives per scan / 25 at 19.3 -> 28 at 7.7 / 28 at 5.9. Real CT, marks above
-    # 0.5: CPTAC 29 -> 34 (seed 0) and 13 (seed 1), LIDC 0 -> 3 and 5. Inserted nodules alone
-    # (detector_hard=0): CPM 0.816 / 0.735 and 0.541 / 0.553, twice the false positives at 0.5
-    insert_share: float = 0.5
-    # Batch norm while training: without it the 8 plain convolutions sat at chance for the first two
-    # epochs at some seeds (validation AUC 0.78 after six epochs at seed 1, 0.995 at seed 0). With it
-    # (the demo's data, its detections rescored, 38 nodules of a second synthetic draw): at six
-    # epochs independent CPM 0.534/0.455/0.357 at seeds 0/1/2 against 0.500/0.395/0.440 without, but
-    # it fits faster, and eight epochs (mined negatives from the fourth) reach 0.598/0.564/0.466 at
-    # seeds 0/1/2, mean 0.543 against the plain six epochs' 0.445 (ten: 0.602/0.609 at seeds 0/1;
-    # the plain training's best, twelve epochs at seed 0: 0.571)
-    norm: bool = True
-    workers: int = 0
-    threads: int | None = None
-    seed: int = 0
-    resume: bool = False
-    init: str | None = None
-    cache_dir: str | None = None
-    device: str | None = None
-    progress: bool = True
+    out: str = setting("runs/cls", "run folder (cls.pt, cls_last.pt, log.csv, tb/, roc.png, summary.json)")
+    steps_per_epoch: int = setting(60, "optimizer steps per epoch (per process under DDP)", check=POSITIVE)
+    lr: float = setting(1e-3, "peak Adam learning rate (warm-up, then cosine decay)", check=POSITIVE)
+    augment_scale: float = setting(0.2, "largest relative zoom of the augmentation (0.2: content 0.83x to 1.25x "
+                                        "its size)", check=FRACTION)
+    crop_spacing: tuple[float, float, float] | None = setting(
+        DEFAULT_CROP_SPACING, "mm per crop voxel (index, row, col), or None for the scan's native voxels as dlwpt "
+                              "(see nodulekit.data.crops); the checkpoint records it for detection")
+    val_max_negatives: int | None = setting(2000, "non-nodule candidates sampled for validation (None: all)")
+    recall_target: float = setting(0.95, "sensitivity at which the false-positive reduction is reported",
+                                   check=SHARE)
+    keep: str = setting("best", "the epoch cls.pt holds: best (highest validation AUC) or last",
+                        choices=KEEP)
+    # the detector's false positives look most like nodules, and random draws rarely show them
+    hard_pool: int = setting(1024, "non-nodule training candidates scored before each epoch after the first "
+                                   "(0: no hard-negative mining)")
+    hard_keep: int = setting(256, "how many of the highest-scoring ones form the hard set")
+    hard_share: float = setting(0.25, "share of the negatives drawn from the hard set", check=SHARE)
+    # the candidates table's non-nodules come from other rules than the segmentation's proposals,
+    # which the classifier has to reject at detection time
+    detector_candidates: str | None = setting(
+        None, "candidates table of the detector's own findings on the training scans (nodulekit mine, "
+              "nodulekit.detect.mine.mine_candidates); its non-nodules become negatives too")
+    detector_share: float = setting(0.5, "share of the negatives drawn from detector_candidates", check=SHARE)
+    # the easy negatives first: drawn from the start, the classifier learns far more slowly
+    detector_from_epoch: int = setting(4, "first epoch (1-based) that draws from detector_candidates",
+                                       check=POSITIVE)
+    # the detector's false positives the classifier already rejects teach it little
+    detector_hard: int = setting(600, "before each epoch that draws detector negatives, score them all and draw "
+                                      "only from this many highest-scoring ones (0: from all of them)")
+    # a few dozen training nodules leave the small ones on vessels and at the pleura as exceptions
+    insert_share: float = setting(0.5, "share of the positives that are synthetic nodules inserted at non-nodule "
+                                       "candidates (nodulekit.data.insert; 0: listed nodules only)", check=SHARE)
+    # without normalization the plain convolutions sit at chance for the first epochs at some seeds
+    norm: bool = setting(True, "batch norm after every convolution while training; the checkpoints hold it "
+                               "merged into the convolutions (dlwpt's layout), except cls_last.pt, which resumes "
+                               "the run (off: train plainly as dlwpt, and fine-tune an init checkpoint without "
+                               "renormalizing its convolutions)")
 
 
 def auc_score(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -254,7 +193,7 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
     from nodulekit.errors import InputError
     from nodulekit.models.checkpoint import load_cls_model
 
-    if cfg.keep not in ("best", "last"):
+    if cfg.keep not in KEEP:
         raise ValueError(f"keep must be 'best' or 'last', got {cfg.keep!r}")
     t_start = time.perf_counter()
     ctx = init_distributed(cfg.device)
@@ -268,7 +207,7 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
             raise InputError(out, "holds a classifier run already: pass --resume to continue it, or another --out")
         cache = VolumeCache(cfg.cache_dir or Path(cfg.data) / ".cache")
         train_ds, val_ds = build_cls_datasets(
-            cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, cache=cache,
+            cfg.data, val_fraction=cfg.val_fraction, split_file=cfg.split, seed=cfg.seed, cache=cache,
             samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size * ctx.world_size,
             val_max_negatives=cfg.val_max_negatives, crop_spacing=cfg.crop_spacing,
             detector_candidates=cfg.detector_candidates, insert_share=cfg.insert_share)

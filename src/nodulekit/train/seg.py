@@ -1,6 +1,6 @@
 """Training the candidate-segmentation U-Net.
 
-:class:`SegTrainConfig` holds every default in one place; :func:`train_seg` builds the data and
+:class:`SegTrainConfig` holds the defaults (the CLI's too); :func:`train_seg` builds the data and
 the model from it and calls :func:`fit_seg`, the loop that pruning fine-tuning and
 quantization-aware training reuse with their own models.
 
@@ -21,12 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from nodulekit import SEG_THRESHOLD
 from nodulekit.data.augment import RandAffine
 from nodulekit.evaluate.seg_metrics import evaluate_seg
 from nodulekit.log import get_logger
 from nodulekit.models.checkpoint import atomic_torch_save, read_checkpoint, save_seg_checkpoint
 from nodulekit.models.unet import SegModel
 from nodulekit.train import _runlog
+from nodulekit.train.config import POSITIVE, SHARE, TrainConfig, setting
 from nodulekit.train.ddp import barrier, cleanup, current_context, init_distributed, mean_across, wrap_model
 from nodulekit.train.losses import dice_loss
 
@@ -34,68 +36,29 @@ log = get_logger("train")
 
 
 @dataclass
-class SegTrainConfig:
+class SegTrainConfig(TrainConfig):
     """Settings of a segmentation run (defaults train the synthetic demo in about 5 minutes on
-    2 CPU cores).
+    2 CPU cores); the shared ones are :class:`nodulekit.train.config.TrainConfig`'s."""
 
-    Attributes:
-        data: dataset folder in LUNA16 layout.
-        out: run folder.
-        epochs: passes of ``steps_per_epoch`` steps, each followed by validation.
-        steps_per_epoch: optimizer steps per epoch (per process under DDP).
-        batch_size: crops per step (per process).
-        lr: peak Adam learning rate (linear warm-up, then cosine decay to 5 %).
-        fn_weight: weight of the false-negative Dice term.
-        batch_dice: Dice over the whole batch instead of per crop (per crop is dlwpt's; it stops
-            learning from background crops, see :mod:`nodulekit.train.losses`).
-        dice_area_cap: nodule pixels beyond which a crop weighs less in the pooled Dice, so that
-            crops of big nodules do not drown the false positives of the others (None: off).
-        prior: initial nodule probability of every pixel (output bias) for a fresh model.
-        negative_share: share of background crops; the rest are centred near nodule voxels.
-        lookalike_share: share of the background crops centred near a non-nodule candidate of
-            ``candidates.csv`` (vessels seen end-on, airway walls: the hard negatives); the others
-            lie anywhere in the body.
-        crop: training crop side; ``window``: side of the square around a nodule voxel it is taken from.
-        augment: random flips, shifts, scale, rotation and noise on the training crops.
-        val_fraction: share of scans held out for validation.
-        val_negative_slices: nodule-free validation slices per held-out scan.
-        val_every: validate every this many epochs (and after the last).
-        workers: DataLoader worker processes (0 loads in the training process).
-        threads: torch CPU threads (None: all cores shared among the local processes).
-        seed: seed of sampling, augmentation and initialisation.
-        resume: continue from ``out/seg_last.pt``.
-        init: start from the weights of this segmentation checkpoint.
-        cache_dir: VolumeCache folder (None: ``data/.cache``).
-        device: ``cpu``, ``cuda`` or None (CUDA when available).
-        progress: progress bars.
-    """
-
-    data: str = ""
-    out: str = "runs/seg"
-    epochs: int = 10
-    steps_per_epoch: int = 100
-    batch_size: int = 16
-    lr: float = 2e-3
-    fn_weight: float = 8.0
-    batch_dice: bool = True
-    dice_area_cap: float | None = 64.0
-    prior: float = 0.01
-    negative_share: float = 0.3
-    lookalike_share: float = 0.5
-    crop: int = 64
-    window: int = 96
-    augment: bool = True
-    val_fraction: float = 0.25
-    val_negative_slices: int = 8
-    val_every: int = 1
-    workers: int = 0
-    threads: int | None = None
-    seed: int = 0
-    resume: bool = False
-    init: str | None = None
-    cache_dir: str | None = None
-    device: str | None = None
-    progress: bool = True
+    out: str = setting("runs/seg", "run folder (seg.pt, seg_last.pt, log.csv, tb/, summary.json)")
+    steps_per_epoch: int = setting(100, "optimizer steps per epoch (per process under DDP)", check=POSITIVE)
+    lr: float = setting(2e-3, "peak Adam learning rate (linear warm-up, then cosine decay to 5 %)", check=POSITIVE)
+    fn_weight: float = setting(8.0, "weight of the false-negative Dice term")
+    batch_dice: bool = setting(True, "Dice pooled over the batch; per crop (dlwpt's) stops learning from background "
+                                     "crops, see nodulekit.train.losses")
+    dice_area_cap: float | None = setting(64.0, "nodule pixels beyond which a crop weighs less in the pooled Dice, "
+                                                "so that crops of big nodules do not drown the false positives of "
+                                                "the others (0: off)", zero_is_none=True)
+    prior: float = setting(0.01, "initial nodule probability of every pixel (output bias) of a fresh model")
+    negative_share: float = setting(0.3, "share of background crops; the rest are centred near nodule voxels",
+                                    check=SHARE)
+    lookalike_share: float = setting(0.5, "share of the background crops centred near a non-nodule candidate of "
+                                          "candidates.csv (vessels seen end-on, airway walls: the hard negatives); "
+                                          "the others lie anywhere in the body", check=SHARE)
+    crop: int = setting(64, "training crop side", check=POSITIVE)
+    window: int = setting(96, "side of the square around a nodule voxel a nodule crop is taken from",
+                          check=POSITIVE)
+    val_negative_slices: int = setting(8, "nodule-free validation slices per held-out scan")
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -160,11 +123,11 @@ def torch_predictor(model: torch.nn.Module, device: torch.device | str = "cpu",
 
 
 def _overlay(image7: np.ndarray, labels: np.ndarray, prob: np.ndarray) -> np.ndarray:
-    # gray CT (centre slice), label in green, prediction > 0.5 in red
+    # gray CT (centre slice), label in green, prediction above the threshold in red
     gray = (np.clip(image7[image7.shape[0] // 2], -1000, 1000) + 1000) / 2000
     rgb = np.repeat(gray[..., None], 3, axis=2)
     rgb[labels > 0, 1] = 1.0
-    rgb[prob > 0.5, 0] = 1.0
+    rgb[prob > SEG_THRESHOLD, 0] = 1.0
     return rgb.astype(np.float32)
 
 
@@ -378,10 +341,10 @@ def train_seg(cfg: SegTrainConfig) -> dict:
 
             cache = VolumeCache(cfg.cache_dir)
         train_ds, val_ds = build_seg_datasets(
-            cfg.data, val_fraction=cfg.val_fraction, samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size
-            * ctx.world_size, crop=cfg.crop, window=cfg.window, negative_share=cfg.negative_share,
-            lookalike_share=cfg.lookalike_share, val_negative_slices=cfg.val_negative_slices, seed=cfg.seed,
-            cache=cache,
+            cfg.data, val_fraction=cfg.val_fraction, split_file=cfg.split,
+            samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size * ctx.world_size, crop=cfg.crop, window=cfg.window,
+            negative_share=cfg.negative_share, lookalike_share=cfg.lookalike_share,
+            val_negative_slices=cfg.val_negative_slices, seed=cfg.seed, cache=cache,
             progress=cfg.progress and ctx.is_main)
         torch.manual_seed(cfg.seed)
         if cfg.init:
