@@ -15,7 +15,7 @@ import types
 import typing
 
 
-def _number(kind: type, check: str | None):
+def number_type(kind: type, check: str | None = None):
     """An argparse type converting to ``kind`` and refusing values outside ``check``."""
     from nodulekit.train.config import FRACTION, POSITIVE, SHARE
 
@@ -109,7 +109,7 @@ def add_config_options(parser, cls, *, first=("data", "out"), skip=(), **overrid
         elif typing.get_origin(kind) is tuple and typing.get_args(kind)[-1] is Ellipsis:
             kw.update(nargs="+", type=typing.get_args(kind)[0])
         elif kind in (int, float):
-            kw["type"] = _number(kind, check)
+            kw["type"] = number_type(kind, check)
             if _metadata(cls, f.name, "zero_is_none"):
                 kw["type"] = _zero_is_none(kw["type"])
         elif kind is str:

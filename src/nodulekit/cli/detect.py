@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from nodulekit import SEG_THRESHOLD
 from nodulekit.deploy import BACKENDS
 
 
 def add_parser(sub):
+    from nodulekit.cli._config import number_type
+    from nodulekit.train.config import SHARE
+
     p = sub.add_parser("detect", help="detect lung nodules in CT scans (table, JSON and PNGs)",
                        description="Segment the lung slices, group the segmentation into 3D candidates, classify "
                                    "a crop around each, and write nodules.csv (every candidate), nodules.json and "
@@ -18,8 +22,9 @@ def add_parser(sub):
                    help="segmentation runtime: torch (checkpoint), onnx (.onnx, ONNX Runtime on the CPU) or "
                         "rknn (.rknn on an RK3588 board through rknn-toolkit-lite2)")
     p.add_argument("--cls-backend", default="torch", choices=BACKENDS, help="classifier runtime (as --backend)")
-    p.add_argument("--threshold", type=float, default=0.5, help="classifier probability of a reported nodule")
-    p.add_argument("--seg-threshold", type=float, default=0.5, help="segmentation probability threshold")
+    p.add_argument("--threshold", type=number_type(float, SHARE), default=0.5, help="classifier probability of a reported nodule")
+    p.add_argument("--seg-threshold", type=number_type(float, SHARE), default=SEG_THRESHOLD,
+                   help="segmentation probability from which a pixel is marked (default %(default)s)")
     p.add_argument("--min-volume", type=float, default=None, help="smallest candidate in mm^3 (default 7)")
     p.add_argument("--batch-size", type=int, default=4, help="slices per segmentation call")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the runtimes")

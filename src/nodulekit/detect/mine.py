@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nodulekit import SEG_THRESHOLD
 from nodulekit.detect.candidates import MIN_VOLUME_MM3
 from nodulekit.log import get_logger
 
@@ -53,6 +54,7 @@ def mine_candidates(
     threads: int = 2,
     max_slices: int | None = None,
     batch_size: int = 4,
+    threshold: float = SEG_THRESHOLD,
     min_volume_mm3: float = MIN_VOLUME_MM3,
     progress: bool = True,
 ) -> dict:
@@ -69,6 +71,8 @@ def mine_candidates(
         max_slices: segment only the middle ``max_slices`` slices of each scan (``None``: all),
             to bound the time on thin-slice scans.
         batch_size: slices per segmentation call.
+        threshold: segmentation probability from which a pixel is marked, as detection's
+            ``seg_threshold`` (the same value gives the candidates detection proposes).
         min_volume_mm3: smallest component kept, as in detection.
         progress: progress bar over the scans.
 
@@ -100,7 +104,8 @@ def mine_candidates(
     for uid in tqdm(series, desc="mine", unit="scan", disable=not progress):
         try:
             ct = _window(read_ct(series[uid], min_slices=MIN_SLICES), max_slices)
-            res = detect_scan(ct, runner, None, batch_size=batch_size, min_volume_mm3=min_volume_mm3)
+            res = detect_scan(ct, runner, None, seg_threshold=threshold, batch_size=batch_size,
+                              min_volume_mm3=min_volume_mm3)
         except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the others
             msg = f"{series[uid]}: {type(exc).__name__}: {exc}".splitlines()[0]
             log.warning("SKIP %s", msg)

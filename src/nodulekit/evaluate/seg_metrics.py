@@ -10,10 +10,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from nodulekit import SEG_THRESHOLD
+
 SIZE_BIN_MM = 5.0  # nodules under 5 mm are hard and clinically less urgent: reported apart
 
 
-def evaluate_seg(predict: Callable[[np.ndarray], np.ndarray], val_ds, threshold: float = 0.5,
+def evaluate_seg(predict: Callable[[np.ndarray], np.ndarray], val_ds, threshold: float = SEG_THRESHOLD,
                  batch_size: int = 4, progress: bool = False, pr_bins: int = 0) -> dict:
     """Pixel and nodule-level metrics of a segmentation predictor on a validation dataset.
 
