@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nodulekit import VAL_FRACTION
 from nodulekit.log import get_logger
 
 log = get_logger("demo")
@@ -27,32 +28,42 @@ class DemoConfig:
     the RKNN builds) or the quick one (about 3 minutes, every stage touched on small data); both
     hold out a fixed number of scans, so validation, the compression study's measurements and
     detection cost the same whatever ``scans`` is (more scans give the classifier more training
-    nodules)."""
+    nodules).
+
+    The ``seg_*``, ``cls_*`` and study fields set the settings of ``SegTrainConfig``,
+    ``ClsTrainConfig`` and ``StudyConfig`` named in their comments; :meth:`seg_settings`,
+    :meth:`cls_settings` and :meth:`study_settings` give those configs' arguments. ``None`` keeps
+    the config's default.
+    """
 
     out: str = "runs/demo"
     quick: bool = False
     seed: int = 0
     scans: int = 20
-    val_fraction: float = 0.25  # held-out share of the scans (training, compression study, detection)
+    val_fraction: float = VAL_FRACTION  # held-out share of the scans (training, compression study, detection)
     size: int = 512
     max_slices: int | None = None
-    seg_epochs: int | None = 8  # None: the training config's default
+    # SegTrainConfig.epochs and steps_per_epoch: fewer, longer epochs, so that validation costs less
+    seg_epochs: int | None = 8
     seg_steps: int | None = 200
-    seg_val_every: int | None = 8  # after the last epoch only: the best one nearly always (cosine decay)
-    cls_epochs: int | None = 8
-    # the epochs from this one on also meet the detector's own false positives on the training
-    # scans, which the validation candidates do not hold: the last epoch is kept, not the best
-    # validation AUC
+    # SegTrainConfig.val_every: after the last epoch only, the best one nearly always (cosine decay)
+    seg_val_every: int | None = 8
+    cls_epochs: int | None = 8  # ClsTrainConfig.epochs: what the demo's time allows with normed training
+    # ClsTrainConfig.detector_from_epoch (its default in the full run): the epochs from this one on
+    # also meet the detector's own false positives on the training scans, which the validation
+    # candidates do not hold, so the last epoch is kept, not the best validation AUC
     cls_detector_from: int = 4
-    cls_steps: int | None = None
-    cls_val_negatives: int | None = 1000
+    cls_steps: int | None = None  # ClsTrainConfig.steps_per_epoch
+    cls_val_negatives: int | None = 1000  # ClsTrainConfig.val_max_negatives: half, for a faster validation
     mine_slices: int | None = 24  # middle slices of each training scan the segmentation mines
+    # StudyConfig.finetune_epochs and finetune_samples_per_epoch (in steps): the pruned model
+    # relearns its function in fewer, longer epochs
     finetune_epochs: int = 3
-    finetune_steps: int = 512  # per fine-tuning epoch of the pruned model
-    qat_epochs: int = 5
-    optimize_steps: int = 32  # per QAT epoch
-    calib_slices: int = 32
-    bench_runs: int = 20
+    finetune_steps: int = 512
+    qat_epochs: int = 5  # StudyConfig.qat_epochs (its default in the full run)
+    optimize_steps: int = 32  # StudyConfig.samples_per_epoch (in steps) of QAT: it adjusts a trained model
+    calib_slices: int = 32  # StudyConfig.calib_slices: half, for a faster int8 calibration
+    bench_runs: int = 20  # StudyConfig.bench_runs (its default in the full run)
     rknn: bool = True
     workers: int = 2
     max_png: int = 10  # nodule pictures per scan
@@ -69,6 +80,36 @@ class DemoConfig:
                    cls_detector_from=2,
                    mine_slices=16,
                    finetune_epochs=1, finetune_steps=8, qat_epochs=1, optimize_steps=8, calib_slices=8, bench_runs=5, rknn=rknn)
+
+    def seg_settings(self) -> dict:
+        """``SegTrainConfig`` arguments of the demo's segmentation training (but ``data`` and ``out``)."""
+        return {"seed": self.seed, "val_fraction": self.val_fraction,
+                **_given(epochs=self.seg_epochs, steps_per_epoch=self.seg_steps, val_every=self.seg_val_every)}
+
+    def cls_settings(self) -> dict:
+        """``ClsTrainConfig`` arguments of the demo's classifier training (but ``data``, ``out`` and
+        ``detector_candidates``)."""
+        from nodulekit.train.cls import ClsTrainConfig
+
+        epochs = self.cls_epochs or ClsTrainConfig.epochs
+        return {"seed": self.seed, "val_fraction": self.val_fraction, "epochs": epochs,
+                "detector_from_epoch": min(self.cls_detector_from, epochs), "keep": "last",
+                "val_every": max(1, epochs // 2),
+                # one loader process draws the inserted nodules while the model trains (the same
+                # batches as without it)
+                "workers": 1,
+                **_given(steps_per_epoch=self.cls_steps, val_max_negatives=self.cls_val_negatives)}
+
+    def study_settings(self) -> dict:
+        """``StudyConfig`` arguments of the demo's compression study (but ``rknn``, which depends on
+        whether the RKNN toolkit is installed)."""
+        from nodulekit.optimize.study import StudyConfig
+
+        batch = StudyConfig.batch_size
+        return {"seed": self.seed, "val_fraction": self.val_fraction, "finetune_epochs": self.finetune_epochs,
+                "finetune_samples_per_epoch": self.finetune_steps * batch, "qat_epochs": self.qat_epochs,
+                "samples_per_epoch": self.optimize_steps * batch, "calib_slices": self.calib_slices,
+                "bench_runs": self.bench_runs}
 
 
 VAL_SCANS = 3  # scans a full demo holds out, whatever its size
