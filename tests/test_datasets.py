@@ -248,3 +248,23 @@ def test_detector_negatives_drawn_from_the_picked_ones(tmp_path):
     assert {key(ds[i][0]) for i in range(1, 40, 2)} == {key(crops[j]) for j in picked}
     ds.set_detector_share(1.0, [])
     assert ds.detector_share == 0.0  # nothing picked: nothing drawn from them
+
+
+def test_a_split_file_fixes_the_held_out_scans(synth_data, tmp_path):
+    from nodulekit.data.cache import VolumeCache
+    from nodulekit.data.cls_dataset import build_cls_datasets
+    from nodulekit.data.luna import find_series
+    from nodulekit.data.seg_dataset import build_seg_datasets
+    from nodulekit.data.split import train_val_split, write_split
+
+    uids = sorted(find_series(synth_data))
+    split = write_split(tmp_path / "split.json", uids[:2], [uids[3], "1.2.not.in.the.folder"])
+    cache = VolumeCache(tmp_path / "cache")
+    train, val = build_seg_datasets(synth_data, split_file=split, samples_per_epoch=4, cache=cache, progress=False)
+    assert [s.uid for s in train.scans] == uids[:2] and [s.uid for s in val.scans] == [uids[3]]
+    train, val = build_cls_datasets(synth_data, split_file=split, samples_per_epoch=4, cache=cache)
+    assert {s.seriesuid for s in train.pos + train.neg} == set(uids[:2])
+    assert {s.seriesuid for s in val.samples} == {uids[3]}
+    # without one, val_fraction picks them, as before
+    _, val = build_seg_datasets(synth_data, samples_per_epoch=4, cache=cache, progress=False)
+    assert [s.uid for s in val.scans] == train_val_split(uids)[1]
