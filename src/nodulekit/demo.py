@@ -24,8 +24,8 @@ log = get_logger("demo")
 
 @dataclass
 class DemoConfig:
-    """Sizes of a demo run. ``for_mode`` gives the full run (about 20 minutes on 2 cores without
-    the RKNN builds) or the quick one (about 3 minutes, every stage touched on small data); both
+    """Sizes of a demo run. ``for_mode`` gives the full run or the quick one (a few minutes, every
+    stage touched on small data; each run's stage times are in its report's ``timings_s``); both
     hold out a fixed number of scans, so validation, the compression study's measurements and
     detection cost the same whatever ``scans`` is (more scans give the classifier more training
     nodules).

@@ -2,7 +2,8 @@
 
 Each command lives in its own module here with two functions: ``add_parser(subparsers)`` declares
 its arguments, and ``run(args)`` calls one API function. Heavy imports stay inside ``run`` so that
-``nodulekit --help`` is fast.
+``nodulekit --help`` is fast. A command whose settings are a dataclass (``train``, ``optimize``)
+builds its options from the dataclass's fields (:mod:`nodulekit.cli._config`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ def add_parser(sub):
         ),
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a small run (about 5 minutes) that touches every stage")
+    p.add_argument("--quick", action="store_true", help="a small run (a few minutes) that touches every stage")
     p.add_argument("--scans", type=int, default=None,
                    help="number of synthetic scans (default 20, 3 of them held out; quick: 6, 2 held out)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and training (default 0)")

@@ -53,8 +53,8 @@ class StudyConfig(RunConfig):
     dice_area_cap: float | None = setting(256.0, "area cap of the pooled Dice while fine-tuning and in QAT (0: "
                                                  "none; see nodulekit.train.losses)", zero_is_none=True)
     qat_epochs: int = setting(5, "quantization-aware training epochs")
-    # the fake-quant graph runs ~0.7 s per 512x512 slice: validating on all slices every epoch would
-    # cost more than the training; the exported file is measured on every slice afterwards
+    # the fake-quant graph is slow: validating on every slice each epoch would cost more than the
+    # training; the exported file is measured on every slice afterwards
     qat_val_every: int = setting(1, "validate the fake-quant graph every N QAT epochs and after the last, keeping "
                                     "the best epoch by recall (0: export the last epoch)")
     qat_val_slices: int | None = setting(16, "validation slices for picking the QAT epoch, nodule slices first "

@@ -35,9 +35,8 @@ KEEP = ("best", "last")  # which epoch cls.pt holds
 
 @dataclass
 class ClsTrainConfig(TrainConfig):
-    """Settings of a classifier run (the demo trains 8 epochs of these defaults in 9 minutes on 2 cores);
-    the shared ones are :class:`nodulekit.train.config.TrainConfig`'s. A batch is half nodules, half
-    non-nodules."""
+    """Settings of a classifier run; the shared ones are :class:`nodulekit.train.config.TrainConfig`'s.
+    A batch is half nodules, half non-nodules."""
 
     out: str = setting("runs/cls", "run folder (cls.pt, cls_last.pt, log.csv, tb/, roc.png, summary.json)")
     steps_per_epoch: int = setting(60, "optimizer steps per epoch (per process under DDP)", check=POSITIVE)
@@ -69,7 +68,7 @@ class ClsTrainConfig(TrainConfig):
     # the detector's false positives the classifier already rejects teach it little
     detector_hard: int = setting(600, "before each epoch that draws detector negatives, score them all and draw "
                                       "only from this many highest-scoring ones (0: from all of them)")
-    # a few dozen training nodules leave the small ones on vessels and at the pleura as exceptions
+    # a few dozen listed nodules show too few small ones on vessels and at the pleura to learn them
     insert_share: float = setting(0.5, "share of the positives that are synthetic nodules inserted at non-nodule "
                                        "candidates (nodulekit.data.insert; 0: listed nodules only)", check=SHARE)
     # without normalization the plain convolutions sit at chance for the first epochs at some seeds

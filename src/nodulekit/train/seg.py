@@ -37,8 +37,7 @@ log = get_logger("train")
 
 @dataclass
 class SegTrainConfig(TrainConfig):
-    """Settings of a segmentation run (defaults train the synthetic demo in about 5 minutes on
-    2 CPU cores); the shared ones are :class:`nodulekit.train.config.TrainConfig`'s."""
+    """Settings of a segmentation run; the shared ones are :class:`nodulekit.train.config.TrainConfig`'s."""
 
     out: str = setting("runs/seg", "run folder (seg.pt, seg_last.pt, log.csv, tb/, summary.json)")
     steps_per_epoch: int = setting(100, "optimizer steps per epoch (per process under DDP)", check=POSITIVE)
@@ -138,9 +137,9 @@ def _save(path: Path, model: torch.nn.Module, **extra) -> None:
         atomic_torch_save({"model_state": model.state_dict(), **extra}, path)
 
 
-def fit_seg(model: torch.nn.Module, train_ds, val_ds, *, epochs: int, lr: float, fn_weight: float = 8.0,
-            batch_dice: bool = True, dice_area_cap: float | None = 64.0,
-            batch_size: int = 16, workers: int = 0, seed: int = 0, out_dir: str | Path | None = None,
+def fit_seg(model: torch.nn.Module, train_ds, val_ds, *, epochs: int, lr: float,
+            fn_weight: float = SegTrainConfig.fn_weight, batch_dice: bool = SegTrainConfig.batch_dice,
+            dice_area_cap: float | None = SegTrainConfig.dice_area_cap, batch_size: int = SegTrainConfig.batch_size, workers: int = 0, seed: int = 0, out_dir: str | Path | None = None,
             set_train_mode: Callable | None = None, set_eval_mode: Callable | None = None,
             augment: bool | RandAffine | None = True, resume: bool = False, warmup_fraction: float = 0.05,
             val_every: int = 1, val_batch_size: int = 4, channels_last: bool = False,
