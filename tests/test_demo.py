@@ -173,6 +173,10 @@ def test_summary_prints_the_ratios_the_rows_hold(capsys):
     ptq = next(line for line in lines if line.startswith("ptq")).split()
     assert ptq == ["ptq", "100.00", "3.50", "2.0", "1.25", "50.0", "-2.0"]
     assert any(line.startswith("qat") and "failed: boom" in line for line in lines)
+    bare = {k: v for k, v in row.items() if not k.endswith(("_ratio", "_pts"))}
+    demo._print_summary({"baseline": "baseline", "variants": [bare]}, Path("r"))
+    header, line = capsys.readouterr().out.splitlines()[1:3]
+    assert line.split() == ["ptq", "100.00", "n/a", "2.0", "n/a", "50.0", "n/a"] and len(line) == len(header)
 
 
 @pytest.mark.slow

@@ -409,8 +409,9 @@ def _final_report(cfg, report, data, seg, cls, mined, detection, froc, timings, 
     return report
 
 
-def _ratio(v, fmt: str) -> str:
-    return "n/a" if v is None else format(v, fmt)
+def _cell(v, width: int, spec: str) -> str:
+    """``v`` formatted with ``spec`` and right-aligned in ``width`` (``n/a`` when the row lacks it)."""
+    return f"{'n/a' if v is None else format(v, spec):>{width}}"
 
 
 def _print_summary(report: dict, report_dir: Path) -> None:
@@ -421,9 +422,10 @@ def _print_summary(report: dict, report_dir: Path) -> None:
         if "error" in r:
             print(f"{r['name']:<12} failed: {r['error']}")
             continue
-        print(f"{r['name']:<12} {r['weight_memory_kib']:>12,.2f} {_ratio(r.get('weight_memory_ratio'), '>10.2f')} "
-              f"{r['latency_us'] / 1000:>11.1f} {_ratio(r.get('latency_ratio'), '>9.2f')} "
-              f"{100 * r['recall']:>9.1f} {_ratio(r.get('recall_change_pts'), '>+11.1f')}")
+        # the ratios to the baseline are the study's, as its rows hold them
+        print(f"{r['name']:<12} {r['weight_memory_kib']:>12,.2f} {_cell(r.get('weight_memory_ratio'), 10, '.2f')} "
+              f"{r['latency_us'] / 1000:>11.1f} {_cell(r.get('latency_ratio'), 9, '.2f')} "
+              f"{100 * r['recall']:>9.1f} {_cell(r.get('recall_change_pts'), 11, '+.1f')}")
     det = report.get("detection", {})
     if det:
         print(f"\nFROC CPM on held-out scans: {det['cpm']:.3f}"
