@@ -181,8 +181,8 @@ def test_summary_prints_the_ratios_the_rows_hold(capsys):
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
-    """``nodulekit demo --quick`` as a user runs it: exit 0 and a consistent report (about 4 minutes
-    on 2 idle cores; without the RKNN builds, which the other tests cover)."""
+    """``nodulekit demo --quick`` as a user runs it: exit 0 and a consistent report. The RKNN
+    builds are left out: they take longer than the rest together, and test_rknn covers them."""
     from nodulekit.data.split import load_split
 
     out = tmp_path / "demo"
