@@ -182,7 +182,7 @@ def test_summary_prints_the_ratios_the_rows_hold(capsys):
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     """``nodulekit demo --quick`` as a user runs it: exit 0 and a consistent report. The RKNN
-    builds are left out: they take longer than the rest together, and test_rknn covers them."""
+    builds are left out: they need ``.venv-rknn`` and are slow, and test_rknn covers them."""
     from nodulekit.data.split import load_split
 
     out = tmp_path / "demo"
