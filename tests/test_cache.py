@@ -119,3 +119,12 @@ def test_dataloader_workers(tmp_path):
     batches = torch.cat([torch.as_tensor(b) for b in loader])
     expected = np.stack([crop_hu(hu, (5, 10 + i, 10), (4, 6, 6)) for i in range(4)])
     np.testing.assert_array_equal(batches.numpy(), expected)
+
+
+def test_cache_entries_are_written_whole_without_temporary_files(tmp_path):
+    from nodulekit.data.cache import _save_npy
+
+    arr = np.arange(12, dtype=np.int16).reshape(3, 4)
+    target = _save_npy(tmp_path / "sub" / "a.npy", arr)
+    np.testing.assert_array_equal(np.load(target), arr)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.npy"]

@@ -68,6 +68,25 @@ def test_seg_batch_clamps_neighbours_and_clips():
     np.testing.assert_array_equal(x[1, :, 0, 0], [-1000, 0, 1000, 1000, 1000, 1000, 1000])
 
 
+
+def test_detection_input_is_the_training_input():
+    """Detection's batches and training's SegScan.context are one function: equal bytes on an int16
+    memmap-like volume, at the ends (clamped neighbours) and inside, with HU outside [-1000, 1000]."""
+    from nodulekit.data.seg_dataset import SegScan
+    from nodulekit.data.seg_input import seg_context
+
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-3000, 3000, size=(9, 8, 6)).astype(np.int16)
+    scan = SegScan("u", hu, {}, {})
+    zs = list(range(hu.shape[0]))
+    batch = seg_batch(hu, zs)
+    assert batch.dtype == np.float32 and batch.shape == (9, 7, 8, 6)
+    for z in zs:
+        assert scan.context(z).tobytes() == batch[z].tobytes() == seg_context(hu, z).tobytes()
+    np.testing.assert_array_equal(scan.context(0, slice(2, 5), slice(1, 3)), batch[0][:, 2:5, 1:3])
+    assert batch.min() == -1000 and batch.max() == 1000
+    np.testing.assert_array_equal(batch[0][:4], np.repeat(batch[0][3:4], 4, axis=0))
+
 def test_candidate_position_and_size():
     ct = phantom_ct()
     res = detect_scan(ct, fake_seg, fake_cls)

@@ -149,3 +149,18 @@ def test_candidates_table_prefers_v2(tmp_path):
     assert candidates_table(tmp_path).name == "candidates.csv"
     (tmp_path / "candidates_V2.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n")
     assert candidates_table(tmp_path).name == "candidates_V2.csv"
+
+
+def test_a_table_is_written_whole_or_not_at_all(tmp_path):
+    from nodulekit.data.luna import write_seriesuids
+
+    path = write_seriesuids(tmp_path / "seriesuids.csv", ["1.2.3", "1.2.4"])
+
+    def rows():
+        yield "1.2.5"
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        write_seriesuids(path, rows())
+    assert read_seriesuids(path) == ["1.2.3", "1.2.4"]
+    assert [p.name for p in tmp_path.iterdir()] == ["seriesuids.csv"]

@@ -147,3 +147,18 @@ def test_missing_and_truncated_checkpoint(tmp_path):
     (tmp_path / "t.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="t.pt: not a readable checkpoint"):
         load_seg_model(tmp_path / "t.pt")
+
+
+def test_atomic_torch_save_replaces_whole_files_and_leaves_none_on_error(tmp_path):
+    path = atomic_torch_save({"a": torch.ones(2)}, tmp_path / "d" / "x.pt")
+    atomic_torch_save({"a": torch.zeros(3)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.zeros(3))
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError):
+        atomic_torch_save({"a": Unsaveable()}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.zeros(3))
+    assert [p.name for p in path.parent.iterdir()] == ["x.pt"]

@@ -1,9 +1,14 @@
 """The main job: the whole product on the synthetic default dataset, end to end.
 
 Stages, each timed into ``report.json["timings_s"]``:
-synthetic data -> train seg -> the segmentation's false positives on the training scans ->
-train cls -> six compression variants (+ RKNN builds when
-``.venv-rknn`` exists) -> classifier on the NPU -> detection on held-out scans -> FROC -> report.
+synthetic data (and the split, ``<out>/split.json``) -> train seg -> the segmentation's false
+positives on the training scans -> train cls -> six compression variants (+ RKNN builds when
+``.venv-rknn`` exists) -> classifier on the NPU -> detection on the held-out scans -> FROC -> report.
+
+Every stage reads the scans it works on from ``split.json`` and returns the files it wrote
+(:class:`StageResult`); the next stages take their inputs from those, and the models detection runs
+are listed in ``<out>/models/deployed.json`` (:func:`write_deployed`). A failed stage stops the demo
+with a :class:`DemoStageError`, after the report when the other stages could still run.
 Everything is written under ``cfg.out`` (``runs/demo`` by default).
 """
 
@@ -13,10 +18,11 @@ import json
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nodulekit import VAL_FRACTION
+from nodulekit.errors import NodulekitError
 from nodulekit.log import get_logger
 
 log = get_logger("demo")
@@ -125,19 +131,137 @@ def _given(**kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-class _Timer:
-    """Records how long each stage took."""
+class DemoStageError(NodulekitError):
+    """A stage of the demo failed; ``str(err)`` names the stage and the problem in one line."""
+
+    def __init__(self, failures: dict[str, str]):
+        self.failures = dict(failures)
+        super().__init__("; ".join(f"stage {name} failed: {problem}" for name, problem in self.failures.items()))
+
+
+@dataclass
+class StageResult:
+    """What a stage hands to the next ones: its summary (for the report) and the files it wrote,
+    by role. Later stages read these paths instead of knowing where an earlier stage writes."""
+
+    summary: dict = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+class _Stages:
+    """Runs the stages: times each into ``timings`` and records each failure in ``failed``.
+
+    A failed stage that later ones need stops the demo with a :class:`DemoStageError`; one they can
+    do without (``optional``) is recorded, the demo goes on, and :func:`run_demo` raises at the end,
+    once the report holding the failure is written.
+    """
 
     def __init__(self):
         self.timings: dict[str, float] = {}
+        self.failed: dict[str, str] = {}
 
     @contextmanager
-    def stage(self, name: str):
+    def stage(self, name: str, *, optional: bool = False):
         log.info("== %s ==", name)
         t0 = time.perf_counter()
-        yield
+        try:
+            yield
+        except DemoStageError:
+            raise
+        except Exception as exc:
+            log.error("stage %s failed", name, exc_info=True)
+            self.failed[name] = _one_line(exc)
+            if not optional:
+                raise DemoStageError(self.failed) from exc
         self.timings[name] = round(time.perf_counter() - t0, 1)
         log.info("== %s done in %.1f s ==", name, self.timings[name])
+
+    def check_scans(self, name: str, failed: list[dict]) -> None:
+        """Record scans a stage could not process as a failure of that stage (its figures would be
+        computed on fewer scans than the split holds)."""
+        if failed:
+            self.failed[name] = f"{len(failed)} scan(s) failed, e.g. {failed[0].get('error')}"
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = f"{type(exc).__name__}: {exc}".splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def _backend(path: Path) -> str:
+    return "onnx" if path.suffix == ".onnx" else "torch"
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run every stage and write ``<out>/report/``. Returns the combined report dict.
+
+    Raises:
+        DemoStageError: a stage failed. When the stages after it could still run, the report is
+            written first and lists the failure under ``failed_stages``.
+    """
+    from nodulekit.deploy.rknn import rknn_available
+
+    out = Path(cfg.out)
+    stages = _Stages()
+    t_start = time.perf_counter()
+    rknn = cfg.rknn and rknn_available()
+    if cfg.rknn and not rknn:
+        log.info("RKNN builds skipped: .venv-rknn is missing (`make rknn` or `make demo-rknn` creates it)")
+
+    with stages.stage("synthetic_data"):
+        data = data_stage(cfg, out)
+    with stages.stage("train_seg"):
+        seg = train_seg_stage(cfg, out, data.files)
+    with stages.stage("mine"):
+        mined = mine_stage(cfg, out, data.files, seg.files["checkpoint"])
+    stages.check_scans("mine", mined.summary.get("failed", []))
+    with stages.stage("train_cls"):
+        cls = train_cls_stage(cfg, out, data.files, mined.files["candidates"])
+    with stages.stage("optimize"):
+        study = optimize_stage(cfg, out, data.files, seg.files["checkpoint"], rknn)
+    classifier = StageResult({"rows": []})
+    with stages.stage("classifier_npu", optional=True):
+        classifier = classifier_stage(cfg, out, data.files, cls.files["checkpoint"], rknn)
+    if "classifier_npu" in stages.failed:
+        classifier.summary["rows"] = [{"name": "classifier", "error": stages.failed["classifier_npu"]}]
+    deployed = write_deployed(out / "models",
+                              seg=study.files.get("onnx") or seg.files["checkpoint"],
+                              cls=classifier.files.get("onnx") or cls.files["checkpoint"])
+    with stages.stage("detect"):
+        detection = detect_stage(cfg, out, data.files, deployed)
+    stages.check_scans("detect", detection.summary.get("failed", []))
+    with stages.stage("evaluate"):
+        froc = evaluate_stage(out, data.files, detection.files["csv"])
+
+    stages.timings["total"] = round(time.perf_counter() - t_start, 1)
+    report = study.summary
+    report["classifier"] = classifier.summary["rows"]
+    if stages.failed:
+        report["failed_stages"] = dict(stages.failed)
+    report = _final_report(cfg, report, data, seg, cls, mined, detection, froc, stages.timings, out)
+    _print_summary(report, out / "report")
+    if stages.failed:
+        raise DemoStageError(stages.failed)
+    return report
+
+
+def data_stage(cfg: DemoConfig, out: Path) -> StageResult:
+    """The synthetic dataset (reused when its parameters match), and the split every later stage
+    uses, written once as ``<out>/split.json``."""
+    from nodulekit.data.luna import find_series
+    from nodulekit.data.split import train_val_split, write_split
+
+    data = out / "data"
+    summary = _synth(cfg, data)
+    split = write_split(out / "split.json", *train_val_split(find_series(data), cfg.val_fraction))
+    return StageResult(summary, {"data": data, "split": split, "annotations": data / "annotations.csv",
+                                 "excluded": data / "annotations_excluded.csv"})
 
 
 def _synth(cfg: DemoConfig, data: Path) -> dict:
@@ -156,172 +280,169 @@ def _synth(cfg: DemoConfig, data: Path) -> dict:
                             workers=cfg.workers)
 
 
-def _fresh(path: Path) -> Path:
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
-
-
-def run_demo(cfg: DemoConfig) -> dict:
-    """Run every stage and write ``<out>/report/``. Returns the combined report dict."""
-    from nodulekit.data.luna import find_series, write_seriesuids
-    from nodulekit.data.split import train_val_split
-    from nodulekit.detect import run_detection
-    from nodulekit.evaluate.froc import evaluate_froc
-    from nodulekit.train.cls import ClsTrainConfig, train_cls
+def train_seg_stage(cfg: DemoConfig, out: Path, data: dict[str, Path]) -> StageResult:
+    """The segmentation model, trained on the split's training scans; its best checkpoint is
+    copied to ``<out>/models/seg.pt``."""
     from nodulekit.train.seg import SegTrainConfig, train_seg
 
-    out = Path(cfg.out)
-    data, models = out / "data", out / "models"
-    timer = _Timer()
-    t_start = time.perf_counter()
-
-    with timer.stage("synthetic_data"):
-        synth = _synth(cfg, data)
-
-    with timer.stage("train_seg"):
-        seg_run = train_seg(SegTrainConfig(data=str(data), out=str(_fresh(out / "train" / "seg")), seed=cfg.seed,
-                                           val_fraction=cfg.val_fraction,
-                                           **_given(epochs=cfg.seg_epochs, steps_per_epoch=cfg.seg_steps,
-                                                    val_every=cfg.seg_val_every)))
+    run = train_seg(SegTrainConfig(data=str(data["data"]), out=str(_fresh(out / "train" / "seg")),
+                                   split=str(data["split"]), **cfg.seg_settings()))
+    models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
-    seg_ckpt = Path(shutil.copy2(seg_run["checkpoint"], models / "seg.pt"))
-
-    with timer.stage("mine"):
-        mined = _mine(cfg, seg_ckpt, data, out / "train" / "mine")
-
-    with timer.stage("train_cls"):
-        cls_epochs = cfg.cls_epochs or ClsTrainConfig.epochs
-        cls_run = train_cls(ClsTrainConfig(data=str(data), out=str(_fresh(out / "train" / "cls")), seed=cfg.seed,
-                                           val_fraction=cfg.val_fraction, epochs=cls_epochs,
-                                           detector_candidates=mined["csv"],
-                                           detector_from_epoch=min(cfg.cls_detector_from, cls_epochs), keep="last",
-                                           val_every=max(1, cls_epochs // 2),
-                                           # one loader process draws the inserted nodules while the
-                                           # model trains (the same batches as without it)
-                                           workers=1,
-                                           **_given(steps_per_epoch=cfg.cls_steps,
-                                                    val_max_negatives=cfg.cls_val_negatives)))
-    cls_ckpt = Path(shutil.copy2(cls_run["checkpoint"], models / "cls.pt"))
-
-    report = _optimize(cfg, timer, seg_ckpt, cls_ckpt, data, out)
-
-    series = find_series(data)
-    _, val_uids = train_val_split(series, cfg.val_fraction)
-    with timer.stage("detect"):
-        detect_dir = _fresh(out / "detect")
-        seg_model, cls_model = _deployed(out, seg_ckpt, cls_ckpt)
-        detection = run_detection([series[u] for u in val_uids], seg_model, cls_model, detect_dir,
-                                  backend=_backend(seg_model), cls_backend=_backend(cls_model),
-                                  max_png=cfg.max_png)
-
-    with timer.stage("evaluate"):
-        eval_dir = _fresh(out / "evaluate")
-        write_seriesuids(eval_dir / "seriesuids_val.csv", val_uids)
-        froc = evaluate_froc(detect_dir / "nodules.csv", data / "annotations.csv",
-                             excluded_csv=data / "annotations_excluded.csv",
-                             seriesuids_csv=eval_dir / "seriesuids_val.csv", out_dir=eval_dir)
-
-    timer.timings["total"] = round(time.perf_counter() - t_start, 1)
-    report = _final_report(cfg, report, synth, seg_run, cls_run, mined, detection, froc, timer, out)
-    _print_summary(report, out / "report")
-    return report
+    return StageResult(run, {"checkpoint": Path(shutil.copy2(run["checkpoint"], models / "seg.pt"))})
 
 
-def _mine(cfg: DemoConfig, seg_ckpt: Path, data: Path, run_dir: Path) -> dict:
-    """The segmentation's non-nodule candidates on the middle slices of every training scan, run
-    from a fp32 ONNX export (ONNX Runtime is about 2.5x faster than PyTorch here)."""
-    from nodulekit.data.luna import find_series
-    from nodulekit.data.split import train_val_split
+def mine_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], seg_ckpt: Path) -> StageResult:
+    """The segmentation's non-nodule candidates on the middle slices of every training scan of the
+    split, run from a fp32 ONNX export (ONNX Runtime is faster than PyTorch on a CPU)."""
+    from nodulekit.data.split import load_split
     from nodulekit.deploy.export import export
     from nodulekit.detect.mine import mine_candidates
 
-    run_dir = _fresh(run_dir)
+    run_dir = _fresh(out / "train" / "mine")
     onnx = export(seg_ckpt, "onnx", run_dir / "seg.onnx").path
-    train_uids, _ = train_val_split(find_series(data), cfg.val_fraction)
-    return mine_candidates(data, onnx, run_dir / "detector_candidates.csv", uids=train_uids, backend="onnx",
-                           max_slices=cfg.mine_slices, progress=False)
+    train_uids, _ = load_split(data["split"])
+    csv = run_dir / "detector_candidates.csv"
+    mined = mine_candidates(data["data"], onnx, csv, uids=train_uids, backend="onnx",
+                            max_slices=cfg.mine_slices, progress=False)
+    return StageResult(mined, {"onnx": Path(onnx), "candidates": Path(mined["csv"])})
 
 
-def _deployed(out: Path, seg_ckpt: Path, cls_ckpt: Path) -> tuple[Path, Path]:
-    """The files detection runs: the exported fp32 ONNX models (what a CPU deployment executes),
-    or the checkpoints where an export is missing."""
-    seg_onnx, cls_onnx = out / "optimize" / "baseline" / "model.onnx", out / "classifier" / "cls3d.onnx"
-    return (seg_onnx if seg_onnx.is_file() else seg_ckpt), (cls_onnx if cls_onnx.is_file() else cls_ckpt)
+def train_cls_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], detector_candidates: Path) -> StageResult:
+    """The classifier, trained on the split's training scans and the mined candidates; its last
+    checkpoint is copied to ``<out>/models/cls.pt``."""
+    from nodulekit.train.cls import ClsTrainConfig, train_cls
+
+    run = train_cls(ClsTrainConfig(data=str(data["data"]), out=str(_fresh(out / "train" / "cls")),
+                                   detector_candidates=str(detector_candidates), split=str(data["split"]),
+                                   **cfg.cls_settings()))
+    models = out / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    return StageResult(run, {"checkpoint": Path(shutil.copy2(run["checkpoint"], models / "cls.pt"))})
 
 
-def _backend(path: Path) -> str:
-    return "onnx" if path.suffix == ".onnx" else "torch"
-
-
-def _optimize(cfg: DemoConfig, timer: _Timer, seg_ckpt: Path, cls_ckpt: Path, data: Path, out: Path) -> dict:
-    """The six segmentation variants (and their RKNN builds), then the classifier's NPU forms."""
-    from nodulekit.deploy.rknn import rknn_available
-    from nodulekit.optimize.classifier import classifier_study
+def optimize_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], seg_ckpt: Path, rknn: bool) -> StageResult:
+    """The six segmentation variants (and their RKNN builds) under ``<out>/optimize/``; ``onnx``
+    is the baseline's deployed fp32 ONNX, when it was exported."""
     from nodulekit.optimize.study import StudyConfig, run_study
 
-    rknn = cfg.rknn and rknn_available()
-    if cfg.rknn and not rknn:
-        log.info("RKNN builds skipped: .venv-rknn is missing (`make rknn` or `make demo-rknn` creates it)")
-    with timer.stage("optimize"):
-        study_cfg = StudyConfig(finetune_epochs=cfg.finetune_epochs,
-                                finetune_samples_per_epoch=cfg.finetune_steps * 16, qat_epochs=cfg.qat_epochs,
-                                samples_per_epoch=cfg.optimize_steps * 16, calib_slices=cfg.calib_slices,
-                                bench_runs=cfg.bench_runs, rknn=rknn, seed=cfg.seed, val_fraction=cfg.val_fraction)
-        report = run_study(seg_ckpt, data, _fresh(out / "optimize"), study_cfg)
-    with timer.stage("classifier_npu"):
-        try:
-            report["classifier"] = classifier_study(cls_ckpt, data, _fresh(out / "classifier"), rknn,
-                                                    val_fraction=cfg.val_fraction)
-        except Exception as exc:  # the report says what failed instead of losing the whole run
-            log.warning("classifier study failed: %s", exc)
-            report["classifier"] = [{"name": "classifier", "error": f"{type(exc).__name__}: {exc}"}]
-    return report
+    study_dir = _fresh(out / "optimize")
+    study_cfg = StudyConfig(rknn=rknn, split=str(data["split"]), **cfg.study_settings())
+    report = run_study(seg_ckpt, data["data"], study_dir, study_cfg)
+    files = {"report": study_dir / "report.json"}
+    base = next((r for r in report["variants"] if r["name"] == report["baseline"] and r.get("artifact")), None)
+    if base is not None and (study_dir / base["artifact"]).suffix == ".onnx":
+        files["onnx"] = study_dir / base["artifact"]
+    return StageResult(report, files)
 
 
-def _final_report(cfg, report, synth, seg_run, cls_run, mined, detection, froc, timer, out: Path) -> dict:
+def classifier_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], cls_ckpt: Path, rknn: bool) -> StageResult:
+    """The classifier's deployment forms (ONNX, and RKNN builds) under ``<out>/classifier/``;
+    ``onnx`` is its fp32 3D ONNX export."""
+    from nodulekit.optimize.classifier import classifier_study
+
+    cls_dir = _fresh(out / "classifier")
+    rows = classifier_study(cls_ckpt, data["data"], cls_dir, rknn, val_fraction=cfg.val_fraction)
+    onnx = cls_dir / "cls3d.onnx"  # the name classifier_study gives the 3D export
+    return StageResult({"rows": rows}, {"onnx": onnx} if onnx.is_file() else {})
+
+
+DEPLOYED_JSON = "deployed.json"
+
+
+def write_deployed(models_dir: Path, *, seg: Path, cls: Path) -> dict:
+    """Write ``<models_dir>/deployed.json``: the model files detection runs and their runtimes,
+    with ``detect_args``, the ``nodulekit detect`` options that run them (the Makefile's
+    ``froc-independent`` reads those). The fp32 ONNX exports are what a CPU deployment executes;
+    a checkpoint stands in where an export is missing. Paths are kept as the stages wrote them
+    (relative to the demo's working folder when ``--out`` is relative)."""
+    from nodulekit.io import atomic_write_text
+
+    doc = {"seg": str(seg), "backend": _backend(Path(seg)), "cls": str(cls), "cls_backend": _backend(Path(cls))}
+    doc["detect_args"] = ["--seg", doc["seg"], "--backend", doc["backend"],
+                          "--cls", doc["cls"], "--cls-backend", doc["cls_backend"]]
+    atomic_write_text(Path(models_dir) / DEPLOYED_JSON, json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+def detect_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], deployed: dict) -> StageResult:
+    """Detection with the deployed models on the split's held-out scans."""
+    from nodulekit.data.luna import select_series
+    from nodulekit.data.split import load_split
+    from nodulekit.detect import run_detection
+
+    _, val_uids = load_split(data["split"])
+    scans = select_series(data["data"], val_uids)
+    detection = run_detection(list(scans.values()), deployed["seg"], deployed["cls"], _fresh(out / "detect"),
+                              backend=deployed["backend"], cls_backend=deployed["cls_backend"],
+                              max_png=cfg.max_png)
+    return StageResult(detection, {"csv": Path(detection["csv"]), "json": Path(detection["json"])})
+
+
+def evaluate_stage(out: Path, data: dict[str, Path], detections_csv: Path) -> StageResult:
+    """FROC of the detections over the split's held-out scans."""
+    from nodulekit.data.luna import write_seriesuids
+    from nodulekit.data.split import load_split
+    from nodulekit.evaluate.froc import evaluate_froc
+
+    eval_dir = _fresh(out / "evaluate")
+    _, val_uids = load_split(data["split"])
+    uids_csv = write_seriesuids(eval_dir / "seriesuids_val.csv", val_uids)
+    froc = evaluate_froc(detections_csv, data["annotations"], excluded_csv=data["excluded"],
+                         seriesuids_csv=uids_csv, out_dir=eval_dir)
+    files = {"seriesuids": uids_csv, "json": eval_dir / "froc.json"}
+    if (eval_dir / "froc.png").is_file():
+        files["png"] = eval_dir / "froc.png"
+    return StageResult(froc, files)
+
+
+def _final_report(cfg, report, data, seg, cls, mined, detection, froc, timings, out: Path) -> dict:
     from nodulekit.evaluate.froc import MAX_SENSITIVITY_LOSS
     from nodulekit.report.render import render_report, write_report_json
 
     report_dir = _fresh(out / "report")
-    ops = froc.get("operating_points", {})
+    ops = froc.summary.get("operating_points", {})
     loss = (ops.get("within_loss") or {}).get("max_sensitivity_loss", MAX_SENSITIVITY_LOSS)
     labels = {"all_candidates": "segmentation alone", "at_threshold": "with classifier (p >= 0.5)",
               "within_loss": f"with classifier, fewest FP within {100 * loss:g} points"}
     report["detection"] = {
-        "cpm": froc["cpm"],
-        "cpm_ci": froc.get("cpm_ci"),
-        "sensitivities": froc["sensitivities"],
-        "fps_per_scan": froc["fps_per_scan"],
+        "cpm": froc.summary["cpm"],
+        "cpm_ci": froc.summary.get("cpm_ci"),
+        "sensitivities": froc.summary["sensitivities"],
+        "fps_per_scan": froc.summary["fps_per_scan"],
         "operating_points": [
             {"operating point": labels.get(k, k), **{m: round(v, 4) if isinstance(v, float) else v
                                                      for m, v in op.items()}}
             for k, op in ops.items() if op is not None
         ],
-        "n_scans": froc.get("n_scans"),
-        "n_nodules": froc.get("n_nodules"),
+        "n_scans": froc.summary.get("n_scans"),
+        "n_nodules": froc.summary.get("n_nodules"),
         "froc_png": "froc.png",
-        "seconds_per_scan": detection.get("seconds_per_scan"),
+        "seconds_per_scan": detection.summary.get("seconds_per_scan"),
     }
     report["training"] = {
-        "seg": {k: v for k, v in seg_run["best"].items() if isinstance(v, (int, float))},
-        "cls": {k: v for k, v in cls_run.get("best", {}).items() if isinstance(v, (int, float))},
-        "mine": {k: v for k, v in mined.items() if isinstance(v, (int, float))},
+        "seg": {k: v for k, v in seg.summary["best"].items() if isinstance(v, (int, float))},
+        "cls": {k: v for k, v in cls.summary.get("best", {}).items() if isinstance(v, (int, float))},
+        "mine": {k: v for k, v in mined.summary.items() if isinstance(v, (int, float))},
     }
     report["dataset"] = {**report.get("dataset", {}), "synthetic": True,
-                         **{k: v for k, v in synth.items() if isinstance(v, (int, float, str))}}
+                         **{k: v for k, v in data.summary.items() if isinstance(v, (int, float, str))}}
     report["demo"] = asdict(cfg)
-    report["timings_s"] = timer.timings
-    for src in (out / "evaluate" / "froc.png", out / "detect" / "nodules.csv", out / "evaluate" / "froc.json"):
-        if src.is_file():
+    report["timings_s"] = timings
+    for src in (froc.files.get("png"), detection.files["csv"], froc.files["json"]):
+        if src is not None and src.is_file():
             shutil.copy2(src, report_dir / src.name)
     write_report_json(report, report_dir / "report.json")
     render_report(report_dir)
     return report
 
 
+def _cell(v, width: int, spec: str) -> str:
+    """``v`` formatted with ``spec`` and right-aligned in ``width`` (``n/a`` when the row lacks it)."""
+    return f"{'n/a' if v is None else format(v, spec):>{width}}"
+
+
 def _print_summary(report: dict, report_dir: Path) -> None:
-    base = next((r for r in report["variants"] if r["name"] == report["baseline"] and "error" not in r), None)
     print()
     print(f"{'variant':<12} {'weights KiB':>12} {'x smaller':>10} {'latency ms':>11} {'x faster':>9} "
           f"{'recall %':>9} {'change pts':>11}")
@@ -329,17 +450,18 @@ def _print_summary(report: dict, report_dir: Path) -> None:
         if "error" in r:
             print(f"{r['name']:<12} failed: {r['error']}")
             continue
-        wm_ratio = base["weight_memory_kib"] / r["weight_memory_kib"] if base else float("nan")
-        lat_ratio = base["latency_us"] / r["latency_us"] if base else float("nan")
-        change = 100 * (r["recall"] - base["recall"]) if base else float("nan")
-        print(f"{r['name']:<12} {r['weight_memory_kib']:>12,.2f} {wm_ratio:>10.2f} {r['latency_us'] / 1000:>11.1f} "
-              f"{lat_ratio:>9.2f} {100 * r['recall']:>9.1f} {change:>+11.1f}")
+        # the ratios to the baseline are the study's, as its rows hold them
+        print(f"{r['name']:<12} {r['weight_memory_kib']:>12,.2f} {_cell(r.get('weight_memory_ratio'), 10, '.2f')} "
+              f"{r['latency_us'] / 1000:>11.1f} {_cell(r.get('latency_ratio'), 9, '.2f')} "
+              f"{100 * r['recall']:>9.1f} {_cell(r.get('recall_change_pts'), 11, '+.1f')}")
     det = report.get("detection", {})
     if det:
         print(f"\nFROC CPM on held-out scans: {det['cpm']:.3f}"
               + (f" (95% CI {det['cpm_ci'][0]:.3f}-{det['cpm_ci'][1]:.3f})" if det.get("cpm_ci") else ""))
         for op in det.get("operating_points", []):
             print("  " + ", ".join(f"{k}: {v}" for k, v in op.items()))
+    for name, problem in report.get("failed_stages", {}).items():
+        print(f"\nFAILED stage {name}: {problem}")
     t = report.get("timings_s", {})
     print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()))
     print(f"report: {report_dir / 'REPORT.md'} (中文: {report_dir / 'REPORT.zh.md'})")

@@ -3,17 +3,15 @@
 Decoding a compressed ``.zraw`` or a DICOM series costs far more than reading a ``.npy``, and
 training asks for the same scans every epoch. ``VolumeCache`` stores each decoded volume once as a
 ``.npy`` (HU) plus a JSON of geometry, keyed by the source's resolved path, size and mtime, and
-hands out read-only memmaps afterwards. Every file is written to a temporary name and moved into
-place with ``os.replace``, so concurrent workers at worst decode the same scan twice and never see
-a half-written entry.
+hands out read-only memmaps afterwards. Every file is written through
+:func:`nodulekit.io.atomic_write`, so concurrent workers at worst decode the same scan twice and never
+see a half-written entry.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +20,17 @@ from nodulekit.data.crops import crop_hu, resampled_crop
 from nodulekit.data.ct import read_ct, read_metaimage_header, scan_suffix
 from nodulekit.data.volume import CTVolume
 from nodulekit.errors import InputError
+from nodulekit.io import atomic_write, atomic_write_text
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+def _save_npy(path: Path, array: np.ndarray) -> Path:
+    """``np.save`` of ``array`` to ``path``, whole or not at all."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to the temporary name
+            np.save(fh, array)
+
+    return atomic_write(path, write)
 
 
 def _stat_parts(path: Path) -> list[str]:
@@ -127,8 +126,7 @@ class VolumeCache:
             crop = crop_hu(vol.hu, center, shape)  # stored in the volume's dtype (int16: half the disk)
         else:
             crop = resampled_crop(vol.hu, vol.spacing[::-1], center, shape, crop_spacing)
-        folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(target, lambda fh: np.save(fh, crop))
+        _save_npy(target, crop)
         return crop
 
     def _paths(self, key: str) -> tuple[Path, Path]:
@@ -143,8 +141,8 @@ class VolumeCache:
             "source": ct.source, "shape": list(hu.shape), "dtype": str(hu.dtype),
         }
         # the array goes first: a JSON on disk means its array is complete
-        _atomic_write(npy, lambda fh: np.save(fh, hu))
-        _atomic_write(meta, lambda fh: fh.write(json.dumps(info).encode()))
+        _save_npy(npy, hu)
+        atomic_write_text(meta, json.dumps(info))
 
     def _load(self, key: str) -> CTVolume | None:
         npy, meta = self._paths(key)

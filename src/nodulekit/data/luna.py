@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nodulekit.errors import InputError
+from nodulekit.io import atomic_write
 
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "class")
@@ -236,17 +237,16 @@ def merge_candidates(candidates: Iterable[Candidate], annotations: Iterable[Anno
 
 
 def _write(path: str | Path, header: tuple[str, ...] | None, rows: Iterable[Iterable]) -> Path:
-    """Write a table whole or not at all: to a temporary name first, then moved into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        if header:
-            w.writerow(header)
-        w.writerows(rows)
-    tmp.replace(path)
-    return path
+    """Write a table whole or not at all (:func:`nodulekit.io.atomic_write`)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            if header:
+                w.writerow(header)
+            w.writerows(rows)
+
+    return atomic_write(path, write)
 
 
 def write_annotations(path: str | Path, rows: Iterable[Annotation]) -> Path:

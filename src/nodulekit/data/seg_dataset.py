@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nodulekit import CONTEXT_SLICES, HU_MAX, HU_MIN, VAL_FRACTION
+from nodulekit import VAL_FRACTION
+from nodulekit.data.seg_input import seg_context
 from nodulekit.errors import InputError
 from nodulekit.log import get_logger
 
@@ -83,11 +84,9 @@ class SegScan:
         return np.zeros(self.shape[1:], np.uint16) if sl is None else sl
 
     def context(self, z: int, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
-        """7-channel network input ``(7, h, w)`` float32 around slice ``z``: indices clamped at the
-        volume ends, HU clipped to [-1000, 1000]."""
-        zs = np.clip(np.arange(z - CONTEXT_SLICES, z + CONTEXT_SLICES + 1), 0, self.shape[0] - 1)
-        block = np.asarray(self.hu[zs, rows, cols], dtype=np.float32)
-        return np.clip(block, HU_MIN, HU_MAX, out=block)
+        """7-channel network input ``(7, h, w)`` float32 around slice ``z``
+        (:func:`~nodulekit.data.seg_input.seg_context`)."""
+        return seg_context(self.hu, z, rows, cols)
 
 
 def _inside(irc, shape) -> np.ndarray:

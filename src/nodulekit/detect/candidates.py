@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from nodulekit import CLS_CROP, CONTEXT_SLICES, HU_MAX, HU_MIN
+from nodulekit import CLS_CROP, HU_MAX, HU_MIN, SEG_THRESHOLD
 from nodulekit.data.crops import cls_crop
+from nodulekit.data.seg_input import seg_context
 
 # U-Net inputs must be a multiple of 2**(depth-1) on each side; 16 covers depths up to 5.
 _SIZE_MULTIPLE = 16
@@ -29,8 +30,14 @@ PEAK_SPACING_MM = 5.0
 
 
 @dataclass
-class Candidate:
-    """One connected component of the thresholded segmentation.
+class Finding:
+    """One connected component of the thresholded segmentation: a place the detector proposes.
+
+    Not a :class:`nodulekit.data.luna.Candidate`, which is a row of a LUNA16 candidates table (a
+    seriesuid, a world centre and a ground-truth class). A finding is measured on a segmentation:
+    it has a voxel centre, a size, a bounding box and a label in its scan's label volume, and no
+    ground truth, only the classifier's ``probability``. :mod:`nodulekit.detect.mine` turns
+    findings into table candidates (class 0) where it needs them.
 
     Attributes:
         center_irc: HU-weighted centre of mass, continuous (index, row, col).
@@ -64,12 +71,9 @@ class Candidate:
 
 
 def seg_batch(hu: np.ndarray, slices: Iterable[int]) -> np.ndarray:
-    """The network input for ``slices``: ``(N, 7, H, W)`` float32, HU clipped, neighbours clamped
-    at the volume ends."""
-    depth = hu.shape[0]
-    idx = np.array([[min(max(z + k, 0), depth - 1) for k in range(-CONTEXT_SLICES, CONTEXT_SLICES + 1)]
-                    for z in slices])
-    return np.clip(hu[idx].astype(np.float32, copy=False), HU_MIN, HU_MAX)
+    """The network input for ``slices``: ``(N, 7, H, W)`` float32, the training input of each
+    (:func:`~nodulekit.data.seg_input.seg_context`: HU clipped, neighbours clamped at the volume ends)."""
+    return np.stack([seg_context(hu, int(z)) for z in slices])
 
 
 def segment_slices(
@@ -77,7 +81,7 @@ def segment_slices(
     runner: Callable[[np.ndarray], np.ndarray],
     slices: Iterable[int],
     *,
-    threshold: float = 0.5,
+    threshold: float = SEG_THRESHOLD,
     batch_size: int = 4,
     on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
@@ -145,7 +149,7 @@ def clean_mask(mask: np.ndarray, lung: np.ndarray | None, spacing_xyz, *,
     return new_ids[labels], int(keep.sum())
 
 
-def find_candidates(hu: np.ndarray, labels: np.ndarray, n: int, ct) -> list[Candidate]:
+def find_candidates(hu: np.ndarray, labels: np.ndarray, n: int, ct) -> list[Finding]:
     """Centre, size and world position of each labelled component.
 
     A nodule-sized component is one candidate. Its centre is the centre of mass weighted by
@@ -175,7 +179,7 @@ def find_candidates(hu: np.ndarray, labels: np.ndarray, n: int, ct) -> list[Cand
             for irc, radius in blob_peaks(comp, spacing_zyx):
                 irc = tuple(float(c) + s.start for c, s in zip(irc, bbox))
                 d = 2.0 * radius
-                out.append(Candidate(
+                out.append(Finding(
                     center_irc=irc,
                     center_xyz=tuple(float(v) for v in ct.voxel_to_world(irc)),
                     diameter_mm=d,
@@ -190,7 +194,7 @@ def find_candidates(hu: np.ndarray, labels: np.ndarray, n: int, ct) -> list[Cand
         irc = tuple(float(c) + s.start for c, s in zip(ndimage.center_of_mass(weight), bbox))
         count = int(comp.sum())
         volume = count * voxel_mm3
-        out.append(Candidate(
+        out.append(Finding(
             center_irc=irc,
             center_xyz=tuple(float(v) for v in ct.voxel_to_world(irc)),
             diameter_mm=(6.0 * volume / math.pi) ** (1.0 / 3.0),
@@ -234,7 +238,7 @@ def blob_peaks(comp: np.ndarray, spacing_zyx, *, min_radius_mm: float = 1.5,
     return [(tuple(float(v) for v in centers[i]), float(radii[i])) for i in kept]
 
 
-def classify(ct, candidates: list[Candidate], runner: Callable[[np.ndarray], np.ndarray],
+def classify(ct, candidates: list[Finding], runner: Callable[[np.ndarray], np.ndarray],
              *, batch_size: int = 16, size=CLS_CROP) -> None:
     """Set ``probability`` of each candidate from the classifier runner (in place).
 

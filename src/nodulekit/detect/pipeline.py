@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nodulekit import SEG_THRESHOLD
 from nodulekit.detect.candidates import MIN_VOLUME_MM3, classify, clean_mask, find_candidates, segment_slices
 from nodulekit.detect.lung_mask import lung_mask, lung_volume_ml
 from nodulekit.errors import InputError
@@ -28,7 +29,7 @@ CSV_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability", "diamet
 MIN_SLICES = 7  # the segmentation input is a slice with 3 neighbours on each side
 
 
-def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = 0.5, batch_size: int = 4,
+def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = SEG_THRESHOLD, batch_size: int = 4,
                 min_volume_mm3: float = MIN_VOLUME_MM3, progress: bool = False) -> dict:
     """Detect nodule candidates in one scan and classify them.
 
@@ -43,7 +44,7 @@ def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = 0.5, batch
         progress: show a progress bar over the segmented slices.
 
     Returns:
-        ``{"candidates": [Candidate], "labels": label volume, "lung_ml", "slices_segmented",
+        ``{"candidates": [Finding], "labels": label volume, "lung_ml", "slices_segmented",
         "timings_s": {...}}``.
     """
     from tqdm import tqdm
@@ -103,7 +104,7 @@ def run_detection(
     backend: str = "torch",
     cls_backend: str = "torch",
     threshold: float = 0.5,
-    seg_threshold: float = 0.5,
+    seg_threshold: float = SEG_THRESHOLD,
     batch_size: int = 4,
     threads: int = 2,
     min_volume_mm3: float = MIN_VOLUME_MM3,

@@ -26,7 +26,7 @@ def render_nodule(ct, labels: np.ndarray, candidate, path: str | Path, *,
     Args:
         ct: the :class:`~nodulekit.data.volume.CTVolume`.
         labels: label volume of the candidates (same shape as ``ct.hu``).
-        candidate: a :class:`~nodulekit.detect.candidates.Candidate`.
+        candidate: a :class:`~nodulekit.detect.candidates.Finding`.
         path: output PNG.
         half_field_mm: half the side of each panel's field of view.
         dpi: resolution of the figure.

@@ -9,12 +9,12 @@ dlwpt checkpoints carry no widths: they are read off the tensor shapes.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from nodulekit.errors import InputError
+from nodulekit.io import atomic_write
 from nodulekit.models.classifier import LunaModel, classifier_widths_from_state_dict
 from nodulekit.models.unet import SegModel, UNetWidths, widths_from_state_dict
 
@@ -22,21 +22,17 @@ FORMAT = "nodulekit/1"
 
 
 def atomic_torch_save(obj, path: str | Path) -> Path:
-    """Write ``obj`` to ``path`` through a temporary file and ``os.replace``: a kill never leaves
-    a half-written checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    """``torch.save`` of ``obj`` through :func:`nodulekit.io.atomic_write`: a kill never leaves a
+    half-written checkpoint behind. The bytes reach the disk before the rename, so a crash of the
+    machine cannot leave an empty file under the checkpoint's name either."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nodulekit.data.synth import nodules as nod
-from nodulekit.data.synth import skeleton, vessels
+import nodulekit.data.synth.nodules as nod
+import nodulekit.data.synth.skeleton as skeleton
+import nodulekit.data.synth.vessels as vessels
 from nodulekit.data.synth.anatomy import CoarseFields, compose, sample_anatomy, table_slice
 from nodulekit.data.synth.scanner import (MAX_DEFAULT_SLICES, Grid, blur_and_noise, flip_geometry,
                                           sample_acquisition, to_int16)
