@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nodulekit import SEG_CHANNELS
+from nodulekit import SEG_CHANNELS, SEG_THRESHOLD
+from nodulekit.deploy.outputs import class1_probability
 from nodulekit.deploy.rknn_logs import parse_accuracy_analysis, parse_build_log, parse_eval_memory, parse_eval_perf
 from nodulekit.errors import InputError, NodulekitError
 from nodulekit.log import get_logger
@@ -86,7 +87,7 @@ def _save_inputs(arrays, folder: Path, input_size) -> list[str]:
     return paths
 
 
-def export_rknn(onnx_path, out_path, *, quantize: bool, dataset=None, algorithm: str = "normal",
+def build_rknn(onnx_path, out_path, *, quantize: bool, dataset=None, algorithm: str = "normal",
                 target: str = "rk3588", input_size=(1, SEG_CHANNELS, 512, 512), eval_inputs=None,
                 analysis_input=None, device_id: str | None = None, optimization_level: int = 3,
                 keep_analysis_tensors: bool = False, timeout: float = DEFAULT_TIMEOUT_S) -> dict:
@@ -260,9 +261,7 @@ class RknnLiteClsRunner(RknnLiteRunner):
         self.crop_spacing = crop_spacing_of(path)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        from nodulekit.deploy.runtime import _class1_probability
-
-        return _class1_probability(self.run_all(x)[-1])
+        return class1_probability(self.run_all(x)[-1])
 
 
 def load_rknn_runner(path: str | Path, kind: str = "seg", core_mask: str = "AUTO"):
@@ -297,6 +296,7 @@ def npu_rows(variants, out_dir, *, calibration=None, val_ds=None, max_slices: in
         failed build gives a row with ``error``.
     """
     from nodulekit.data.seg_dataset import SliceSubset, pick_slices
+    from nodulekit.deploy.rows import add_ratios, new_row
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -306,13 +306,14 @@ def npu_rows(variants, out_dir, *, calibration=None, val_ds=None, max_slices: in
         inputs = [np.asarray(subset[i][0], dtype=np.float32)[None] for i in range(len(subset))]
     rows = []
     for name, onnx_path, mode in variants:
-        row = {"name": name, "mode": mode, "weight_memory_kib": None, "internal_memory_kib": None,
-               "size_kib": None, "recall": None, "recall_slices": len(inputs), "cpu_fallback_layers": None,
-               "latency_us": None, "cycles_estimate": None, "min_cosine": None}
+        toolkit_int8 = BUILD_MODES.get(mode, False)
+        row = new_row(name, "seg", "rknn-int8" if toolkit_int8 else "rknn", "fp16" if mode == "fp16" else "int8",
+                      str(out_dir / f"{name}.rknn"), mode=mode, internal_memory_kib=None, recall=None,
+                      recall_slices=len(inputs), cpu_fallback_layers=None, cycles_estimate=None, min_cosine=None)
         try:
             if mode not in BUILD_MODES:
                 raise ValueError(f"unknown NPU build mode {mode!r} (fp16, ptq, qat)")
-            info = export_rknn(onnx_path, out_dir / f"{name}.rknn", quantize=BUILD_MODES[mode],
+            info = build_rknn(onnx_path, out_dir / f"{name}.rknn", quantize=BUILD_MODES[mode],
                                dataset=calibration if BUILD_MODES[mode] else None, algorithm=algorithm,
                                target=target, input_size=inputs[0].shape if inputs else (1, SEG_CHANNELS, 512, 512),
                                eval_inputs=inputs, analysis_input=inputs[0] if inputs else None,
@@ -330,6 +331,8 @@ def npu_rows(variants, out_dir, *, calibration=None, val_ds=None, max_slices: in
             row["error"] = str(exc).splitlines()[0]
             log.warning("npu row %s failed: %s", name, row["error"])
         rows.append(row)
+    if rows:  # against the first fp16 build, the float baseline's
+        add_ratios(rows, next((r["name"] for r in rows if r["mode"] == "fp16"), rows[0]["name"]))
     return rows
 
 
@@ -342,4 +345,4 @@ def _recall(subset, inputs: list[np.ndarray], outputs: list[list[np.ndarray]]):
     def predict(batch: np.ndarray) -> np.ndarray:
         return np.concatenate([table[np.ascontiguousarray(s[None], dtype=np.float32).tobytes()] for s in batch])
 
-    return evaluate_seg(predict, subset, threshold=0.5, batch_size=1)["recall"]
+    return evaluate_seg(predict, subset, threshold=SEG_THRESHOLD, batch_size=1)["recall"]
