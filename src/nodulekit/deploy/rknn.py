@@ -285,7 +285,7 @@ def npu_rows(variants, out_dir, *, calibration=None, val_ds=None, max_slices: in
         out_dir: where the ``.rknn`` files and build logs go.
         calibration: input arrays for the ``ptq`` builds.
         val_ds: a segmentation validation dataset; recall is measured on ``max_slices`` of its slices
-            (the simulator takes about 1 s per 512x512 slice) with :func:`evaluate_seg`.
+            (the simulator runs one slice at a time, slowly) with :func:`evaluate_seg`.
         algorithm: toolkit quantization algorithm of the ``ptq`` builds.
         device_id: a connected board: latency comes from ``eval_perf`` there.
 

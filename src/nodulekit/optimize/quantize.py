@@ -138,9 +138,9 @@ def qat_convert(prepared):
     These are the steps of torchao's ``convert_pt2e`` (reference decomposition, duplicated-DQ and
     node-meta passes, constant folding of the weight quantization, train/eval lock) without its QAT
     conv-BatchNorm fold, for which ``convert_pt2e`` has no switch: dlwpt's blocks run conv -> ReLU
-    -> BatchNorm, so the fold finds nothing, yet it traces ~100 candidate patterns through
-    ``torch.export`` (half a minute per conversion) and, by removing the BatchNorms' batch counters,
-    renumbers the exported ONNX graph. Running the steps here keeps the library unpatched; a model
+    -> BatchNorm, so the fold finds nothing, yet it traces every conv/BatchNorm pattern it knows
+    through ``torch.export`` (most of the conversion's time) and, by removing the BatchNorms' batch
+    counters, renumbers the exported ONNX graph (its file size changes though nothing else does). Running the steps here keeps the library unpatched; a model
     whose convs do feed BatchNorms gets ``convert_pt2e`` itself.
     """
     from torch.fx.passes.infra.pass_manager import PassManager
