@@ -227,6 +227,7 @@ def test_npu_rows_follow_the_row_schema(tmp_path, monkeypatch):
     """Every NPU row has the common keys, its format says who quantized it, and the weight-memory
     ratio against the fp16 baseline build is in the row (the report only shows it)."""
     from nodulekit.deploy import rknn
+    from nodulekit.deploy.measure import npu_rows
 
     def fake_build(onnx_path, out_path, *, quantize, **kwargs):
         out_path.write_bytes(b"RKNN")
@@ -235,7 +236,7 @@ def test_npu_rows_follow_the_row_schema(tmp_path, monkeypatch):
                 "accuracy": [], "perf": None, "outputs": [], "errors": {}}
 
     monkeypatch.setattr(rknn, "build_rknn", fake_build)
-    rows = rknn.npu_rows([("baseline", tmp_path / "base.onnx", "fp16"), ("ptq", tmp_path / "b.onnx", "ptq"),
+    rows = npu_rows([("baseline", tmp_path / "base.onnx", "fp16"), ("ptq", tmp_path / "b.onnx", "ptq"),
                           ("qat", tmp_path / "q.onnx", "qat"), ("odd", tmp_path / "o.onnx", "int4")],
                          tmp_path / "npu", calibration=[np.zeros((1, 7, 8, 8), np.float32)])
     by = {r["name"]: r for r in rows}

@@ -1,17 +1,18 @@
 """The one exporter: a formats table keyed by (model kind, format), one function per entry, one
 wrapper that checks and times.
 
-==========  ============  =====================================================================
-format      file          seg (the U-Net)                        cls (the nodule classifier)
-==========  ============  =====================================================================
-onnx        .onnx         fp32, opset 17, dynamic batch and H/W  fp32 3D model, static batch 1
-onnx-int8   .int8.onnx    QDQ int8: ORT static PTQ of the fp32   QDQ int8 of the Conv2d rewrite
-                          graph, or a QAT graph's own Q/DQ
-torchscript .ts           ``torch.jit.trace`` of a float model   not offered (see the table)
-rknn        .rknn         fp16 NPU build of a static 1x7x512x512 fp16 NPU build of the Conv2d
-                          export (a QAT graph keeps its int8)    rewrite (``conv2d=False``: 3D)
-rknn-int8   .int8.rknn    toolkit int8 from calibration inputs   toolkit int8 of the Conv2d rewrite
-==========  ============  =====================================================================
+===========  ==========  =====================================  ==================================
+format       file        seg (the U-Net)                        cls (the nodule classifier)
+===========  ==========  =====================================  ==================================
+onnx         .onnx       fp32, opset 17, dynamic batch and H/W  fp32 3D model, static batch 1
+onnx-int8    .int8.onnx  QDQ int8: ORT static PTQ of the fp32   QDQ int8 (ORT PTQ) of the Conv2d
+                         graph, or a QAT graph's own Q/DQ       rewrite
+torchscript  .ts         ``torch.jit.trace`` of a float model   not offered (see :data:`FORMATS`)
+rknn         .rknn       fp16 NPU build of a static             fp16 NPU build of the Conv2d
+                         1x7x512x512 export (a QAT graph keeps  rewrite (``conv2d=False``: the 3D
+                         its own int8)                          model)
+rknn-int8    .int8.rknn  toolkit int8 from calibration slices   toolkit int8 of the Conv2d rewrite
+===========  ==========  =====================================  ==================================
 
 Every ``export_*`` returns metadata; :func:`export` picks the table entry, writes the file, checks it
 is not empty, logs path, size and time, and returns an :class:`Artifact`. A classifier file carries
@@ -197,11 +198,12 @@ def cls_meta(model) -> dict:
 
 
 def _cls_form(model, conv2d: bool):
-    if not conv2d or not hasattr(model, "blocks") or type(model).__name__ != "LunaModel":
-        return model
+    """The model to export: the Conv2d rewrite of a 3D ``LunaModel`` when ``conv2d``, else itself
+    (a model already rewritten is exported as it is)."""
+    from nodulekit.models.classifier import LunaModel
     from nodulekit.models.cls2d import to_conv2d
 
-    return to_conv2d(model)
+    return to_conv2d(model) if conv2d and isinstance(model, LunaModel) else model
 
 
 def _cls_shape(model) -> tuple[int, ...]:

@@ -252,7 +252,7 @@ def npu_section(rows: list[dict], out_dir: Path, train_ds, val_ds, cfg: StudyCon
     """``report.json["npu"]``: each variant built for the RK3588 NPU by :mod:`nodulekit.deploy.rknn`:
     float variants in fp16, PTQ variants quantized by the toolkit from the float ONNX of their source
     (same calibration slices as ORT), QAT variants from their QDQ file with its learnt ranges."""
-    from nodulekit.deploy.rknn import npu_rows
+    from nodulekit.deploy.measure import npu_rows
     from nodulekit.deploy.ptq import calibration_items
 
     by_name = {r["name"]: r for r in rows if "error" not in r}
@@ -269,7 +269,10 @@ def npu_section(rows: list[dict], out_dir: Path, train_ds, val_ds, cfg: StudyCon
             triples.append((name, out_dir / r["artifact"], "fp16"))
     scans = train_ds.scans
     calibration = [scans[s].context(z)[None] for s, z in calibration_items(scans, cfg.calib_slices, seed=cfg.seed)]
-    return npu_rows(triples, out_dir / "npu", calibration=calibration, val_ds=val_ds)
+    rows = npu_rows(triples, out_dir / "npu", calibration=calibration, val_ds=val_ds)
+    for row in rows:
+        row["artifact"] = os.path.relpath(row["artifact"], out_dir)
+    return rows
 
 
 def _hist(model: torch.nn.Module, bins: int = 40) -> dict:
