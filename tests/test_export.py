@@ -235,3 +235,35 @@ def test_export_cli_refuses_a_combination_the_table_lacks(classifier, tmp_path):
     with pytest.raises(ValueError, match="not offered"):
         main(["export", str(tmp_path / "cls.pt"), "-f", "onnx", "torchscript", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()  # checked before anything is written
+
+
+@pytest.mark.slow
+def test_export_cli_classifier_rknn(classifier, tmp_path, capsys):
+    """The classifier's NPU file through the CLI: the Conv2d rewrite built in fp16 by rknn-toolkit2,
+    with the crop spacing in its sidecar; the simulator's logits agree with PyTorch to fp16 rounding."""
+    import json
+    import os
+
+    from nodulekit.cli import main
+    from nodulekit.deploy import rknn
+    from nodulekit.deploy.model_meta import crop_spacing_of
+    from nodulekit.models.checkpoint import save_cls_checkpoint
+
+    if os.environ.get("NODULEKIT_SKIP_RKNN") == "1":
+        pytest.skip("NODULEKIT_SKIP_RKNN=1")
+    if not rknn.rknn_available():
+        pytest.fail("the rknn-toolkit2 environment .venv-rknn is missing: run `make rknn`")
+    save_cls_checkpoint(tmp_path / "cls.pt", classifier)
+    assert main(["export", str(tmp_path / "cls.pt"), "-f", "rknn", "--out", str(tmp_path / "o")]) == 0
+    (art,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert art["path"] == str(tmp_path / "o" / "cls2d.rknn") and art["quantization"] == "fp16"
+    assert art["extra"]["rknn"]["cpu_fallback_layers"] == []  # the rewrite runs wholly on the NPU
+    assert crop_spacing_of(art["path"]) == (1.25, 0.8, 0.8)
+    from nodulekit.deploy.export import export
+
+    x = np.random.default_rng(0).uniform(-1000, 1000, size=(1, 1, 16, 32, 32)).astype(np.float32)
+    built = export(classifier, "rknn", tmp_path / "again.rknn", eval_inputs=[x]).extra["rknn"]
+    with torch.no_grad():
+        ref = classifier(torch.from_numpy(x))[0].numpy()
+    logits = built["outputs"][0][0].reshape(ref.shape)
+    assert np.abs(logits - ref).max() <= 1e-2 * max(1.0, np.abs(ref).max())  # fp16 on the NPU

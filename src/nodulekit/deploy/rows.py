@@ -13,7 +13,8 @@ quantization        ``fp32``, ``fp16``, ``int8-qdq`` or ``int8``
 artifact            the deployed file (relative to the study folder once written)
 size_kib            file size
 weight_memory_kib   what the weights take in the deployed format
-latency_us          median latency (:func:`nodulekit.deploy.bench.bench`; NPU rows: the board's
+latency_us          median latency (:func:`nodulekit.deploy.bench.bench`, which also gives CPU
+                    rows ``latency_p10_us`` and ``latency_p90_us``; NPU rows: the board's
                     profiler, None without a board)
 *_ratio             ``weight_memory_ratio``, ``size_ratio``, ``latency_ratio``: the baseline row's
                     value over this row's (how many times smaller / faster), where both are known
