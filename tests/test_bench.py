@@ -17,13 +17,13 @@ def test_bench_interleaves_and_returns_medians(tmp_path, monkeypatch):
              export(prune_seg(model, 0.5), "onnx", tmp_path / "b.onnx").path,
              export(model, "torchscript", tmp_path / "c.ts").path]
     order = []
-    real = B.load_runner
+    real = B._runner
 
-    def spy(path, threads=2):
-        run = real(path, threads)
+    def spy(path, threads, kind):
+        run = real(path, threads, kind)
         return lambda x: (order.append(str(path)), run(x))[1]
 
-    monkeypatch.setattr(B, "load_runner", spy)
+    monkeypatch.setattr(B, "_runner", spy)
     rows = B.bench(paths + [str(tmp_path / "missing.onnx")], runs=4, warmup=1, shape=(1, 7, 32, 32))
     by_path = {r["artifact"]: r for r in rows}
     assert "error" in by_path[str(tmp_path / "missing.onnx")]
@@ -50,6 +50,18 @@ def test_bench_rejects_unknown_file(tmp_path):
     from nodulekit.errors import InputError
 
     (tmp_path / "x.bin").write_bytes(b"1")
-    with pytest.raises(InputError):
-        B.load_runner(tmp_path / "x.bin")
+    with pytest.raises(InputError, match="cannot benchmark"):
+        B._runner(tmp_path / "x.bin", 2, "seg")
     torch.set_num_threads(2)
+
+
+def test_bench_times_a_given_input(tmp_path):
+    """The classifier's rows are timed on one real crop, through the same timer."""
+    import numpy as np
+
+    from nodulekit.models.classifier import LunaModel
+
+    path = export(LunaModel().eval(), "onnx", tmp_path / "c.onnx", kind="cls").path
+    x = np.zeros((1, 1, 32, 48, 48), np.float32)
+    (row,) = B.bench([path], runs=2, warmup=1, x=x, kind="cls")
+    assert "error" not in row and row["latency_us"] > 0

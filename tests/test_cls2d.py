@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nodulekit.models.classifier import LunaModel
-from nodulekit.models.cls2d import Cls2p5dModel, conv_macs, to_conv2d
+from nodulekit.models.cls2d import conv_macs, to_conv2d
 
 NPU_OPS = {"Conv", "Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Gemm", "MatMul", "Add", "Mul",
            "Softmax", "Constant", "Identity"}
@@ -27,6 +27,12 @@ def _model(crop=(32, 48, 48), widths=None, seed=0) -> LunaModel:
     bn.weight.data.fill_(1.7)
     bn.bias.data.fill_(-0.3)
     return m
+
+
+def export_cls_onnx(model, out) -> str:
+    from nodulekit.deploy.export import export
+
+    return export(model, "onnx", out, kind="cls").path
 
 
 def _crops(n, crop, seed=1) -> torch.Tensor:
@@ -51,10 +57,9 @@ def test_conv2d_rewrite_is_exact(crop, widths):
 def test_conv2d_rewrite_exports_npu_ops_only(tmp_path):
     import onnx
 
-    from nodulekit.optimize.classifier import export_cls_onnx
 
     m = _model((16, 32, 32), [(4, 4), (8, 8), (8, 16), (16, 16)])
-    path = export_cls_onnx(to_conv2d(m), tmp_path / "c2d.onnx", m.crop)
+    path = export_cls_onnx(to_conv2d(m), tmp_path / "c2d.onnx")
     ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     assert set(ops) <= NPU_OPS, ops
     assert "Conv" in ops and ops["Conv"] == 17  # 8 banded convs + 2 grouped 1x1 per depth pool + the head
@@ -66,7 +71,6 @@ def test_conv2d_rewrite_exports_npu_ops_only(tmp_path):
 
 def test_onnx_runner_runs_the_rewrite(tmp_path):
     from nodulekit.deploy.runtime import load_cls_runner
-    from nodulekit.optimize.classifier import export_cls_onnx
 
     m = _model()
     path = export_cls_onnx(to_conv2d(m), tmp_path / "c2d.onnx")
@@ -82,11 +86,8 @@ def test_sizes_and_macs():
     m = _model()
     c = to_conv2d(m)
     n3, n2 = (sum(p.numel() for p in mod.parameters()) for mod in (m, c))
-    assert n2 > 10 * n3  # the depth band costs weights: the reason for Cls2p5dModel
+    assert n2 > 10 * n3  # the depth band costs weights
     assert conv_macs(c) > 5 * conv_macs(m)
-    small = Cls2p5dModel()
-    out = small(_crops(2, (32, 48, 48)))
-    assert out[0].shape == (2, 2) and sum(p.numel() for p in small.parameters()) < n3
 
 
 def test_auc():
@@ -121,21 +122,24 @@ def test_classifier_study_rows(tmp_path):
     assert by["cls2d_onnx_fp32"]["max_abs_diff_vs_3d"] <= 1e-4
     assert by["cls3d_onnx_fp32"]["latency_us"] > 0 and 0 <= by["cls2d_onnx_int8"]["auc"] <= 1
     assert all(r["f1"] is not None and (np.isnan(r["f1"]) or 0 <= r["f1"] <= 1) for r in rows)
+    # the common row schema, with ratios against the 3D ONNX row
+    assert all(r["kind"] == "cls" and (tmp_path / "out" / os.path.basename(r["artifact"])).is_file() for r in rows)
+    assert [r["format"] for r in rows] == ["onnx", "onnx", "onnx-int8"]
+    assert by["cls3d_onnx_fp32"]["weight_memory_ratio"] == 1.0 and by["cls2d_onnx_int8"]["quantization"] == "int8-qdq"
 
 
 @pytest.mark.slow
 def test_rknn_runs_the_rewrite_on_the_npu(tmp_path):
     from nodulekit.deploy import rknn
-    from nodulekit.optimize.classifier import export_cls_onnx
 
     if os.environ.get("NODULEKIT_SKIP_RKNN") == "1":
         pytest.skip("NODULEKIT_SKIP_RKNN=1")
     if not rknn.rknn_available():
         pytest.fail("the rknn-toolkit2 environment .venv-rknn is missing: run `make rknn`")
     m = _model((16, 32, 32), [(4, 4), (8, 8), (8, 16), (16, 16)])
-    path = export_cls_onnx(to_conv2d(m), tmp_path / "c2d.onnx", m.crop)
+    path = export_cls_onnx(to_conv2d(m), tmp_path / "c2d.onnx")
     x = _crops(1, m.crop).numpy()
-    info = rknn.export_rknn(path, tmp_path / "c2d.rknn", quantize=False, input_size=x.shape, eval_inputs=[x])
+    info = rknn.build_rknn(path, tmp_path / "c2d.rknn", quantize=False, input_size=x.shape, eval_inputs=[x])
     # 4D outputs: nothing is left to the CPU
     assert info["cpu_fallback_layers"] == []
     assert all(r["target"] == "NPU" for r in info["layers"] if r["op_type"].startswith(("Conv", "MaxPool", "Add", "Relu")))
@@ -150,7 +154,6 @@ def test_exported_classifier_carries_its_crop_spacing(tmp_path):
     runners hand it to detection; a file without it means native voxels."""
     from nodulekit.deploy.model_meta import crop_spacing_of, write_model_meta
     from nodulekit.deploy.runtime import load_cls_runner
-    from nodulekit.optimize.classifier import export_cls_onnx
 
     m = _model()
     m.crop_spacing = (1.25, 0.8, 0.8)

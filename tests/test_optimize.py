@@ -27,10 +27,13 @@ def datasets(synth_data):
 @pytest.fixture(scope="module")
 def study(datasets, synth_data, tmp_path_factory):
     from nodulekit.optimize.study import StudyConfig, run_study
+    from nodulekit.report.render import render_report
 
     out = tmp_path_factory.mktemp("study")
     torch.manual_seed(0)
     report = run_study(SegModel(), synth_data, out, StudyConfig(**TINY), datasets=datasets)
+    assert not (out / "REPORT.md").exists()  # rendering is the caller's step
+    render_report(out)
     return out, report
 
 
@@ -73,7 +76,6 @@ def test_study_ratios_and_files(study):
 
 def test_variants_table_resolution():
     assert V.resolve(["pruned_qat"]) == ["baseline", "pruned_qat"]
-    assert V.deploy_format("pruned") == "onnx" and V.deploy_format("qat") == "onnx-int8"
     with pytest.raises(ValueError, match="unknown variant"):
         V.resolve(["nope"])
 
@@ -123,7 +125,7 @@ def test_prune_per_block_ratios():
 
 
 def test_ptq_calibration_picks_nodule_slices(datasets):
-    from nodulekit.optimize.quantize import calibration_items
+    from nodulekit.deploy.ptq import calibration_items
 
     scans = datasets[0].scans
     items = calibration_items(scans, 8)
@@ -196,7 +198,7 @@ def test_optimize_cli_baseline_only(synth_data, tmp_path, capsys):
 
 def test_pruned_finetuning_has_its_own_epoch_length_and_keeps_the_baselines_recall(datasets, monkeypatch):
     import nodulekit.train.seg as seg_train
-    from nodulekit.optimize.study import Candidate, StudyConfig, StudyContext, stage_finetune
+    from nodulekit.optimize.study import Build, StudyConfig, StudyContext, stage_finetune
 
     train_ds, val_ds = datasets
     seen = {}
@@ -211,7 +213,7 @@ def test_pruned_finetuning_has_its_own_epoch_length_and_keeps_the_baselines_reca
     cfg = StudyConfig(**{**TINY, "finetune_samples_per_epoch": 40, "dice_area_cap": 256.0})
     ctx = StudyContext(cfg, train_ds, val_ds, {}, baseline)
     before = len(train_ds)
-    out = stage_finetune(Candidate(prune_seg(baseline, "0.5")), ctx)
+    out = stage_finetune(Build(prune_seg(baseline, "0.5")), ctx)
     assert seen["samples"] == 40 and len(train_ds) == before  # restored for QAT
     assert seen["cap"] == 256.0  # the study's own area cap, not training's
     target = out.meta["finetune_recall_target"]

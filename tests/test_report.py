@@ -20,8 +20,11 @@ def _row(name, wm, lat, recall, **extra):
 
 
 def _report():
+    """A report as the measurement writes it: ratios already in the rows (:func:`add_ratios`)."""
+    from nodulekit.deploy.rows import add_ratios
+
     hist = {"unet.down_path.0.block.0": {"counts": [1, 3, 1], "edges": [-1.0, -0.3, 0.3, 1.0]}}
-    return {
+    report = {
         "baseline": "baseline",
         "variants": [
             _row("baseline", 460.0, 120_000.0, 0.80, weight_hist=hist),
@@ -48,6 +51,9 @@ def _report():
                       "fps_per_scan": [0.125, 0.25, 0.5, 1, 2, 4, 8],
                       "operating_points": [{"threshold": 0.5, "sensitivity": 0.8, "fps_per_scan": 2.0}]},
     }
+    add_ratios(report["variants"], "baseline")
+    add_ratios(report["npu"], "baseline_fp16")
+    return report
 
 
 def test_schema_is_checked(tmp_path):

@@ -99,7 +99,7 @@ def test_missing_env_says_make_rknn(monkeypatch, tmp_path):
     onnx_file = tmp_path / "m.onnx"
     onnx_file.write_bytes(b"x")
     with pytest.raises(rknn.RknnUnavailable, match="make rknn"):
-        rknn.export_rknn(onnx_file, tmp_path / "m.rknn", quantize=False)
+        rknn.build_rknn(onnx_file, tmp_path / "m.rknn", quantize=False)
 
 
 def test_board_runner_without_lite_toolkit(tmp_path):
@@ -149,14 +149,14 @@ def test_simulator_fp16_and_int8(rknn_env, tmp_path):
     onnx_file = _small_unet_onnx(tmp_path / "unet.onnx", size)
     xs = _inputs(3, size)
     ref = ort.InferenceSession(str(onnx_file)).run(None, {"x": xs[0]})[0]
-    fp16 = rknn_env.export_rknn(onnx_file, tmp_path / "fp16.rknn", quantize=False, input_size=(1, 7, size, size),
+    fp16 = rknn_env.build_rknn(onnx_file, tmp_path / "fp16.rknn", quantize=False, input_size=(1, 7, size, size),
                                 eval_inputs=xs[:1], analysis_input=xs[0])
     assert fp16["cpu_fallback_layers"] == [] and fp16["dtypes"] == ["FLOAT16"]
     assert fp16["weight_memory_kib"] > 0 and Path(tmp_path / "fp16.rknn").stat().st_size > 0
     out = fp16["outputs"][0][0].reshape(ref.shape)
     assert np.abs(out - ref).max() < 1e-2
     assert fp16["accuracy"] and min(r["entire_cos"] for r in fp16["accuracy"]) > 0.999
-    int8 = rknn_env.export_rknn(onnx_file, tmp_path / "int8.rknn", quantize=True, dataset=xs, algorithm="mmse",
+    int8 = rknn_env.build_rknn(onnx_file, tmp_path / "int8.rknn", quantize=True, dataset=xs, algorithm="mmse",
                                 input_size=(1, 7, size, size), eval_inputs=xs[:1])
     assert int8["dtypes"] == ["INT8"] and int8["cpu_fallback_layers"] == []
     assert int8["weight_memory_kib"] < 0.6 * fp16["weight_memory_kib"]
@@ -181,7 +181,7 @@ def test_qdq_onnx_runs_int8_on_npu(rknn_env, tmp_path):
     qdq = tmp_path / "unet_qdq.onnx"
     quantize_static(str(fp32), str(qdq), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    info = rknn_env.export_rknn(qdq, tmp_path / "qdq.rknn", quantize=False, input_size=(1, 7, size, size),
+    info = rknn_env.build_rknn(qdq, tmp_path / "qdq.rknn", quantize=False, input_size=(1, 7, size, size),
                                 eval_inputs=xs[:1])
     convs = [r for r in info["layers"] if r["op_type"].startswith("Conv")]
     assert len(convs) == 13 and all(r["dtype"] == "INT8" and r["target"] == "NPU" for r in convs)
@@ -211,7 +211,7 @@ def test_torchao_qat_qdq_runs_int8_on_npu(rknn_env, tmp_path):
     Q.set_eval_mode(prepared)
     art = export(Q.qat_convert(prepared), "onnx-int8", tmp_path / "qat.int8.onnx", variant="qat")
     xs = _inputs(1, size)
-    info = rknn_env.export_rknn(art.path, tmp_path / "qat.rknn", quantize=False, input_size=(1, 7, size, size),
+    info = rknn_env.build_rknn(art.path, tmp_path / "qat.rknn", quantize=False, input_size=(1, 7, size, size),
                                 eval_inputs=xs)
     compute = [r for r in info["layers"] if r["op_type"] not in ("InputOperator", "OutputOperator")]
     assert compute and all(r["dtype"] == "INT8" and r["target"] == "NPU" for r in compute), \
@@ -221,3 +221,28 @@ def test_torchao_qat_qdq_runs_int8_on_npu(rknn_env, tmp_path):
     ref = OnnxRunner(art.path)(xs[0])
     out = info["outputs"][0][0].reshape(ref.shape)
     assert ((out > 0.5) == (ref > 0.5)).mean() > 0.97
+
+
+def test_npu_rows_follow_the_row_schema(tmp_path, monkeypatch):
+    """Every NPU row has the common keys, its format says who quantized it, and the weight-memory
+    ratio against the fp16 baseline build is in the row (the report only shows it)."""
+    from nodulekit.deploy import rknn
+    from nodulekit.deploy.measure import npu_rows
+
+    def fake_build(onnx_path, out_path, *, quantize, **kwargs):
+        out_path.write_bytes(b"RKNN")
+        return {"weight_memory_kib": 100.0 if onnx_path.name == "base.onnx" else 25.0, "internal_memory_kib": 1.0,
+                "size_kib": 4 / 1024, "cpu_fallback_layers": [], "cycles_estimate": None, "dtypes": {},
+                "accuracy": [], "perf": None, "outputs": [], "errors": {}}
+
+    monkeypatch.setattr(rknn, "build_rknn", fake_build)
+    rows = npu_rows([("baseline", tmp_path / "base.onnx", "fp16"), ("ptq", tmp_path / "b.onnx", "ptq"),
+                          ("qat", tmp_path / "q.onnx", "qat"), ("odd", tmp_path / "o.onnx", "int4")],
+                         tmp_path / "npu", calibration=[np.zeros((1, 7, 8, 8), np.float32)])
+    by = {r["name"]: r for r in rows}
+    assert [(by[n]["format"], by[n]["quantization"]) for n in ("baseline", "ptq", "qat")] == [
+        ("rknn", "fp16"), ("rknn-int8", "int8"), ("rknn", "int8")]
+    assert all(r["kind"] == "seg" and r["artifact"].endswith(f"{r['name']}.rknn") for r in rows)
+    assert by["baseline"]["weight_memory_ratio"] == 1.0 and by["ptq"]["weight_memory_ratio"] == 4.0
+    assert by["baseline"]["latency_us"] is None  # no board
+    assert "unknown NPU build mode" in by["odd"]["error"] and "weight_memory_ratio" not in by["odd"]

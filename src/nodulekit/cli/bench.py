@@ -18,10 +18,11 @@ def add_parser(sub):
 def run(args) -> int:
     import json
 
+    from nodulekit import SEG_CHANNELS
     from nodulekit.deploy.bench import bench
 
     rows = bench(args.artifacts, runs=args.runs, warmup=args.warmup, threads=args.threads,
-                 shape=(1, 7, args.size, args.size))
+                 shape=(1, SEG_CHANNELS, args.size, args.size))
     for r in rows:
         if "error" in r:
             print(f"{r['artifact']}: ERROR {r['error']}")

@@ -21,35 +21,21 @@ log = get_logger("deploy")
 BENCH_SHAPE = (1, SEG_CHANNELS, 512, 512)
 
 
-def load_runner(path: str | Path, threads: int = 2):
-    """A callable on numpy batches for an ``.onnx`` (ONNX Runtime) or ``.ts`` (TorchScript) file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "artifact not found")
-    if path.suffix == ".onnx":
-        from nodulekit.deploy.runtime import OnnxRunner
+BENCH_SUFFIXES = (".onnx", ".ts", ".jit")
 
-        return OnnxRunner(path, threads=threads)
-    if path.suffix in (".ts", ".pt", ".jit"):
-        import torch
 
-        try:
-            module = torch.jit.load(str(path), map_location="cpu").eval()
-        except Exception as exc:
-            raise InputError(path, f"not a TorchScript file ({exc})") from None
+def _runner(path, threads: int, kind: str):
+    from nodulekit.deploy.runtime import load_runner
 
-        def run(x):
-            torch.set_num_threads(threads)
-            with torch.inference_mode():
-                return module(torch.from_numpy(x)).numpy()
-
-        return run
-    raise InputError(path, "cannot benchmark this file type (expected .onnx or .ts)")
+    if Path(path).suffix not in BENCH_SUFFIXES:
+        raise InputError(path, f"cannot benchmark this file type (expected {', '.join(BENCH_SUFFIXES)})")
+    return load_runner(path, kind, threads=threads)
 
 
 def bench(paths, *, runs: int = 20, warmup: int = 3, threads: int = 2, shape=BENCH_SHAPE,
-          seed: int = 0) -> list[dict]:
-    """Median latency of each artifact on one ``shape`` input, interleaved round-robin.
+          seed: int = 0, x: np.ndarray | None = None, kind: str = "seg") -> list[dict]:
+    """Median latency of each artifact on one input, interleaved round-robin: the one timer of
+    every latency the report shows (the NPU's come from the board's own profiler).
 
     Args:
         paths: artifact files (``.onnx``, ``.ts``).
@@ -58,18 +44,20 @@ def bench(paths, *, runs: int = 20, warmup: int = 3, threads: int = 2, shape=BEN
         threads: intra-op threads of every runtime.
         shape: input shape (default one 1x7x512x512 slice).
         seed: seed of the random HU input.
+        x: time this input instead of a random one of ``shape``.
+        kind: ``seg`` or ``cls``: the runner kind (:func:`nodulekit.deploy.runtime.load_runner`).
 
     Returns:
         One row per artifact: ``artifact``, ``latency_us`` (median), ``p10_us``, ``p90_us``,
         ``mean_us``, ``runs``, ``threads``, or ``error`` when it cannot be loaded or run.
     """
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(HU_MIN, HU_MAX, size=shape).astype(np.float32)
+    if x is None:
+        x = np.random.default_rng(seed).uniform(HU_MIN, HU_MAX, size=shape).astype(np.float32)
     rows = {str(p): {"artifact": str(p), "runs": runs, "threads": threads} for p in paths}
     runners = {}
     for p in rows:
         try:
-            runner = load_runner(p, threads)
+            runner = _runner(p, threads, kind)
             for _ in range(warmup):
                 runner(x)
             runners[p] = runner

@@ -1,17 +1,22 @@
-"""Exporter: one function per format, a formats table as data, one wrapper that times and checks.
+"""The one exporter: a formats table keyed by (model kind, format), one function per entry, one
+wrapper that checks and times.
 
-=============  ============  =====================================================================
-format         file          what
-=============  ============  =====================================================================
-onnx           .onnx         fp32, opset 17, one file, dynamic batch and H/W (or static)
-onnx-int8      .int8.onnx    QDQ int8: ORT static quantization of the fp32 graph, or a QAT model's
-                             own quantize/dequantize nodes
-torchscript    .ts           ``torch.jit.trace`` of a float model
-rknn           .rknn         RK3588 NPU model built from a static 1x7x512x512 ONNX export
-=============  ============  =====================================================================
+===========  ==========  =====================================  ==================================
+format       file        seg (the U-Net)                        cls (the nodule classifier)
+===========  ==========  =====================================  ==================================
+onnx         .onnx       fp32, opset 17, dynamic batch and H/W  fp32 3D model, static batch 1
+onnx-int8    .int8.onnx  QDQ int8: ORT static PTQ of the fp32   QDQ int8 (ORT PTQ) of the Conv2d
+                         graph, or a QAT graph's own Q/DQ       rewrite
+torchscript  .ts         ``torch.jit.trace`` of a float model   not offered (see :data:`FORMATS`)
+rknn         .rknn       fp16 NPU build of a static             fp16 NPU build of the Conv2d
+                         1x7x512x512 export (a QAT graph keeps  rewrite (``conv2d=False``: the 3D
+                         its own int8)                          model)
+rknn-int8    .int8.rknn  toolkit int8 from calibration slices   toolkit int8 of the Conv2d rewrite
+===========  ==========  =====================================  ==================================
 
-Every ``export_<fmt>`` returns the path it wrote plus metadata; :func:`export` wraps it, checks the
-file is not empty, logs path, size and time, and returns an :class:`Artifact`.
+Every ``export_*`` returns metadata; :func:`export` picks the table entry, writes the file, checks it
+is not empty, logs path, size and time, and returns an :class:`Artifact`. A classifier file carries
+its crop and crop spacing (:mod:`nodulekit.deploy.model_meta`), which its runners read.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from nodulekit import SEG_CHANNELS
+from nodulekit import CLS_CROP, SEG_CHANNELS
 from nodulekit.errors import InputError
 from nodulekit.log import get_logger
 
@@ -49,6 +54,7 @@ class Artifact:
     size_bytes: int
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    kind: str = "seg"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,11 +132,11 @@ def export_onnx_int8(model, out: Path, *, calibration=None, method: str = "perce
 
     A QAT model (PT2E GraphModule) already carries its quantize/dequantize nodes and is exported
     as is. A float model is exported to fp32 ONNX (or ``fp32_onnx`` is reused) and quantized by
-    :func:`nodulekit.optimize.quantize.quantize_onnx_static` on ``calibration`` slices.
+    :func:`nodulekit.deploy.ptq.quantize_onnx_static` on ``calibration`` slices.
     """
     if _is_exported_graph(model):
         return export_onnx(model, out, input_shape=input_shape, dynamic=dynamic, opset=opset)
-    from nodulekit.optimize.quantize import quantize_onnx_static
+    from nodulekit.deploy.ptq import quantize_onnx_static
 
     if calibration is None:
         raise ValueError("onnx-int8 of a float model needs calibration slices")
@@ -153,72 +159,217 @@ def export_torchscript(model, out: Path, *, input_shape=(1, SEG_CHANNELS, 64, 64
     return {"opset": None, "quantization": "fp32", "input_shape": ["batch", SEG_CHANNELS, "h", "w"]}
 
 
-def export_rknn(model, out: Path, *, quantize: bool = True, dataset=None, algorithm: str = "normal",
+def export_rknn(model, out: Path, *, quantize: bool = False, dataset=None, algorithm: str = "normal",
                 target: str = "rk3588", onnx_path: str | Path | None = None) -> dict:
     """RKNN model for the NPU, built from a static 1x7x512x512 ONNX export in ``.venv-rknn``.
 
     Args:
-        quantize: int8 build (``True``) or fp16 (``False``; also for a QAT QDQ graph).
-        dataset: calibration list file of ``.npy`` inputs for the int8 build.
+        quantize: int8 build by the toolkit (the ``rknn-int8`` entry), or fp16 (``rknn``; a QAT QDQ
+            graph keeps its own int8).
+        dataset: calibration list file of ``.npy`` inputs, or the input arrays, for the int8 build.
         algorithm: rknn quantization algorithm (``normal``, ``kl_divergence``, ``mmse``).
         onnx_path: reuse this ONNX instead of exporting one.
     """
-    from nodulekit.deploy.rknn import export_rknn as build_rknn
+    return _rknn(lambda src: export_onnx(model, src, input_shape=DEPLOY_SHAPE, dynamic=False), out,
+                 onnx_path, DEPLOY_SHAPE, quantize=quantize, dataset=dataset, algorithm=algorithm, target=target)
+
+
+def _rknn(write_onnx, out: Path, onnx_path, input_shape, *, quantize: bool, **build) -> dict:
+    from nodulekit.deploy.rknn import build_rknn
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(onnx_path) if onnx_path else Path(tmp) / "static.onnx"
         if not onnx_path:
-            export_onnx(model, src, input_shape=DEPLOY_SHAPE, dynamic=False)
-        info = build_rknn(src, out, quantize=quantize, dataset=dataset, algorithm=algorithm, target=target)
-    return {"opset": None, "quantization": "int8" if quantize else "fp16",
-            "input_shape": list(DEPLOY_SHAPE), "rknn": info}
+            write_onnx(src)
+        info = build_rknn(src, out, quantize=quantize, input_size=tuple(input_shape), **build)
+    return {"opset": None, "quantization": "int8" if quantize else "fp16", "input_shape": list(input_shape),
+            "rknn": info}
+
+
+# ---------------------------------------------------------------------------------------------
+# the classifier
+
+
+def cls_meta(model) -> dict:
+    """The metadata a deployed classifier carries: its crop and crop spacing."""
+    cs = getattr(model, "crop_spacing", None)
+    return {"kind": "classifier", "crop": list(getattr(model, "crop", CLS_CROP)),
+            "crop_spacing_mm": None if cs is None else list(cs)}
+
+
+def _cls_form(model, conv2d: bool):
+    """The model to export: the Conv2d rewrite of a 3D ``LunaModel`` when ``conv2d``, else itself
+    (a model already rewritten is exported as it is)."""
+    from nodulekit.models.classifier import LunaModel
+    from nodulekit.models.cls2d import to_conv2d
+
+    return to_conv2d(model) if conv2d and isinstance(model, LunaModel) else model
+
+
+def _cls_shape(model) -> tuple[int, ...]:
+    return (1, 1, *getattr(model, "crop", CLS_CROP))
+
+
+def export_cls_onnx(model, out: Path, *, conv2d: bool = False) -> dict:
+    """Static batch-1 ONNX (opset 17) with outputs ``logits`` and ``probs``, and the model's crop
+    spacing in its metadata.
+
+    ``conv2d`` exports the Conv2d rewrite (:func:`nodulekit.models.cls2d.to_conv2d`). A model with
+    ``spatial_outputs`` (the rewrite) is exported with ``(1, 2, 1, 1)`` outputs, so that the NPU has
+    no Reshape to leave to its CPU; the runners read both shapes.
+    """
+    from nodulekit.deploy.model_meta import write_model_meta
+
+    source, model = model, _cls_form(model, conv2d)
+    spatial = getattr(model, "spatial_outputs", None)
+    if spatial is not None:
+        model.spatial_outputs = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model.eval(), torch.zeros(_cls_shape(source)), str(out), input_names=["x"],
+                              output_names=["logits", "probs"], opset_version=ONNX_OPSET, dynamo=False)
+    finally:
+        if spatial is not None:
+            model.spatial_outputs = spatial
+    write_model_meta(out, cls_meta(source))
+    return {"opset": ONNX_OPSET, "quantization": "fp32", "input_shape": list(_cls_shape(source)),
+            "conv2d": model is not source}
+
+
+def export_cls_onnx_int8(model, out: Path, *, calibration, conv2d: bool = True,
+                         fp32_onnx: str | Path | None = None) -> dict:
+    """QDQ int8 ONNX of the classifier (by default its Conv2d rewrite), quantized by ONNX Runtime on
+    ``calibration`` crops ``(N, 1, D, H, W)`` with MinMax ranges; ``fp32_onnx`` reuses an export."""
+    from nodulekit.deploy.model_meta import write_model_meta
+    from nodulekit.deploy.ptq import quantize_onnx_static
+
+    if calibration is None:
+        raise ValueError("onnx-int8 of a classifier needs calibration crops")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(fp32_onnx) if fp32_onnx else Path(tmp) / "fp32.onnx"
+        if not fp32_onnx:
+            export_cls_onnx(model, src, conv2d=conv2d)
+        info = quantize_onnx_static(src, out, calibration, method="minmax", kind="cls")
+    write_model_meta(out, cls_meta(model))
+    return {"opset": ONNX_OPSET, "quantization": "int8-qdq", "calibration": info,
+            "input_shape": list(_cls_shape(model)), "conv2d": conv2d}
+
+
+def export_cls_rknn(model, out: Path, *, quantize: bool = False, conv2d: bool = True, dataset=None,
+                    algorithm: str = "normal", target: str = "rk3588", onnx_path: str | Path | None = None,
+                    eval_inputs=None) -> dict:
+    """RKNN build of the classifier: its Conv2d rewrite (the NPU has no Conv3d) unless ``conv2d`` is
+    False; fp16, or toolkit int8 (``quantize``) from ``dataset`` crops. ``eval_inputs`` crops run in
+    the simulator; their outputs come back in ``["rknn"]["outputs"]``."""
+    from nodulekit.deploy.model_meta import write_model_meta
+
+    meta = _rknn(lambda src: export_cls_onnx(model, src, conv2d=conv2d), out, onnx_path, _cls_shape(model),
+                 quantize=quantize, dataset=list(dataset) if quantize else None, algorithm=algorithm,
+                 target=target, eval_inputs=eval_inputs)
+    write_model_meta(out, cls_meta(model))
+    return meta
+
+
+def _int8(fn):
+    """The ``rknn-int8`` entry of an ``rknn`` exporter."""
+    def export_int8(model, out: Path, **kwargs) -> dict:
+        return fn(model, out, quantize=True, **kwargs)
+
+    export_int8.__doc__ = f"{fn.__name__} with the toolkit's int8 quantization."
+    return export_int8
 
 
 @dataclass(frozen=True)
 class Format:
-    """One row of the formats table."""
+    """One row of the formats table; ``fn`` None: the combination is not offered, ``description``
+    says why."""
 
+    kind: str
     name: str
     suffix: str
-    fn: Callable[..., dict]
+    fn: Callable[..., dict] | None
     runtime: str
     description: str
 
 
-FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("onnx", ".onnx", export_onnx, "onnxruntime", "fp32 ONNX, opset 17, single file"),
-    Format("onnx-int8", ".int8.onnx", export_onnx_int8, "onnxruntime", "int8 QDQ ONNX (per-channel weights)"),
-    Format("torchscript", ".ts", export_torchscript, "torch", "traced TorchScript"),
-    Format("rknn", ".rknn", export_rknn, "rknn", "RK3588 NPU model (rknn-toolkit2)"),
+KINDS = ("seg", "cls")
+FORMAT_NAMES = ("onnx", "onnx-int8", "torchscript", "rknn", "rknn-int8")
+FORMATS: dict[tuple[str, str], Format] = {(f.kind, f.name): f for f in (
+    Format("seg", "onnx", ".onnx", export_onnx, "onnxruntime", "fp32 ONNX, opset 17, single file"),
+    Format("seg", "onnx-int8", ".int8.onnx", export_onnx_int8, "onnxruntime", "int8 QDQ ONNX (per-channel weights)"),
+    Format("seg", "torchscript", ".ts", export_torchscript, "torch", "traced TorchScript"),
+    Format("seg", "rknn", ".rknn", export_rknn, "rknn", "RK3588 NPU model, fp16 (rknn-toolkit2)"),
+    Format("seg", "rknn-int8", ".int8.rknn", _int8(export_rknn), "rknn", "RK3588 NPU model, toolkit int8"),
+    Format("cls", "onnx", ".onnx", export_cls_onnx, "onnxruntime", "fp32 ONNX of the 3D classifier, batch 1"),
+    Format("cls", "onnx-int8", ".int8.onnx", export_cls_onnx_int8, "onnxruntime",
+           "int8 QDQ ONNX of the Conv2d rewrite"),
+    Format("cls", "torchscript", ".ts", None, "torch",
+           "not offered: a TorchScript file has no place for the crop spacing the classifier's runners "
+           "need; export onnx"),
+    Format("cls", "rknn", ".rknn", export_cls_rknn, "rknn", "RK3588 NPU model of the Conv2d rewrite, fp16"),
+    Format("cls", "rknn-int8", ".int8.rknn", _int8(export_cls_rknn), "rknn",
+           "RK3588 NPU model of the Conv2d rewrite, toolkit int8"),
 )}
 
 
-def export(model_or_ckpt, fmt: str, out: str | Path, *, variant: str = "baseline", **kwargs) -> Artifact:
+def model_kind(model_or_ckpt) -> str:
+    """``seg`` or ``cls``: what a model or checkpoint is (a checkpoint's ``arch``, else its model name)."""
+    if isinstance(model_or_ckpt, (str, Path)):
+        from nodulekit.models.checkpoint import read_checkpoint
+
+        ckpt = read_checkpoint(model_or_ckpt)
+        arch = ckpt.get("arch") or ""
+        if arch:
+            return "cls" if arch == "luna_cls" else "seg"
+        return "cls" if "luna" in str(ckpt.get("model_name", "")).lower() else "seg"
+    return "cls" if hasattr(model_or_ckpt, "crop") else "seg"
+
+
+def format_of(kind: str, fmt: str) -> Format:
+    """The table entry of ``(kind, fmt)``.
+
+    Raises:
+        ValueError: an unknown kind or format, or a combination the table does not offer.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; choose from {', '.join(KINDS)}")
+    if fmt not in FORMAT_NAMES:
+        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMAT_NAMES)}")
+    spec = FORMATS[(kind, fmt)]
+    if spec.fn is None:
+        raise ValueError(f"{kind} {fmt}: {spec.description}")
+    return spec
+
+
+def export(model_or_ckpt, fmt: str, out: str | Path, *, kind: str | None = None, variant: str = "baseline",
+           **kwargs) -> Artifact:
     """Export a model (or a checkpoint path) to one format.
 
     Args:
-        model_or_ckpt: a :class:`SegModel`, a PT2E GraphModule, or a segmentation checkpoint path.
-        fmt: a key of :data:`FORMATS`.
-        out: output file, or a folder (then ``model<suffix>`` inside it).
+        model_or_ckpt: a :class:`SegModel`, a PT2E GraphModule, a ``LunaModel``, or a checkpoint path.
+        fmt: one of :data:`FORMAT_NAMES`.
+        out: output file, or a folder (then ``model<suffix>`` or ``cls<suffix>`` inside it).
+        kind: ``seg`` or ``cls``; default: :func:`model_kind`.
         variant: the compression variant the model belongs to (kept in the metadata).
-        **kwargs: passed to ``export_<fmt>``.
+        **kwargs: passed to the table entry's function.
 
     Raises:
+        ValueError: an unknown kind or format, or one the table does not offer for the kind.
         InputError: the export wrote nothing.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    spec = FORMATS[fmt]
+    kind = kind or model_kind(model_or_ckpt)
+    spec = format_of(kind, fmt)
     model = model_or_ckpt
     if isinstance(model_or_ckpt, (str, Path)):
-        from nodulekit.models.checkpoint import load_seg_model
+        from nodulekit.models.checkpoint import load_cls_model, load_seg_model
 
-        model, _ = load_seg_model(model_or_ckpt)
+        model, _ = (load_cls_model if kind == "cls" else load_seg_model)(model_or_ckpt)
     out = Path(out)
     if out.is_dir() or not out.suffix:
-        out = out / f"model{spec.suffix}"
+        out = out / f"{'cls' if kind == 'cls' else 'model'}{spec.suffix}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    log.info("export %s (%s) -> %s with torch %s", variant, fmt, out, torch.__version__)
+    log.info("export %s %s (%s) -> %s with torch %s", kind, variant, fmt, out, torch.__version__)
     start = time.perf_counter()
     meta = spec.fn(model, out, **kwargs)
     seconds = time.perf_counter() - start
@@ -229,4 +380,4 @@ def export(model_or_ckpt, fmt: str, out: str | Path, *, variant: str = "baseline
     extra = {k: v for k, v in meta.items() if k not in ("opset", "quantization", "input_shape")}
     return Artifact(path=str(out), format=fmt, variant=variant, input_shape=meta.get("input_shape"),
                     opset=meta.get("opset"), quantization=meta.get("quantization", "fp32"), size_bytes=size,
-                    seconds=round(seconds, 3), extra=extra)
+                    seconds=round(seconds, 3), extra=extra, kind=kind)

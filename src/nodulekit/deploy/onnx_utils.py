@@ -1,4 +1,4 @@
-"""Facts read off an ONNX file: weight memory, parameter count, opset, quantization.
+"""Facts read off an ONNX file: weight memory and parameter count.
 
 Weight memory is what the weights take in the deployed format, counted from the stored tensors:
 
@@ -16,7 +16,6 @@ excluded too: they are not parameters.
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -78,15 +77,3 @@ def param_count(model_or_path) -> int:
     weights = weight_tensors(model)
     qparams = {name for node in model.graph.node if node.op_type in _QDQ for name in node.input[1:]}
     return int(sum(a.size for name, a in weights.items() if name not in qparams))
-
-
-def describe(model_or_path) -> dict:
-    """Opset, operator counts and quantization kind (``fp32`` or ``int8-qdq``) of an ONNX file."""
-    model = _load(model_or_path)
-    ops = Counter(n.op_type for n in model.graph.node)
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None)
-    return {
-        "opset": opset,
-        "ops": dict(ops),
-        "quantization": "int8-qdq" if ops.get("DequantizeLinear") else "fp32",
-    }

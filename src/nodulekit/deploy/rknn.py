@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from nodulekit import SEG_CHANNELS
+from nodulekit.deploy.outputs import class1_probability
 from nodulekit.deploy.rknn_logs import parse_accuracy_analysis, parse_build_log, parse_eval_memory, parse_eval_perf
 from nodulekit.errors import InputError, NodulekitError
 from nodulekit.log import get_logger
@@ -86,7 +87,7 @@ def _save_inputs(arrays, folder: Path, input_size) -> list[str]:
     return paths
 
 
-def export_rknn(onnx_path, out_path, *, quantize: bool, dataset=None, algorithm: str = "normal",
+def build_rknn(onnx_path, out_path, *, quantize: bool, dataset=None, algorithm: str = "normal",
                 target: str = "rk3588", input_size=(1, SEG_CHANNELS, 512, 512), eval_inputs=None,
                 analysis_input=None, device_id: str | None = None, optimization_level: int = 3,
                 keep_analysis_tensors: bool = False, timeout: float = DEFAULT_TIMEOUT_S) -> dict:
@@ -260,9 +261,7 @@ class RknnLiteClsRunner(RknnLiteRunner):
         self.crop_spacing = crop_spacing_of(path)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        from nodulekit.deploy.runtime import _class1_probability
-
-        return _class1_probability(self.run_all(x)[-1])
+        return class1_probability(self.run_all(x)[-1])
 
 
 def load_rknn_runner(path: str | Path, kind: str = "seg", core_mask: str = "AUTO"):
@@ -270,76 +269,3 @@ def load_rknn_runner(path: str | Path, kind: str = "seg", core_mask: str = "AUTO
     if kind not in ("seg", "cls"):
         raise ValueError(f"unknown runner kind {kind!r} (seg, cls)")
     return (RknnLiteClsRunner if kind == "cls" else RknnLiteRunner)(path, core_mask=core_mask)
-
-
-# how each compression variant is built: fp16 (no quantization), toolkit int8, or the QDQ graph's int8
-BUILD_MODES = {"fp16": False, "ptq": True, "qat": False}
-
-
-def npu_rows(variants, out_dir, *, calibration=None, val_ds=None, max_slices: int = 8,
-             algorithm: str = "normal", device_id: str | None = None, target: str = "rk3588") -> list[dict]:
-    """``report.json["npu"]``: build every variant for the NPU and measure it.
-
-    Args:
-        variants: ``(name, onnx_path, mode)`` triples; ``mode`` is ``fp16`` (float model),
-            ``ptq`` (int8 by the toolkit from ``calibration``) or ``qat`` (a QDQ ONNX, built as is).
-        out_dir: where the ``.rknn`` files and build logs go.
-        calibration: input arrays for the ``ptq`` builds.
-        val_ds: a segmentation validation dataset; recall is measured on ``max_slices`` of its slices
-            (the simulator takes about 1 s per 512x512 slice) with :func:`evaluate_seg`.
-        algorithm: toolkit quantization algorithm of the ``ptq`` builds.
-        device_id: a connected board: latency comes from ``eval_perf`` there.
-
-    Returns:
-        One row per variant: ``name``, ``weight_memory_kib``, ``internal_memory_kib``, ``size_kib``,
-        ``recall`` (on ``recall_slices`` slices, None without ``val_ds``), ``cpu_fallback_layers``,
-        ``latency_us`` (None until a board measures it), ``cycles_estimate``, ``min_cosine``; a
-        failed build gives a row with ``error``.
-    """
-    from nodulekit.data.seg_dataset import SliceSubset, pick_slices
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    subset, inputs = None, []
-    if val_ds is not None and len(val_ds):
-        subset = SliceSubset(val_ds, pick_slices(val_ds, max_slices))
-        inputs = [np.asarray(subset[i][0], dtype=np.float32)[None] for i in range(len(subset))]
-    rows = []
-    for name, onnx_path, mode in variants:
-        row = {"name": name, "mode": mode, "weight_memory_kib": None, "internal_memory_kib": None,
-               "size_kib": None, "recall": None, "recall_slices": len(inputs), "cpu_fallback_layers": None,
-               "latency_us": None, "cycles_estimate": None, "min_cosine": None}
-        try:
-            if mode not in BUILD_MODES:
-                raise ValueError(f"unknown NPU build mode {mode!r} (fp16, ptq, qat)")
-            info = export_rknn(onnx_path, out_dir / f"{name}.rknn", quantize=BUILD_MODES[mode],
-                               dataset=calibration if BUILD_MODES[mode] else None, algorithm=algorithm,
-                               target=target, input_size=inputs[0].shape if inputs else (1, SEG_CHANNELS, 512, 512),
-                               eval_inputs=inputs, analysis_input=inputs[0] if inputs else None,
-                               device_id=device_id)
-            row.update({k: info[k] for k in ("weight_memory_kib", "internal_memory_kib", "size_kib",
-                                             "cpu_fallback_layers", "cycles_estimate", "dtypes")})
-            row["min_cosine"] = min((r["entire_cos"] for r in info["accuracy"]), default=None)
-            if info.get("perf"):
-                row["latency_us"] = info["perf"]["total_us"]
-            if subset is not None and len(info["outputs"]) == len(inputs) and all(info["outputs"]):
-                row["recall"] = _recall(subset, inputs, info["outputs"])
-            if info["errors"]:
-                row["step_errors"] = info["errors"]
-        except (NodulekitError, ValueError, OSError) as exc:
-            row["error"] = str(exc).splitlines()[0]
-            log.warning("npu row %s failed: %s", name, row["error"])
-        rows.append(row)
-    return rows
-
-
-def _recall(subset, inputs: list[np.ndarray], outputs: list[list[np.ndarray]]):
-    from nodulekit.evaluate.seg_metrics import evaluate_seg
-
-    # the simulator ran in the build session, so its outputs are looked up by input content
-    table = {x.tobytes(): out[0].reshape(1, 1, *x.shape[-2:]) for x, out in zip(inputs, outputs)}
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        return np.concatenate([table[np.ascontiguousarray(s[None], dtype=np.float32).tobytes()] for s in batch])
-
-    return evaluate_seg(predict, subset, threshold=0.5, batch_size=1)["recall"]

@@ -1,7 +1,7 @@
 """Build, simulate and profile one RKNN model; runs inside ``.venv-rknn``, never in the main environment.
 
 Usage: ``.venv-rknn/bin/python rknn_worker.py JOB.json``. The job (written by
-:func:`nodulekit.deploy.rknn.export_rknn`) names the ONNX file, the build options and the input
+:func:`nodulekit.deploy.rknn.build_rknn`) names the ONNX file, the build options and the input
 ``.npy`` files; the worker writes ``result`` (a JSON file) and leaves the toolkit's log on stdout,
 which the caller keeps and parses. This file imports only the standard library, numpy and rknn.api,
 because it runs with rknn-toolkit2's pinned dependencies.

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from nodulekit.deploy import BACKENDS
+from nodulekit.deploy.outputs import class1_probability
 from nodulekit.errors import InputError
 
 
@@ -35,17 +36,19 @@ class TorchSegRunner:
 
 
 class OnnxRunner:
-    """ONNX Runtime session on the CPU with a fixed thread count; returns the first output."""
+    """ONNX Runtime session on the CPU with a fixed thread count (``None``: ONNX Runtime's own
+    defaults); returns the first output."""
 
-    def __init__(self, path: str | Path, threads: int = 2):
+    def __init__(self, path: str | Path, threads: int | None = 2):
         import onnxruntime as ort
 
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(self.path, "ONNX file not found")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
@@ -69,20 +72,6 @@ class OnnxRunner:
         return self._run(x)[0]
 
 
-def _class1_probability(out: np.ndarray) -> np.ndarray:
-    """``(N,)`` nodule probability from a classifier output: ``(N, 2)`` probabilities or logits,
-    or ``(N,)`` / ``(N, 1)`` probabilities; NPU-shaped ``(N, 2, 1, 1)`` outputs count as ``(N, 2)``."""
-    out = np.asarray(out, dtype=np.float32)
-    if out.ndim == 4 and out.shape[2:] == (1, 1):
-        out = out[:, :, 0, 0]
-    if out.ndim == 2 and out.shape[1] == 2:
-        if np.all(out >= 0) and np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
-            return out[:, 1]
-        e = np.exp(out - out.max(axis=1, keepdims=True))
-        return (e[:, 1] / e.sum(axis=1)).astype(np.float32)
-    return out.reshape(out.shape[0])
-
-
 class TorchClsRunner(TorchSegRunner):
     """A ``LunaModel`` (or any module returning ``(logits, probabilities)``) as a classifier runner.
 
@@ -98,7 +87,7 @@ class TorchClsRunner(TorchSegRunner):
         out = self._forward(x)
         if isinstance(out, (tuple, list)):
             out = out[-1]
-        return _class1_probability(out.numpy())
+        return class1_probability(out.numpy())
 
 
 class OnnxClsRunner(OnnxRunner):
@@ -106,29 +95,57 @@ class OnnxClsRunner(OnnxRunner):
     are exported, as ``LunaModel.forward`` returns them); its crop spacing comes from the file's
     metadata (:mod:`nodulekit.deploy.model_meta`)."""
 
-    def __init__(self, path: str | Path, threads: int = 2):
+    def __init__(self, path: str | Path, threads: int | None = 2):
         from nodulekit.deploy.model_meta import crop_spacing_of
 
         super().__init__(path, threads)
         self.crop_spacing = crop_spacing_of(self.path)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return _class1_probability(self._run(x)[-1])
+        return class1_probability(self._run(x)[-1])
 
 
-def _load_runner(path, backend: str, threads, kind: str):
+RUNTIMES = (*BACKENDS, "torchscript")
+_SUFFIX_RUNTIME = {".rknn": "rknn", ".onnx": "onnx", ".ts": "torchscript", ".jit": "torchscript"}
+
+
+def load_runner(path: str | Path, kind: str = "seg", backend: str | None = None, threads: int | None = 2):
+    """The one runner loader: a checkpoint or a deployed file as a ``kind`` (``seg`` or ``cls``) runner.
+
+    Args:
+        path: a checkpoint (PyTorch), ``.onnx`` (ONNX Runtime on the CPU), ``.ts`` / ``.jit``
+            (TorchScript) or ``.rknn`` (an RK3588 board) file.
+        kind: ``seg`` or ``cls`` (what the runner's outputs mean, see the module docstring).
+        backend: one of :data:`RUNTIMES`; a file suffix above takes precedence; ``None``: by suffix,
+            else a PyTorch checkpoint.
+        threads: CPU threads (``None``: the runtime's default).
+
+    Raises:
+        InputError: the file is missing or its runtime cannot load it.
+    """
     path = Path(path)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r} ({', '.join(BACKENDS)})")
-    if backend == "rknn" or path.suffix == ".rknn":
+    if kind not in ("seg", "cls"):
+        raise ValueError(f"unknown runner kind {kind!r} (seg, cls)")
+    backend = _SUFFIX_RUNTIME.get(path.suffix, backend or "torch")
+    if backend not in RUNTIMES:
+        raise ValueError(f"unknown backend {backend!r} ({', '.join(RUNTIMES)})")
+    if backend == "rknn":
         from nodulekit.deploy.rknn import load_rknn_runner  # rknn-toolkit-lite2, on the board
 
         return load_rknn_runner(path, kind=kind)
-    if backend == "onnx" or path.suffix == ".onnx":
-        return (OnnxClsRunner if kind == "cls" else OnnxRunner)(path, threads=threads or 2)
-    from nodulekit.models.checkpoint import load_cls_model, load_seg_model
+    if backend == "onnx":
+        return (OnnxClsRunner if kind == "cls" else OnnxRunner)(path, threads=threads)
+    if backend == "torchscript":
+        if not path.is_file():
+            raise InputError(path, "TorchScript file not found")
+        try:
+            model = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:
+            raise InputError(path, f"not a TorchScript file ({exc})") from None
+    else:
+        from nodulekit.models.checkpoint import load_cls_model, load_seg_model
 
-    model, _ = (load_cls_model if kind == "cls" else load_seg_model)(path)
+        model, _ = (load_cls_model if kind == "cls" else load_seg_model)(path)
     return (TorchClsRunner if kind == "cls" else TorchSegRunner)(model, threads)
 
 
@@ -141,7 +158,7 @@ def load_seg_runner(path: str | Path, backend: str = "torch", threads: int | Non
         backend: one of :data:`BACKENDS`; an ``.onnx`` / ``.rknn`` suffix selects that runtime.
         threads: CPU threads.
     """
-    return _load_runner(path, backend, threads, "seg")
+    return load_runner(path, "seg", backend, threads)
 
 
 def load_cls_runner(path: str | Path, backend: str = "torch", threads: int | None = 2):
@@ -149,4 +166,4 @@ def load_cls_runner(path: str | Path, backend: str = "torch", threads: int | Non
 
     Args: as :func:`load_seg_runner`, with ``LunaModel`` checkpoints or its exports (3D or Conv2d).
     """
-    return _load_runner(path, backend, threads, "cls")
+    return load_runner(path, "cls", backend, threads)

@@ -19,9 +19,7 @@ those operators that computes the same function:
   returns ``(N, 2)`` as :class:`LunaModel` does; ``spatial_outputs = True`` (set for the NPU export)
   keeps them 4D.
 
-The band multiplies conv weights and MACs by about ``D/3`` (the first blocks see 32 and 16 slices), so
-:class:`Cls2p5dModel` is also offered: a classifier designed for Conv2d from the start, with the 32
-slices as input channels.
+The band multiplies conv weights and MACs by about ``D/3`` (the first blocks see 32 and 16 slices).
 """
 
 from __future__ import annotations
@@ -167,40 +165,6 @@ def to_conv2d(model: LunaModel) -> Conv2dLunaModel:
     out = Conv2dLunaModel(scale, shift, blocks, head, model.crop).eval()
     out.crop_spacing = getattr(model, "crop_spacing", None)
     return out
-
-
-class Cls2p5dModel(nn.Module):
-    """2.5D classifier: the crop's slices are input channels of a plain Conv2d network.
-
-    Same interface as :class:`LunaModel`: input ``(N, 1, D, H, W)``, returns ``(logits, probs)``.
-
-    Args:
-        widths: per block ``(conv1, conv2)`` output channels; 4 blocks halve H and W each.
-        crop: input crop (index, row, col); rows and cols divisible by 16.
-    """
-
-    def __init__(self, widths=None, crop: tuple[int, int, int] = CLS_CROP, n_classes: int = 2):
-        super().__init__()
-        widths = widths or [(32, 32), (32, 32), (64, 64), (64, 64)]
-        self.widths = [tuple(int(c) for c in w) for w in widths]
-        self.crop = tuple(crop)
-        if any(s % 16 for s in self.crop[1:]):
-            raise ValueError(f"classifier crop {self.crop} must be divisible by 16 in-plane")
-        self.input_batchnorm = nn.BatchNorm2d(self.crop[0])
-        layers, prev = [], self.crop[0]
-        for mid, out in self.widths:
-            layers += [nn.Conv2d(prev, mid, 3, padding=1), nn.ReLU(), nn.Conv2d(mid, out, 3, padding=1),
-                       nn.ReLU(), nn.MaxPool2d(2, 2)]
-            prev = out
-        self.features = nn.Sequential(*layers)
-        self.head_linear = nn.Linear(prev * math.prod(s // 16 for s in self.crop[1:]), n_classes)
-        self.head_softmax = nn.Softmax(dim=1)
-
-    def forward(self, x: torch.Tensor):
-        d, h, w = self.crop
-        x = self.input_batchnorm(x.reshape(-1, d, h, w))
-        logits = self.head_linear(self.features(x).flatten(1))
-        return logits, self.head_softmax(logits)
 
 
 def conv_macs(model: nn.Module, input_shape=(1, 1, *CLS_CROP)) -> int:

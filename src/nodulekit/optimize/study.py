@@ -2,8 +2,9 @@
 
 ``run_study`` reads top to bottom: data, baseline, variants (stage by stage, prefixes cached),
 exports, one measurement loop over the deployed artifacts (weight memory, size, accuracy with ONNX
-Runtime, interleaved latency), then ``report.json`` and its rendering. A variant that fails becomes
-a row with an ``error``.
+Runtime, interleaved latency, ratios against the baseline), then ``report.json``. Rendering it is
+the caller's step (:func:`nodulekit.report.render.render_report`), so that this layer does not
+depend on the report's. A variant that fails becomes a row with an ``error``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nodulekit import SEG_CHANNELS
 from nodulekit.log import get_logger
 from nodulekit.optimize import variants as V
 from nodulekit.train.config import POSITIVE, RunConfig, setting
@@ -74,8 +76,9 @@ class StudyConfig(RunConfig):
 
 
 @dataclass
-class Candidate:
-    """A model on its way through the stages, and how it will be deployed."""
+class Build:
+    """A model on its way through the stages, and how it will be deployed (the format and export
+    arguments of :func:`nodulekit.deploy.export.export`)."""
 
     model: torch.nn.Module
     fmt: str = "onnx"
@@ -95,19 +98,19 @@ class StudyContext:
 
 
 # ---------------------------------------------------------------------------------------------
-# stages: each takes a candidate and returns one
+# stages: each takes a build and returns one
 
 
-def stage_prune(cand: Candidate, ctx: StudyContext) -> Candidate:
+def stage_prune(cand: Build, ctx: StudyContext) -> Build:
     from nodulekit.optimize.prune import layer_widths, prune_seg
 
     model = prune_seg(cand.model, ctx.cfg.prune_ratio)
     meta = {**cand.meta, "prune_ratio": str(ctx.cfg.prune_ratio),
             "widths_before": layer_widths(cand.model), "widths_after": layer_widths(model)}
-    return Candidate(model, "onnx", {}, meta)
+    return Build(model, "onnx", {}, meta)
 
 
-def stage_finetune(cand: Candidate, ctx: StudyContext) -> Candidate:
+def stage_finetune(cand: Build, ctx: StudyContext) -> Build:
     """Fine-tune a pruned model; its epoch is picked by nodule recall, then pixel recall up to the
     baseline's, then Dice (:func:`nodulekit.train.seg.recall_key`)."""
     from nodulekit.train.seg import recall_key
@@ -124,7 +127,7 @@ def stage_finetune(cand: Candidate, ctx: StudyContext) -> Candidate:
     finally:
         ctx.train_ds.samples_per_epoch = per_epoch
     cand.model.to(memory_format=torch.contiguous_format)  # the exporters trace contiguous weights
-    return Candidate(cand.model, cand.fmt, cand.export_kwargs,
+    return Build(cand.model, cand.fmt, cand.export_kwargs,
                      {**cand.meta, "finetune_history": history, "finetune_recall_target": target})
 
 
@@ -144,18 +147,18 @@ def _baseline_recall(ctx: StudyContext) -> float | None:
     return ctx.baseline_recall
 
 
-def stage_ptq(cand: Candidate, ctx: StudyContext) -> Candidate:
-    from nodulekit.optimize.quantize import SliceReader, calibration_items
+def stage_ptq(cand: Build, ctx: StudyContext) -> Build:
+    from nodulekit.deploy.ptq import SliceReader, calibration_items
 
     scans = ctx.train_ds.scans
     items = calibration_items(scans, ctx.cfg.calib_slices, seed=ctx.cfg.seed)
     kwargs = {"calibration": SliceReader(items, scans), "method": ctx.cfg.calib_method}
     meta = {**cand.meta, "calibration": {"method": ctx.cfg.calib_method, "slices": len(items),
                                          "nodule_slices": sum(z in scans[s].label_slices for s, z in items)}}
-    return Candidate(cand.model, "onnx-int8", kwargs, meta)
+    return Build(cand.model, "onnx-int8", kwargs, meta)
 
 
-def stage_qat(cand: Candidate, ctx: StudyContext) -> Candidate:
+def stage_qat(cand: Build, ctx: StudyContext) -> Build:
     from nodulekit.optimize import quantize as Q
 
     cfg = ctx.cfg
@@ -171,7 +174,7 @@ def stage_qat(cand: Candidate, ctx: StudyContext) -> Candidate:
     tuned.load_state_dict({k: v for k, v in prepared.state_dict().items() if k in own}, strict=False)
     meta = {**cand.meta, "qat_history": history, "qat": {"epochs": cfg.qat_epochs, "lr": cfg.qat_lr,
                                                           "fn_weight": cfg.fn_weight_qat}}
-    return Candidate(prepared, "onnx-int8", {"convert": True}, meta, float_model=tuned.eval())
+    return Build(prepared, "onnx-int8", {"convert": True}, meta, float_model=tuned.eval())
 
 
 STAGE_FUNCS = {"prune": stage_prune, "finetune": stage_finetune, "ptq": stage_ptq, "qat": stage_qat}
@@ -192,10 +195,10 @@ def _fit(model, ctx: StudyContext, validate: bool = True, val_slices: int | None
                    workers=cfg.workers, seed=cfg.seed, progress=cfg.progress, **kwargs)
 
 
-def build_variants(baseline: torch.nn.Module, names, ctx: StudyContext) -> dict[str, Candidate | Exception]:
+def build_variants(baseline: torch.nn.Module, names, ctx: StudyContext) -> dict[str, Build | Exception]:
     """Run the stages of each variant; a stage prefix shared by several variants runs once."""
-    cache: dict[tuple, Candidate] = {(): Candidate(baseline)}
-    built: dict[str, Candidate | Exception] = {}
+    cache: dict[tuple, Build] = {(): Build(baseline)}
+    built: dict[str, Build | Exception] = {}
     for name in names:
         stages = V.VARIANTS[name]
         try:
@@ -213,8 +216,8 @@ def build_variants(baseline: torch.nn.Module, names, ctx: StudyContext) -> dict[
     return built
 
 
-def _copy(cand: Candidate) -> Candidate:
-    return Candidate(copy.deepcopy(cand.model), cand.fmt, dict(cand.export_kwargs), dict(cand.meta),
+def _copy(cand: Build) -> Build:
+    return Build(copy.deepcopy(cand.model), cand.fmt, dict(cand.export_kwargs), dict(cand.meta),
                      cand.float_model)
 
 
@@ -222,7 +225,7 @@ def _copy(cand: Candidate) -> Candidate:
 # export and measurement
 
 
-def export_variant(name: str, cand: Candidate, out_dir: Path, cfg: StudyConfig) -> dict:
+def export_variant(name: str, cand: Build, out_dir: Path, cfg: StudyConfig) -> dict:
     """Write ``out_dir/<name>/``: the deployed ONNX, TorchScript of float models, the checkpoint."""
     from nodulekit.deploy.export import export
     from nodulekit.models.checkpoint import save_seg_checkpoint
@@ -247,8 +250,8 @@ def npu_section(rows: list[dict], out_dir: Path, train_ds, val_ds, cfg: StudyCon
     """``report.json["npu"]``: each variant built for the RK3588 NPU by :mod:`nodulekit.deploy.rknn`:
     float variants in fp16, PTQ variants quantized by the toolkit from the float ONNX of their source
     (same calibration slices as ORT), QAT variants from their QDQ file with its learnt ranges."""
-    from nodulekit.deploy.rknn import npu_rows
-    from nodulekit.optimize.quantize import calibration_items
+    from nodulekit.deploy.measure import npu_rows
+    from nodulekit.deploy.ptq import calibration_items
 
     by_name = {r["name"]: r for r in rows if "error" not in r}
     triples = []
@@ -264,7 +267,10 @@ def npu_section(rows: list[dict], out_dir: Path, train_ds, val_ds, cfg: StudyCon
             triples.append((name, out_dir / r["artifact"], "fp16"))
     scans = train_ds.scans
     calibration = [scans[s].context(z)[None] for s, z in calibration_items(scans, cfg.calib_slices, seed=cfg.seed)]
-    return npu_rows(triples, out_dir / "npu", calibration=calibration, val_ds=val_ds)
+    rows = npu_rows(triples, out_dir / "npu", calibration=calibration, val_ds=val_ds)
+    for row in rows:
+        row["artifact"] = os.path.relpath(row["artifact"], out_dir)
+    return rows
 
 
 def _hist(model: torch.nn.Module, bins: int = 40) -> dict:
@@ -278,50 +284,26 @@ def _hist(model: torch.nn.Module, bins: int = 40) -> dict:
 
 
 def measure(rows: list[dict], val_ds, cfg: StudyConfig, timings: dict) -> None:
-    """Fill size, weight memory, accuracy (ONNX Runtime on the deployed file) and latency in place."""
-    from nodulekit.deploy.bench import bench
-    from nodulekit.deploy.onnx_utils import param_count, weight_memory_bytes
+    """Fill size, weight memory, accuracy (ONNX Runtime on the deployed file), latency and the
+    ratios against the baseline in place (:func:`nodulekit.deploy.measure.measure`); then each
+    variant's recall at the baseline's precision."""
+    from nodulekit.deploy.measure import measure as measure_rows
+    from nodulekit.deploy.onnx_utils import param_count
     from nodulekit.deploy.runtime import OnnxRunner
     from nodulekit.evaluate.seg_metrics import evaluate_seg, recall_at_precision
 
-    t0 = time.perf_counter()
-    for row in rows:
-        if "error" in row:
-            continue
-        try:
-            path = row["artifact"]
-            row["size_kib"] = os.path.getsize(path) / 1024
-            row["weight_memory_kib"] = weight_memory_bytes(path) / 1024
-            row["onnx_params"] = param_count(path)
-            metrics = evaluate_seg(OnnxRunner(path, threads=cfg.threads), val_ds, pr_bins=PR_BINS)
-            row.update({k: metrics[k] for k in ("recall", "precision", "dice", "nodule_recall", "pr_hist")
-                        if k in metrics})
-        except Exception as exc:
-            log.exception("measuring %s failed", row["name"])
-            row["error"] = f"{type(exc).__name__}: {exc}"
-    timings["evaluate"] = round(time.perf_counter() - t0, 2)
-    t0 = time.perf_counter()
-    ok = [r for r in rows if "error" not in r]
+    def quality(row: dict) -> dict:
+        metrics = evaluate_seg(OnnxRunner(row["artifact"], threads=cfg.threads), val_ds, pr_bins=PR_BINS)
+        return {"onnx_params": param_count(row["artifact"]),
+                **{k: metrics[k] for k in ("recall", "precision", "dice", "nodule_recall", "pr_hist") if k in metrics}}
+
     size = cfg.bench_size
-    results = {b["artifact"]: b for b in bench([r["artifact"] for r in ok], runs=cfg.bench_runs,
-                                               warmup=cfg.bench_warmup, threads=cfg.threads,
-                                               shape=(1, 7, size, size))}
-    for r in ok:
-        b = results[r["artifact"]]
-        r["latency_us"] = b.get("latency_us")
-        r["latency_p10_us"], r["latency_p90_us"] = b.get("p10_us"), b.get("p90_us")
-        if "error" in b:
-            r["error"] = b["error"]
-    timings["bench"] = round(time.perf_counter() - t0, 2)
+    measure_rows(rows, quality=quality, shape=(1, SEG_CHANNELS, size, size), runs=cfg.bench_runs,
+                 warmup=cfg.bench_warmup, threads=cfg.threads, baseline=V.BASELINE, timings=timings)
     base = next((r for r in rows if r["name"] == V.BASELINE and "error" not in r), None)
-    if base:
-        for r in ok:
-            r["weight_memory_ratio"] = base["weight_memory_kib"] / r["weight_memory_kib"]
-            r["size_ratio"] = base["size_kib"] / r["size_kib"]
-            if r.get("latency_us"):
-                r["latency_ratio"] = base["latency_us"] / r["latency_us"]
-            r["recall_change_pts"] = 100.0 * (r["recall"] - base["recall"])
-            if r.get("pr_hist") and np.isfinite(base.get("precision", np.nan)):
+    if base and np.isfinite(base.get("precision", np.nan)):
+        for r in rows:
+            if "error" not in r and r.get("pr_hist"):
                 # a variant that marks more is judged at the baseline's precision too
                 matched = recall_at_precision(r["pr_hist"], base["precision"])
                 r["recall_at_baseline_precision"] = matched["recall"]
@@ -346,15 +328,16 @@ def run_study(seg_ckpt, data_dir, out_dir, cfg: StudyConfig | None = None, *, da
     Args:
         seg_ckpt: baseline checkpoint (or a :class:`SegModel`).
         data_dir: LUNA16-layout dataset (training crops, calibration and validation slices).
-        out_dir: study folder: ``<variant>/``, ``report.json``, ``REPORT.md``, ``REPORT.zh.md``, plots.
+        out_dir: study folder: ``<variant>/`` and ``report.json`` (render it with
+            :func:`nodulekit.report.render.render_report`).
         cfg: settings (defaults: :class:`StudyConfig`).
         datasets: ``(train_ds, val_ds)`` already built (skips reading ``data_dir``).
 
     Returns:
         The report dict written to ``report.json``.
     """
+    from nodulekit.deploy.rows import new_row, write_json
     from nodulekit.models.checkpoint import load_seg_model
-    from nodulekit.report.render import render_report, write_report_json
 
     cfg = cfg or StudyConfig()
     out_dir = Path(out_dir)
@@ -383,7 +366,7 @@ def run_study(seg_ckpt, data_dir, out_dir, cfg: StudyConfig | None = None, *, da
     rows = []
     for name in names:
         cand = built[name]
-        row = {"name": name, "label": V.LABELS[name], "stages": list(V.VARIANTS[name])}
+        row = new_row(name, "seg", label=V.LABELS[name], stages=list(V.VARIANTS[name]))
         if isinstance(cand, Exception):
             rows.append({**row, "error": f"{type(cand).__name__}: {cand}"})
             continue
@@ -404,7 +387,7 @@ def run_study(seg_ckpt, data_dir, out_dir, cfg: StudyConfig | None = None, *, da
         rows.append(row)
     measure(rows, val_ds, cfg, timings)
     for row in rows:
-        if "artifact" in row:
+        if row.get("artifact"):
             row["artifact"] = os.path.relpath(row["artifact"], out_dir)
     npu = None
     if cfg.rknn:
@@ -423,8 +406,7 @@ def run_study(seg_ckpt, data_dir, out_dir, cfg: StudyConfig | None = None, *, da
     }
     if npu is not None:
         report["npu"] = npu
-    write_report_json(report, out_dir / "report.json")
-    render_report(out_dir)
+    write_json(out_dir / "report.json", report)
     return report
 
 

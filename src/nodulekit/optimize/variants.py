@@ -1,14 +1,12 @@
 """The compression variants, as data: each is a sequence of stages applied to the baseline.
 
 The table drives the CLI choices (``nodulekit optimize --variants``), the study, the tests and the
-report. Stages are functions in :mod:`nodulekit.optimize.study` taking a candidate and returning
+report. Stages are functions in :mod:`nodulekit.optimize.study` taking a build and returning
 one; a variant's prefix (``prune, finetune``) is computed once and shared by every variant that
 starts with it.
 """
 
 from __future__ import annotations
-
-STAGES = ("prune", "finetune", "ptq", "qat")
 
 VARIANTS: dict[str, tuple[str, ...]] = {
     "baseline": (),
@@ -47,8 +45,3 @@ def resolve(names=None) -> list[str]:
 
 def is_quantized(name: str) -> bool:
     return any(s in ("ptq", "qat") for s in VARIANTS[name])
-
-
-def deploy_format(name: str) -> str:
-    """The export format a variant is deployed in."""
-    return "onnx-int8" if is_quantized(name) else "onnx"

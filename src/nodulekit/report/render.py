@@ -4,18 +4,20 @@
 shape: ``{"baseline": name, "variants": [row, ...], "machine": {...}, "dataset": {...}}`` with
 optional ``settings``, ``timings_s``, ``npu``, ``classifier`` and ``detection``. A variant row has
 ``name, params, weight_memory_kib, size_kib, latency_us, recall, precision, dice, artifact`` (recall
-a fraction) or ``name`` and ``error``.
+a fraction) or ``name`` and ``error``; every row of ``variants``, ``npu`` and ``classifier`` follows
+:mod:`nodulekit.deploy.rows`, whose ratios (``weight_memory_ratio``, ``size_ratio``,
+``latency_ratio``, ``recall_change_pts``) the measurement computed and the tables only show.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
+from nodulekit.deploy.rows import write_json
 from nodulekit.errors import InputError
 from nodulekit.log import get_logger
-from nodulekit.report.i18n import REFERENCE, STRINGS, VARIANT_NAMES
+from nodulekit.report.i18n import REFERENCE, REFERENCE_BASELINE, STRINGS, VARIANT_NAMES
 from nodulekit.report.plots import PLOTS, draw_all
 
 log = get_logger("report")
@@ -23,18 +25,6 @@ log = get_logger("report")
 ROW_KEYS = ("name", "params", "weight_memory_kib", "size_kib", "latency_us", "recall", "precision", "dice",
             "artifact")
 TOP_KEYS = ("baseline", "variants", "machine", "dataset")
-
-
-def _clean(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        return _clean(obj.item())
-    return obj
 
 
 def validate_report(report: dict, source="report.json") -> dict:
@@ -62,10 +52,8 @@ def validate_report(report: dict, source="report.json") -> dict:
 
 
 def write_report_json(report: dict, path: str | Path) -> Path:
-    path = Path(path)
     validate_report(report, path)
-    path.write_text(json.dumps(_clean(report), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
+    return write_json(path, report)
 
 
 def load_report(path: str | Path) -> dict:
@@ -101,22 +89,6 @@ def _table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def _with_ratios(rows, baseline_name):
-    base = next((r for r in rows if r["name"] == baseline_name and "error" not in r), None)
-    out = []
-    for r in rows:
-        r = dict(r)
-        if base and "error" not in r:
-            for key, rkey in (("weight_memory_kib", "weight_memory_ratio"), ("size_kib", "size_ratio"),
-                              ("latency_us", "latency_ratio")):
-                if r.get(key) and base.get(key):
-                    r[rkey] = base[key] / r[key]
-            if r.get("recall") is not None and base.get("recall") is not None:
-                r["recall_change_pts"] = 100.0 * (r["recall"] - base["recall"])
-        out.append(r)
-    return out
 
 
 def _main_table(rows, lang):
@@ -158,7 +130,7 @@ def _matched(rows, lang):
 
 def _reference(lang):
     s, names = STRINGS[lang], VARIANT_NAMES[lang]
-    base = REFERENCE[0]
+    base = next(r for r in REFERENCE if r["name"] == REFERENCE_BASELINE)
     body = []
     for r in REFERENCE:
         wm, lat = r["weight_memory_kib"], r["latency_us"]
@@ -169,22 +141,22 @@ def _reference(lang):
     return f"## {s['reference']}\n\n{s['reference_note']}\n\n" + _table(s["ref_header"], body)
 
 
-def _npu(report, lang):
-    rows = report.get("npu")
+def _section(report, key: str, header: str, note: str | None, cells, lang):
+    """A titled table of ``report[key]``'s rows, one ``cells(row, strings)`` list per row."""
+    rows = report.get(key)
     if not rows:
         return None
     s = STRINGS[lang]
-    base = next((r for r in rows if "fp16" in r["name"] or r["name"] == report["baseline"]), rows[0])
-    body = []
-    for r in rows:
-        wm = r.get("weight_memory_kib")
-        body.append([r["name"], _num(wm, "{:,.2f}"),
-                     _ratio(base.get("weight_memory_kib") / wm if wm and base.get("weight_memory_kib") else None),
-                     _num(r.get("internal_memory_kib"), "{:,.0f}"), _num(r.get("size_kib"), "{:,.2f}"),
-                     _num(None if r.get("recall") is None else 100 * r["recall"]),
-                     _fallback(r.get("cpu_fallback_layers")),
-                     _num(r.get("latency_us"), "{:,.0f}", s["needs_board"])])
-    return f"## {s['npu']}\n\n{s['npu_note']}\n\n" + _table(s["npu_header"], body)
+    intro = f"## {s[key]}\n\n" + (f"{s[note]}\n\n" if note else "")
+    return intro + _table(s[header], [cells(r, s) for r in rows])
+
+
+def _npu(report, lang):
+    return _section(report, "npu", "npu_header", "npu_note", lambda r, s: [
+        r["name"], _num(r.get("weight_memory_kib"), "{:,.2f}"), _ratio(r.get("weight_memory_ratio")),
+        _num(r.get("internal_memory_kib"), "{:,.0f}"), _num(r.get("size_kib"), "{:,.2f}"),
+        _num(None if r.get("recall") is None else 100 * r["recall"]), _fallback(r.get("cpu_fallback_layers")),
+        _num(r.get("latency_us"), "{:,.0f}", s["needs_board"])], lang)
 
 
 def _fallback(layers) -> str:
@@ -197,15 +169,10 @@ def _fallback(layers) -> str:
 
 
 def _classifier(report, lang):
-    rows = report.get("classifier")
-    if not rows:
-        return None
-    s = STRINGS[lang]
-    body = [[r["name"], _num(r.get("params"), "{:,}"), _num(r.get("weight_memory_kib"), "{:,.2f}"),
-             _num(r.get("size_kib"), "{:,.2f}"), _num(r.get("latency_us"), "{:,.0f}", s["needs_board"]),
-             _num(r.get("auc"), "{:.4f}"), _num(r.get("f1"), "{:.3f}"), _num(r.get("max_abs_diff_vs_3d"), "{:.2e}")]
-            for r in rows]
-    return f"## {s['classifier']}\n\n" + _table(s["cls_header"], body)
+    return _section(report, "classifier", "cls_header", None, lambda r, s: [
+        r["name"], _num(r.get("params"), "{:,}"), _num(r.get("weight_memory_kib"), "{:,.2f}"),
+        _num(r.get("size_kib"), "{:,.2f}"), _num(r.get("latency_us"), "{:,.0f}", s["needs_board"]),
+        _num(r.get("auc"), "{:.4f}"), _num(r.get("f1"), "{:.3f}"), _num(r.get("max_abs_diff_vs_3d"), "{:.2e}")], lang)
 
 
 def _detection(report, lang):
@@ -236,7 +203,7 @@ def _kv(d: dict) -> str:
 def render_markdown(report: dict, lang: str, plots: dict[str, str]) -> str:
     """One Markdown report in ``lang`` (``en`` or ``zh``)."""
     s = STRINGS[lang]
-    rows = _with_ratios(report["variants"], report["baseline"])
+    rows = report["variants"]
     parts = [f"# {s['title']}", s["intro"], f"## {s['main']}", _main_table(rows, lang), s["memory_note"]]
     errors = [r for r in rows if "error" in r]
     if errors:
