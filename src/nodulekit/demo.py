@@ -325,10 +325,12 @@ def optimize_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], seg_ckpt: 
     """The six segmentation variants (and their RKNN builds) under ``<out>/optimize/``; ``onnx``
     is the baseline's deployed fp32 ONNX, when it was exported."""
     from nodulekit.optimize.study import StudyConfig, run_study
+    from nodulekit.report.render import render_report
 
     study_dir = _fresh(out / "optimize")
     study_cfg = StudyConfig(rknn=rknn, split=str(data["split"]), **cfg.study_settings())
     report = run_study(seg_ckpt, data["data"], study_dir, study_cfg)
+    render_report(study_dir)
     files = {"report": study_dir / "report.json"}
     base = next((r for r in report["variants"] if r["name"] == report["baseline"] and r.get("artifact")), None)
     if base is not None and (study_dir / base["artifact"]).suffix == ".onnx":
@@ -342,7 +344,8 @@ def classifier_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], cls_ckpt
     from nodulekit.optimize.classifier import classifier_study
 
     cls_dir = _fresh(out / "classifier")
-    rows = classifier_study(cls_ckpt, data["data"], cls_dir, rknn, val_fraction=cfg.val_fraction)
+    rows = classifier_study(cls_ckpt, data["data"], cls_dir, rknn, val_fraction=cfg.val_fraction,
+                            split_file=data["split"])
     onnx = cls_dir / "cls3d.onnx"  # the name classifier_study gives the 3D export
     return StageResult({"rows": rows}, {"onnx": onnx} if onnx.is_file() else {})
 

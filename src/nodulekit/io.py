@@ -7,6 +7,8 @@ processes (DataLoader workers, a second run) never see a partial file.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -44,3 +46,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding=encoding))
+
+
+def json_ready(obj):
+    """``obj`` made JSON-ready: NaN and infinities become None (JSON has no NaN), numpy scalars
+    Python numbers."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        return json_ready(obj.item())
+    return obj
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write ``obj`` as indented UTF-8 JSON (:func:`json_ready`), atomically."""
+    return atomic_write_text(path, json.dumps(json_ready(obj), indent=2, ensure_ascii=False) + "\n")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 def add_parser(sub):
     from nodulekit.cli._config import add_config_options
-    from nodulekit.optimize.quantize import CALIB_METHODS
+    from nodulekit.deploy.ptq import CALIB_METHODS
     from nodulekit.optimize.study import StudyConfig
     from nodulekit.optimize.variants import VARIANTS
 
@@ -27,8 +27,10 @@ def add_parser(sub):
 def run(args) -> int:
     from nodulekit.cli._config import config_from_args
     from nodulekit.optimize.study import StudyConfig, run_study
+    from nodulekit.report.render import render_report
 
     report = run_study(args.seg, args.data, args.out, config_from_args(StudyConfig, args))
+    render_report(args.out)
     for row in report["variants"]:
         if "error" in row:
             print(f"{row['name']:<12} ERROR {row['error']}")

@@ -29,9 +29,6 @@ and its quality metrics: ``recall``, ``precision``, ``dice``, ``nodule_recall`` 
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
 
 COMMON_KEYS = ("name", "kind", "format", "quantization", "artifact", "size_kib", "weight_memory_kib", "latency_us")
 RATIOS = {"weight_memory_kib": "weight_memory_ratio", "size_kib": "size_ratio", "latency_us": "latency_ratio"}
@@ -60,25 +57,3 @@ def add_ratios(rows: list[dict], baseline: str) -> None:
                 r[ratio] = base[key] / r[key]
         if r.get("recall") is not None and base.get("recall") is not None:
             r["recall_change_pts"] = 100.0 * (r["recall"] - base["recall"])
-
-
-
-
-def clean(obj):
-    """``obj`` made JSON-ready: NaN and infinities become None, numpy scalars Python numbers."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        return clean(obj.item())
-    return obj
-
-
-def write_json(path: str | Path, obj) -> Path:
-    """Write ``obj`` (rows, or a report holding them) as indented UTF-8 JSON, atomically."""
-    from nodulekit.io import atomic_write_text
-
-    return atomic_write_text(path, json.dumps(clean(obj), indent=2, ensure_ascii=False) + "\n")

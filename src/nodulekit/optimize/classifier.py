@@ -43,13 +43,14 @@ def _f1(logits: np.ndarray, labels) -> float:
     return cls_metrics(labels, _score(logits), threshold=0.0)["f1"]
 
 
-def held_out_crops(data_dir, crop_spacing, *, max_negatives: int = 500, val_fraction: float = VAL_FRACTION
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """The held-out candidates' crops ``(N, 1, D, H, W)`` and labels (the split of training)."""
+def held_out_crops(data_dir, crop_spacing, *, max_negatives: int = 500, val_fraction: float = VAL_FRACTION,
+                   split_file=None) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out candidates' crops ``(N, 1, D, H, W)`` and labels (the split of training, or
+    ``split_file``'s)."""
     from nodulekit.data.cls_dataset import build_cls_datasets
 
-    _, val = build_cls_datasets(data_dir, val_fraction=val_fraction, val_max_negatives=max_negatives,
-                                crop_spacing=crop_spacing)
+    _, val = build_cls_datasets(data_dir, val_fraction=val_fraction, split_file=split_file,
+                                val_max_negatives=max_negatives, crop_spacing=crop_spacing)
     crops = np.stack([np.asarray(val[i][0], dtype=np.float32) for i in range(len(val))])
     labels = np.array([int(val[i][1]) for i in range(len(val))])
     return crops, labels
@@ -65,7 +66,7 @@ def _logits_of(outputs) -> np.ndarray:
 
 
 def classifier_study(cls_ckpt, data_dir, out_dir, rknn: bool, *, max_negatives: int = 500,
-                     val_fraction: float = VAL_FRACTION, crops: np.ndarray | None = None,
+                     val_fraction: float = VAL_FRACTION, split_file=None, crops: np.ndarray | None = None,
                      labels: np.ndarray | None = None) -> list[dict]:
     """``report.json["classifier"]`` rows for the deployment forms of a trained classifier.
 
@@ -76,6 +77,8 @@ def classifier_study(cls_ckpt, data_dir, out_dir, rknn: bool, *, max_negatives: 
         rknn: also build fp16 and int8 RKNN models (needs ``.venv-rknn``).
         max_negatives: non-nodule candidates kept in the held-out set.
         val_fraction: share of scans held out (the split of training).
+        split_file: a split file (:func:`nodulekit.data.split.write_split`) that fixes the held-out
+            scans instead of ``val_fraction``.
         crops, labels: use these held-out crops ``(N, 1, 32, 48, 48)`` instead of ``data_dir``'s.
 
     Returns:
@@ -96,14 +99,14 @@ def classifier_study(cls_ckpt, data_dir, out_dir, rknn: bool, *, max_negatives: 
     model, _ = load_cls_model(cls_ckpt)
     if crops is None:
         crops, labels = held_out_crops(data_dir, model.crop_spacing, max_negatives=max_negatives,
-                                       val_fraction=val_fraction)
+                                       val_fraction=val_fraction, split_file=split_file)
     with torch.no_grad():
         ref = np.concatenate([model(torch.from_numpy(crops[i:i + 64]))[0].numpy() for i in range(0, len(crops), 64)])
     conv2d = to_conv2d(model)
     calib = calibration_crops(crops)
     onnx3d = export(model, "onnx", out_dir / "cls3d.onnx", kind="cls").path
     onnx2d = export(conv2d, "onnx", out_dir / "cls2d.onnx", kind="cls").path
-    rows, modules, weights_kib, evaluated = [], {}, {}, {}
+    rows, weights_kib, evaluated = [], {}, {}
     # (name, format, file, module, bytes per stored weight, export arguments)
     forms = [("cls3d_onnx_fp32", "onnx", onnx3d, model, 4, None),
              ("cls2d_onnx_fp32", "onnx", onnx2d, conv2d, 4, None),

@@ -12,7 +12,6 @@ import dataclasses
 
 import torch
 
-from nodulekit.deploy.ptq import CALIB_METHODS  # noqa: F401  (the study's calibration choices)
 from nodulekit.log import get_logger
 
 log = get_logger("optimize")

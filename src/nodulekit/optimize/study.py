@@ -336,7 +336,8 @@ def run_study(seg_ckpt, data_dir, out_dir, cfg: StudyConfig | None = None, *, da
     Returns:
         The report dict written to ``report.json``.
     """
-    from nodulekit.deploy.rows import new_row, write_json
+    from nodulekit.deploy.rows import new_row
+    from nodulekit.io import write_json
     from nodulekit.models.checkpoint import load_seg_model
 
     cfg = cfg or StudyConfig()
@@ -350,7 +351,7 @@ def run_study(seg_ckpt, data_dir, out_dir, cfg: StudyConfig | None = None, *, da
         from nodulekit.data.seg_dataset import build_seg_datasets
 
         t0 = time.perf_counter()
-        datasets = build_seg_datasets(data_dir, val_fraction=cfg.val_fraction,
+        datasets = build_seg_datasets(data_dir, val_fraction=cfg.val_fraction, split_file=cfg.split,
                                       samples_per_epoch=cfg.samples_per_epoch, crop=cfg.crop,
                                       seed=cfg.seed, progress=cfg.progress)
         timings["data"] = round(time.perf_counter() - t0, 2)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nodulekit.deploy.rows import write_json
+from nodulekit.io import write_json
 from nodulekit.errors import InputError
 from nodulekit.log import get_logger
 from nodulekit.report.i18n import REFERENCE, REFERENCE_BASELINE, STRINGS, VARIANT_NAMES
