@@ -118,7 +118,11 @@ def test_the_results_renderer_gives_the_expected_rows():
     assert lines[4].startswith("| qat | failed: RuntimeError: boom |")
     text = "\n".join(lines)
     assert "Held-out detection: FROC CPM **0.918** (95 % CI 0.905-1.000) on 3 scans with 7 nodules." in text
-    assert "took 7 min 10 s in all on Test CPU, 2 cores." in text
+    assert "The demo took 7 min 10 s on Test CPU, 2 cores" in text
+    report = _report(npu=False)
+    report["timings_s"]["total"] = 500.0  # the demo's own total is read, not summed again
+    report["demo"] = {"quick": True}
+    assert "The quick demo took 8 min 20 s on Test CPU, 2 cores" in results_markdown(report)
 
 
 def test_the_results_renderer_adds_npu_columns_when_the_report_has_them():

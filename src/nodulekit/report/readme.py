@@ -87,9 +87,12 @@ def results_markdown(report: dict) -> str:
         text += "\n\n" + line + "."
     timings = report.get("timings_s") or {}
     if timings:
+        # the demo records its own total; a report without one is timed by its stages
+        total = timings["total"] if "total" in timings else sum(timings.values())
         machine = report.get("machine") or {}
         where = f" on {machine['cpu']}, {machine['cores']} cores" if machine.get("cpu") and machine.get("cores") else ""
-        text += f"\n\nThe demo's stages took {_duration(sum(timings.values()))} in all{where}."
+        which = "quick demo" if (report.get("demo") or {}).get("quick") else "demo"
+        text += f"\n\nThe {which} took {_duration(total)}{where} (setting up `.venv` not included)."
     return text
 
 
