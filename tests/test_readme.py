@@ -67,6 +67,106 @@ def test_every_readme_command_parses():
     assert checked >= 8
 
 
+def test_the_readme_is_short():
+    assert len(README.read_text(encoding="utf-8").splitlines()) <= 260
+
+
+RESULTS = REPO / "docs" / "results" / "report.json"
+
+
+def test_the_readme_results_table_is_the_rendering_of_the_committed_report():
+    from nodulekit.report.readme import current_block, results_markdown
+    from nodulekit.report.render import load_report
+
+    if not RESULTS.is_file():
+        pytest.skip(f"{RESULTS.relative_to(REPO)} is not committed yet: the README's results block "
+                    "cannot be checked until a full demo's report.json is there")
+    want = results_markdown(load_report(RESULTS)).strip()
+    assert current_block(README.read_text(encoding="utf-8")) == want, (
+        "README.md's results block is not what `nodulekit report docs/results --readme README.md` renders")
+
+
+def _report(npu: bool) -> dict:
+    row = dict(params=1, size_kib=1.0, precision=0.1, dice=0.2, artifact="x.onnx")
+    report = {
+        "baseline": "baseline", "machine": {"cpu": "Test CPU", "cores": 2}, "dataset": {},
+        "variants": [
+            {**row, "name": "baseline", "weight_memory_kib": 464.55, "latency_us": 112600.0, "recall": 0.771,
+             "weight_memory_ratio": 1.0, "latency_ratio": 1.0, "recall_change_pts": 0.0},
+            # ratios deliberately unlike what the figures would give: they must be read, not recomputed
+            {**row, "name": "pruned_qat", "weight_memory_kib": 27.04, "latency_us": 85700.0, "recall": 0.795,
+             "weight_memory_ratio": 17.18, "latency_ratio": 1.31, "recall_change_pts": 2.4},
+            {"name": "qat", "error": "RuntimeError: boom"},
+        ],
+        "detection": {"cpm": 0.918, "cpm_ci": [0.905, 1.0], "n_scans": 3, "n_nodules": 7},
+        "timings_s": {"synthetic_data": 57.0, "train_seg": 226.0, "detect": 147.4},
+    }
+    if npu:
+        report["npu"] = [{"name": "baseline", "weight_memory_kib": 236.81, "recall": 0.765},
+                         {"name": "pruned_qat", "weight_memory_kib": 37.31, "recall": 0.85}]
+    return report
+
+
+def test_the_results_renderer_gives_the_expected_rows():
+    from nodulekit.report.readme import results_markdown
+
+    lines = results_markdown(_report(npu=False)).splitlines()
+    assert lines[0] == ("| variant | weight memory (KiB) | x smaller | CPU latency (ms) | x faster "
+                        "| pixel recall (%) | change (pts) |")
+    assert lines[2] == "| baseline | 464.55 | 1.00x | 112.6 | 1.00x | 77.1 | +0.0 |"
+    assert lines[3] == "| pruned_qat | 27.04 | 17.18x | 85.7 | 1.31x | 79.5 | +2.4 |"
+    assert lines[4].startswith("| qat | failed: RuntimeError: boom |")
+    text = "\n".join(lines)
+    assert "Held-out detection: FROC CPM **0.918** (95 % CI 0.905-1.000) on 3 scans with 7 nodules." in text
+    assert "The demo took 7 min 10 s on Test CPU, 2 cores" in text
+    report = _report(npu=False)
+    report["timings_s"]["total"] = 500.0  # the demo's own total is read, not summed again
+    report["demo"] = {"quick": True}
+    assert "The quick demo took 8 min 20 s on Test CPU, 2 cores" in results_markdown(report)
+
+
+def test_the_results_renderer_adds_npu_columns_when_the_report_has_them():
+    from nodulekit.report.readme import results_markdown
+
+    lines = results_markdown(_report(npu=True)).splitlines()
+    assert lines[0].endswith("| NPU weight memory (KiB) | NPU sim. recall (%) |")
+    assert lines[2].endswith("| 236.81 | 76.5 |")
+    assert lines[3].endswith("| 37.31 | 85.0 |")
+    assert lines[4].endswith("| n/a | n/a |")
+
+
+def test_report_readme_rewrites_only_the_block(tmp_path):
+    import json
+
+    from nodulekit.cli import main
+    from nodulekit.report.readme import END, START, results_markdown
+
+    (tmp_path / "report.json").write_text(json.dumps(_report(npu=False)))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{START}\nstale table\n{END}\nafter\n")
+    assert main(["report", str(tmp_path), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text == f"# title\n\nbefore\n{START}\n{results_markdown(_report(npu=False))}\n{END}\nafter\n"
+    assert not (tmp_path / "REPORT.md").exists()  # --readme touches the README only
+    # idempotent: a second run changes nothing
+    assert main(["report", str(tmp_path / "report.json"), "--readme", str(readme)]) == 0
+    assert readme.read_text() == text
+
+
+def test_report_readme_needs_the_markers(tmp_path):
+    import json
+
+    from nodulekit.errors import InputError
+    from nodulekit.report.readme import update_readme
+
+    (tmp_path / "report.json").write_text(json.dumps(_report(npu=False)))
+    readme = tmp_path / "README.md"
+    readme.write_text("# no block here\n")
+    with pytest.raises(InputError):
+        update_readme(readme, tmp_path)
+    assert readme.read_text() == "# no block here\n"
+
+
 def test_every_make_target_in_the_readme_exists():
     makefile = (REPO / "Makefile").read_text()
     targets = set(re.findall(r"^([\w.-]+):", makefile, flags=re.M))
