@@ -105,7 +105,7 @@ def test_nan_model_output_fails_that_scan_and_the_batch_goes_on(tmp_path, monkey
     s = run_detection([_scan(tmp_path / "a", "one.mhd"), _scan(tmp_path / "b", "two.mhd")], "s", "c",
                       tmp_path / "out", progress=False, png=False)
     assert s["scans_ok"] == 1 and s["scans_failed"] == 1
-    assert "the classifier gave 16 NaN/Inf output(s)" in s["failed"][0]["error"]
+    assert "the classifier c gave 16 NaN/Inf output(s)" in s["failed"][0]["error"]
     assert s["failed"][0]["error"].startswith(str(tmp_path / "a" / "one.mhd"))
 
 
@@ -116,17 +116,12 @@ def _detect_process(inputs, out: Path, seg: Path, cls: Path) -> subprocess.Popen
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_a_killed_detect_leaves_the_earlier_results_intact(tmp_path, sig):
-    from test_fuzz import _previous_results
+    from test_fuzz import _previous_results, fast_models
 
-    from nodulekit.models.checkpoint import save_cls_checkpoint, save_seg_checkpoint
-    from nodulekit.models.classifier import LunaModel
-    from nodulekit.models.unet import SegModel
-
-    seg = save_seg_checkpoint(tmp_path / "seg.pt", SegModel())
-    cls = save_cls_checkpoint(tmp_path / "cls.pt", LunaModel())
-    scans = [_scan(tmp_path / "in", f"s{k}.mhd") for k in range(12)]
+    seg, cls = fast_models(tmp_path / "models")
+    scans = [_scan(tmp_path / "in", f"s{k}.mhd") for k in range(30)]
     out = _previous_results(tmp_path / "out")
     before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     proc = _detect_process(scans, out, seg, cls)

@@ -302,8 +302,9 @@ def _to_volume(img, path: Path, seriesuid: str, min_slices: int) -> CTVolume:
         if arr.dtype != np.int16:
             lo, hi = arr.min(), arr.max()
             if lo < _INT_RANGE[0] or hi > _INT_RANGE[1]:
-                validate.warn(path, f"HU outside the int16 range ([{lo}, {hi}]), clipped")
-                arr = np.clip(arr, *_INT_RANGE)
+                # no CT value leaves int16 (-1024 air to a few thousand for metal): these are not HU
+                raise InputError(path, f"values from {lo} to {hi} leave the int16 range: not CT HU (a wrong "
+                                       f"rescale, pixel type or truncated pixel data?)")
             arr = arr.astype(np.int16)
     else:
         arr = arr.astype(np.float32, copy=False)

@@ -194,8 +194,9 @@ def check_metaimage(path: str | Path, *, allow_external_data: bool = False) -> N
             (declared,) = _ints(path, h, "CompressedDataSize", 1)
             if declared < 1:
                 raise InputError(path, f"CompressedDataSize = {declared}: expected a positive byte count")
-            if declared > present:
-                raise InputError(path, f"data of {data.name} is truncated: {present} bytes, "
+            if declared != present:
+                cut = "truncated" if declared > present else "longer than declared"
+                raise InputError(path, f"data of {data.name} is {cut}: {present} bytes, "
                                        f"CompressedDataSize declares {declared}")
         _check_zlib(path, data, data_offset, declared or present, raw_bytes, what)
         return
@@ -240,6 +241,10 @@ def _data_file(header: Path, name: str, allow_external: bool) -> Path:
                                      f"read it (allow it with --allow-external-data)")
     if not data.exists():
         raise InputError(header, f"data file {name} not found next to the header")
+    try:
+        check_regular_file(data, "data file")
+    except InputError as exc:
+        raise InputError(header, f"ElementDataFile = {name}: {exc.problem}") from None
     return data
 
 
@@ -364,7 +369,9 @@ def _check_rescale(source, slope_name: str, inter_name: str, slope: float, inter
 # ----------------------------------------------------------------------------------------- DICOM
 
 _DICOM_TAGS = ["Modality", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "RescaleSlope",
-               "RescaleIntercept", "BitsAllocated", "SamplesPerPixel"]
+               "RescaleIntercept", "BitsAllocated", "SamplesPerPixel", "Rows", "Columns"]
+# transfer syntaxes whose pixel data is stored as is: its size is known from the header
+_DICOM_UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
 
 
 def _numbers(value) -> list[float] | None:
@@ -411,6 +418,12 @@ def check_dicom_headers(folder: Path, names) -> None:
         bits = ds.get("BitsAllocated")
         if bits is not None and int(bits) < 16:
             raise InputError(name, f"{int(bits)}-bit pixels cannot hold HU (air is -1000)")
+        syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+        if bits and syntax in _DICOM_UNCOMPRESSED:
+            needed = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(bits) // 8
+            if os.path.getsize(name) < needed:
+                raise InputError(name, f"truncated: {os.path.getsize(name)} bytes, its {ds.Rows} x {ds.Columns} "
+                                       f"pixels need {needed}")
         if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
             raise InputError(name, f"{ds.SamplesPerPixel} samples per pixel: a CT image has one")
         slope = _numbers(ds.get("RescaleSlope", 1.0))

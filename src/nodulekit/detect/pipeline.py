@@ -187,8 +187,8 @@ def run_detection(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     earlier = _earlier_results(out_dir)
-    seg_runner = _Checked(load_seg_runner(seg, backend=backend, threads=threads), "segmentation model")
-    cls_runner = _Checked(load_cls_runner(cls, backend=cls_backend, threads=threads), "classifier")
+    seg_runner = _Checked(load_seg_runner(seg, backend=backend, threads=threads), f"segmentation model {seg}")
+    cls_runner = _Checked(load_cls_runner(cls, backend=cls_backend, threads=threads), f"classifier {cls}")
     crop_spacing = getattr(cls_runner, "crop_spacing", None)
     log.info("seg %s (%s), cls %s (%s, crops at %s), %d threads", seg, backend, cls, cls_backend,
              "native voxels" if crop_spacing is None else "x".join(f"{v:g}" for v in crop_spacing) + " mm",
