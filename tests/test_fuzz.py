@@ -13,8 +13,8 @@ outcome is one of:
 - ``hang``: no answer within the timeout;
 - ``lost``: the previous results in the output folder were changed by a run that failed.
 
-The CLI runs in a child of a fork server (``nodulekit.cli.main``, no new interpreter to start)
-with file descriptors 1 and 2 redirected, so that the library noise written by C++ code is
+The CLI runs in a child forked from a server process that imported everything once
+(``nodulekit.cli.main``, no new interpreter per case) with file descriptors 1 and 2 redirected, so that the library noise written by C++ code is
 caught too and a reader that crashes or hangs takes only its case down; the cases that need a
 fresh process (a FIFO that blocks) spawn one. ``scripts/fuzz_report.py`` prints the counts table.
 """
@@ -1074,29 +1074,59 @@ def classify(run: Run, res: Result, before: dict | None, after: dict | None, exp
     return "noisy"
 
 
-_PRELOAD = ["SimpleITK", "pydicom", "torch", "tqdm", "matplotlib.pyplot", "nodulekit.cli", "nodulekit.cli.detect",
+_PRELOAD = ("SimpleITK", "pydicom", "torch", "tqdm", "matplotlib.pyplot", "nodulekit.cli", "nodulekit.cli.detect",
             "nodulekit.data.ct", "nodulekit.evaluate.froc", "nodulekit.detect.pipeline", "nodulekit.detect.render",
-            "nodulekit.deploy.runtime", "nodulekit.models.checkpoint", "test_fuzz"]
-_context = None
+            "nodulekit.deploy.runtime", "nodulekit.models.checkpoint")
+# the fork server: imports the CLI's modules and runs nothing, then forks one child per case and
+# reports how it ended on its own pipe
+_SERVER = r"""
+import importlib, json, os, pickle, sys, time
+reply = int(sys.argv[1])
+sys.path[:0] = json.loads(sys.argv[2])
+import test_fuzz
+for name in test_fuzz._PRELOAD:
+    importlib.import_module(name)
+for line in sys.stdin:
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            res = test_fuzz.run_in_process(req["argv"], req["timeout"])
+            with open(req["box"], "wb") as fh:
+                pickle.dump(res, fh)
+        finally:
+            os._exit(0)
+    deadline, status = time.monotonic() + req["timeout"] + 10, None
+    while status is None:
+        done, st = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = st
+        elif time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            break
+        else:
+            time.sleep(0.002)
+    sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else 0
+    os.write(reply, (json.dumps({"hung": status is None, "signal": sig}) + "\n").encode())
+"""
+_server: dict = {}
 
 
-def _forkserver():
-    """A fork server that imported the CLI's modules and ran nothing: a child forked from it starts
-    warm, and no thread pool of the test process (torch's, after other tests ran models) is
-    inherited half-locked."""
-    global _context
-    if _context is None:
-        import multiprocessing
+def _fork_server():
+    """A fresh process to fork the cases from: the test process may hold torch's thread pools
+    (other tests ran models), which a forked child would inherit locked."""
+    if "proc" not in _server or _server["proc"].poll() is not None:
+        import atexit
 
-        _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(_PRELOAD)
-    return _context
-
-
-def _child(argv: list[str], timeout: float, box: str) -> None:
-    import pickle
-
-    Path(box).write_bytes(pickle.dumps(run_in_process(argv, timeout)))
+        r, w = os.pipe()
+        env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH") or str(REPO / "src")}
+        proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(w), json.dumps(sys.path)], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(w,), env=env, text=True)
+        os.close(w)
+        _server.update(proc=proc, reply=os.fdopen(r, "r"))
+        atexit.register(proc.stdin.close)
+    return _server["proc"], _server["reply"]
 
 
 def _in_child(run: Run, timeout: float) -> Result:
@@ -1104,17 +1134,16 @@ def _in_child(run: Run, timeout: float) -> Result:
     import pickle
     import tempfile
 
+    proc, reply = _fork_server()
     with tempfile.TemporaryDirectory() as tmp:
         box = Path(tmp) / "result.pickle"
-        proc = _forkserver().Process(target=_child, args=(run.argv, timeout, str(box)))
-        proc.start()
-        proc.join(timeout + 10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+        proc.stdin.write(json.dumps({"argv": run.argv, "timeout": timeout, "box": str(box)}) + "\n")
+        proc.stdin.flush()
+        status = json.loads(reply.readline())
+        if status["hung"]:
             return Result(None, "", "", hung=True)
-        if proc.exitcode or not box.exists():
-            return Result(None, "", f"process died (exit code {proc.exitcode})", crashed=f"signal {-proc.exitcode}")
+        if status["signal"] or not box.exists():
+            return Result(None, "", f"process died (signal {status['signal']})", crashed=f"signal {status['signal']}")
         return pickle.loads(box.read_bytes())
 
 
