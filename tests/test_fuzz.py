@@ -336,54 +336,28 @@ def _byteswap(header: Path, data: Path) -> None:
         data.write_bytes(np.frombuffer(data.read_bytes(), "<i2").byteswap().tobytes())
 
 
+# header field -> values that must each be refused (None: the field removed)
+_BAD_HEADER_VALUES = {
+    "NDims": ("three", "2", "4", "-3", "3.5", None),
+    "DimSize": ("a b c", "64 64", "0 64 12", "-64 64 12", "64.5 64 12", "512 512 1500", "99999999 99999999 99999999",
+                None),
+    "ElementType": ("MET_UCHAR", "MET_CHAR", "MET_USHORT", "MET_FOO", "", "MET_DOUBLE"),
+    "ElementNumberOfChannels": ("x", "3", "-1", "0", "1.5"),
+    "HeaderSize": ("x", "99999999", "-5", "1.5"),
+    "ElementSpacing": ("0 0 0", "nan 1 1", "inf 1 1", "a b c", "1 1", "-1 1 1"),
+    "Offset": ("nan 0 0", "inf 0 0", "a b c", "1 2"),
+    "TransformMatrix": ("1 0 0 0 1 0 0 0 0", "a b c d e f g h i", "nan 0 0 0 1 0 0 0 1", "1 0 0", "2 0 0 0 2 0 0 0 2"),
+    "BinaryDataByteOrderMSB": ("True",),
+}
+
+
+def _mutation_id(changes: dict) -> str:
+    return ",".join(f"{k}={'(none)' if v is None else v.replace(' ', '_')}" for k, v in changes.items())
+
+
 HEADER_MUTATIONS: list[tuple[str, dict, str]] = [
-    ("ndims-text", {"NDims": "three"}, "error"),
-    ("ndims-2", {"NDims": "2"}, "error"),
-    ("ndims-4", {"NDims": "4"}, "error"),
-    ("ndims-neg", {"NDims": "-3"}, "error"),
-    ("ndims-float", {"NDims": "3.5"}, "error"),
-    ("ndims-missing", {"NDims": None}, "error"),
-    ("dimsize-text", {"DimSize": "a b c"}, "error"),
-    ("dimsize-two", {"DimSize": "64 64"}, "error"),
-    ("dimsize-zero", {"DimSize": "0 64 12"}, "error"),
-    ("dimsize-neg", {"DimSize": "-64 64 12"}, "error"),
-    ("dimsize-float", {"DimSize": "64.5 64 12"}, "error"),
-    ("dimsize-1500-slices", {"DimSize": "512 512 1500"}, "error"),
-    ("dimsize-huge", {"DimSize": "99999999 99999999 99999999"}, "error"),
-    ("dimsize-missing", {"DimSize": None}, "error"),
-    ("etype-uchar", {"ElementType": "MET_UCHAR"}, "error"),
-    ("etype-char", {"ElementType": "MET_CHAR"}, "error"),
-    ("etype-ushort", {"ElementType": "MET_USHORT"}, "error"),
-    ("etype-bogus", {"ElementType": "MET_FOO"}, "error"),
-    ("etype-empty", {"ElementType": ""}, "error"),
-    ("etype-double", {"ElementType": "MET_DOUBLE"}, "error"),
-    ("channels-text", {"ElementNumberOfChannels": "x"}, "error"),
-    ("channels-3", {"ElementNumberOfChannels": "3"}, "error"),
-    ("channels-neg", {"ElementNumberOfChannels": "-1"}, "error"),
-    ("channels-zero", {"ElementNumberOfChannels": "0"}, "error"),
-    ("channels-float", {"ElementNumberOfChannels": "1.5"}, "error"),
-    ("headersize-text", {"HeaderSize": "x"}, "error"),
-    ("headersize-huge", {"HeaderSize": "99999999"}, "error"),
-    ("headersize-neg", {"HeaderSize": "-5"}, "error"),
-    ("headersize-float", {"HeaderSize": "1.5"}, "error"),
-    ("spacing-missing", {"ElementSpacing": None, "ElementSize": None}, "either"),
-    ("spacing-zero", {"ElementSpacing": "0 0 0"}, "error"),
-    ("spacing-nan", {"ElementSpacing": "nan 1 1"}, "error"),
-    ("spacing-inf", {"ElementSpacing": "inf 1 1"}, "error"),
-    ("spacing-text", {"ElementSpacing": "a b c"}, "error"),
-    ("spacing-two", {"ElementSpacing": "1 1"}, "error"),
-    ("spacing-neg", {"ElementSpacing": "-1 1 1"}, "error"),
-    ("offset-nan", {"Offset": "nan 0 0"}, "error"),
-    ("offset-inf", {"Offset": "inf 0 0"}, "error"),
-    ("offset-text", {"Offset": "a b c"}, "error"),
-    ("offset-two", {"Offset": "1 2"}, "error"),
-    ("matrix-singular", {"TransformMatrix": "1 0 0 0 1 0 0 0 0"}, "error"),
-    ("matrix-text", {"TransformMatrix": "a b c d e f g h i"}, "error"),
-    ("matrix-nan", {"TransformMatrix": "nan 0 0 0 1 0 0 0 1"}, "error"),
-    ("matrix-short", {"TransformMatrix": "1 0 0"}, "error"),
-    ("matrix-scaled", {"TransformMatrix": "2 0 0 0 2 0 0 0 2"}, "error"),
-    ("msb-true", {"BinaryDataByteOrderMSB": "True"}, "error"),
-]
+    (_mutation_id({key: value}), {key: value}, "error") for key, values in _BAD_HEADER_VALUES.items() for value in values
+] + [("spacing-missing", {"ElementSpacing": None, "ElementSize": None}, "either")]
 MHD_ONLY_MUTATIONS: list[tuple[str, dict, str]] = [
     ("datafile-passwd", {"ElementDataFile": "../../../../../../etc/passwd"}, "error"),
     ("datafile-absolute", {"ElementDataFile": "/etc/passwd"}, "error"),
@@ -653,15 +627,6 @@ def _fifo_scan(d: Path, a: Assets) -> Run:
     return Run(["info", str(p)], p.name, subprocess=True)
 
 
-def _symlink_outside(d: Path, a: Assets) -> Run:
-    p = _copy_scan(a, "phantom-raw", d)
-    data = _data_file(p)
-    outside = d / "elsewhere.raw"
-    shutil.move(data, outside)
-    data.symlink_to(outside)
-    return _info(p)
-
-
 def _out_under_file(command: str):
     def build(d: Path, a: Assets) -> Run:
         f = _file_in(d)
@@ -818,7 +783,6 @@ def cases() -> list[Case]:
     # paths
     add(Case("info-fifo-datafile", "info", _fifo_data, needs="phantom-raw"))
     add(Case("info-fifo-scan", "info", _fifo_scan))
-    add(Case("info-symlink-outside", "info", _symlink_outside, needs="phantom-raw"))
     add(Case("info-missing-file", "info", lambda d, a: _info(d / "missing.mhd")))
     add(Case("info-empty-folder", "info", lambda d, a: _info(d)))
     add(Case("info-txt", "info", _write_bytes(b"hello", "notes.txt")))

@@ -144,6 +144,25 @@ def test_a_killed_detect_leaves_the_earlier_results_intact(tmp_path, sig):
     assert not (out / "png" / "old_0.png").exists()
 
 
+def test_data_outside_the_folder_needs_permission_but_a_link_placed_there_is_followed(tmp_path):
+    from test_fuzz import _data_file, _edit_header
+
+    from nodulekit.data.ct import read_ct
+
+    scan = _scan(tmp_path / "scan")
+    data = _data_file(scan)
+    shared = tmp_path / "store" / "voxels.raw"
+    shared.parent.mkdir()
+    data.rename(shared)
+    _edit_header(scan, {"ElementDataFile": "../store/voxels.raw"})
+    with pytest.raises(InputError, match="outside the scan's folder"):
+        read_ct(scan)
+    assert read_ct(scan, allow_external_data=True).shape == (12, 96, 96)
+    data.symlink_to(shared)  # as git-annex keeps a dataset's files
+    _edit_header(scan, {"ElementDataFile": data.name})
+    assert read_ct(scan).shape == (12, 96, 96)
+
+
 # ------------------------------------------------------------------------------ the CLI boundary
 
 

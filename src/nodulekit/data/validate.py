@@ -101,9 +101,9 @@ def read_metaimage_header(path: str | Path) -> tuple[dict[str, str], int]:
         if b"\0" in line:
             raise InputError(path, "not a MetaImage header: binary data (or UTF-16 text) before ElementDataFile")
         try:
-            text = line.decode("ascii")
+            text = line.decode("utf-8")
         except UnicodeDecodeError:
-            raise InputError(path, "not a MetaImage header: non-ASCII bytes before ElementDataFile") from None
+            raise InputError(path, "not a MetaImage header: binary data before ElementDataFile") from None
         key, sep, value = text.partition("=")
         if not sep:
             if text.strip():
@@ -233,12 +233,12 @@ def _data_file(header: Path, name: str, allow_external: bool) -> Path:
         raise InputError(header, f"ElementDataFile = {name}: slice lists and file patterns are not supported; "
                                  f"convert the scan to one .mhd + .raw or an .mha")
     data = header.parent / name
-    if not allow_external:
-        folder = header.parent.resolve()
-        target = data.resolve()
-        if Path(name).is_absolute() or (target != folder and folder not in target.parents):
-            raise InputError(header, f"ElementDataFile = {name} lies outside the scan's folder; refusing to "
-                                     f"read it (allow it with --allow-external-data)")
+    # the name is what a crafted header controls (../../etc/passwd): it must lead to the scan's
+    # folder or below; a symbolic link placed there (a git-annex dataset) is the user's own doing
+    lexical = os.path.normpath(name)
+    if not allow_external and (Path(name).is_absolute() or lexical == os.pardir or lexical.startswith(os.pardir + os.sep)):
+        raise InputError(header, f"ElementDataFile = {name} lies outside the scan's folder; refusing to "
+                                 f"read it (allow it with --allow-external-data)")
     if not data.exists():
         raise InputError(header, f"data file {name} not found next to the header")
     try:
