@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from nodulekit.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
-HYPOTHESIS = settings(max_examples=60, deadline=None, derandomize=True,
+HYPOTHESIS = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                       suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
