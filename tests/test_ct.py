@@ -301,9 +301,11 @@ def test_cli_info(capsys, tmp_path):
     from nodulekit.cli import main
 
     write_ct(small_ct(), tmp_path / "a.mhd")
-    assert main(["info", str(tmp_path), str(tmp_path / "b.mhd")]) == 0
-    out = capsys.readouterr().out
-    assert "shape(z,y,x)=(8, 16, 20)" in out and "SKIP" in out
+    assert main(["info", str(tmp_path), str(tmp_path / "b.mhd")]) == 1  # one of the two failed
+    captured = capsys.readouterr()
+    assert "shape(z,y,x)=(8, 16, 20)" in captured.out and "1 of 2 scans could not be read" in captured.out
+    assert captured.err.strip() == f"SKIP {tmp_path / 'b.mhd'}: no such file or folder"
+    assert main(["info", str(tmp_path)]) == 0
 
 
 def test_iter_ct_inputs_nested_dicom_and_nothing(tmp_path, lidc_dicom):

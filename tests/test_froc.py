@@ -88,10 +88,30 @@ def test_no_marks_at_all(tmp_path):
     assert res["sensitivities"] == [0.0] * 7 and res["cpm"] == 0.0
 
 
-def test_marks_outside_the_scan_list_are_ignored(tmp_path):
-    res = _evaluate(tmp_path, dets=[("a", 0, 0, 0, 0.9), ("zzz", 0, 0, 0, 0.9)],
-                    anns=[("a", 0, 0, 0, 10.0)], uids=["a"])
-    assert res["n_detections_outside_scans"] == 1 and res["n_false_positives"] == 0
+def test_marks_on_a_scan_outside_the_list_are_an_error(tmp_path):
+    with pytest.raises(InputError, match="seriesuid zzz is not in .*uids.csv"):
+        _evaluate(tmp_path, dets=[("a", 0, 0, 0, 0.9), ("zzz", 0, 0, 0, 0.9)],
+                  anns=[("a", 0, 0, 0, 10.0), ("other", 0, 0, 0, 10.0)], uids=["a"])
+    # annotations of scans outside the list are fine: the list may be a subset (a validation split)
+    res = _evaluate(tmp_path, dets=[("a", 0, 0, 0, 0.9)], anns=[("a", 0, 0, 0, 10.0), ("other", 0, 0, 0, 10.0)],
+                    uids=["a"])
+    assert res["n_nodules"] == 1 and res["n_false_positives"] == 0
+
+
+@pytest.mark.parametrize("kw", [dict(threshold=float("nan")), dict(threshold=2.0), dict(n_bootstrap=-1),
+                                dict(max_marks=0), dict(max_sensitivity_loss=-1.0),
+                                dict(max_sensitivity_loss=float("nan"))])
+def test_options_out_of_range_are_refused(tmp_path, kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        _evaluate(tmp_path, dets=[("a", 0, 0, 0, 0.9)], anns=[("a", 0, 0, 0, 10.0)], **kw)
+
+
+def test_froc_json_is_strict_json_without_nodules(tmp_path):
+    out = tmp_path / "out"
+    _evaluate(tmp_path, dets=[("a", 0, 0, 0, 0.9)], anns=[], uids=["a"], out_dir=out, n_bootstrap=5)
+    text = (out / "froc.json").read_text()
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in froc.json"))
+    assert doc["cpm"] is None and doc["sensitivities"] == [None] * 7
 
 
 def test_max_marks_cap_keeps_the_most_probable():

@@ -95,7 +95,7 @@ def test_read_seriesuids_empty(tmp_path):
 
 
 def test_write_read_round_trip(tmp_path):
-    anns = [Annotation("1.2.3", (0.1, -2.5, 3.0), 6.25), Annotation("1.2.4", (1.0, 2.0, 3.0), 0.0)]
+    anns = [Annotation("1.2.3", (0.1, -2.5, 3.0), 6.25), Annotation("1.2.4", (1.0, 2.0, 3.0), 4.0)]
     cands = [Candidate("1.2.3", (0.1, -2.5, 3.0), True), Candidate("1.2.4", (7.0, 8.0, 9.0), False)]
     assert read_annotations(write_annotations(tmp_path / "a.csv", anns)) == anns
     assert read_candidates(write_candidates(tmp_path / "c.csv", cands)) == cands

@@ -4,6 +4,11 @@ Each command lives in its own module here with two functions: ``add_parser(subpa
 its arguments, and ``run(args)`` calls one API function. Heavy imports stay inside ``run`` so that
 ``nodulekit --help`` is fast. A command whose settings are a dataclass (``train``, ``optimize``)
 builds its options from the dataclass's fields (:mod:`nodulekit.cli._config`).
+
+Whatever goes wrong ends in one line on stderr: ``nodulekit <command>: error: <file>: <problem>``
+for bad input (:class:`~nodulekit.errors.NodulekitError`) and for the operating system's refusals
+(a full or read-only disk: ``OSError`` names the path), one line for a bad option, and one
+``internal error`` line for anything unforeseen (``-v`` shows its traceback).
 """
 
 from __future__ import annotations
@@ -31,8 +36,15 @@ COMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): the usage is a ``--help`` away."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="nodulekit",
         description="Lung-nodule detection for chest CT, compressed for RK3588 NPUs and CPUs.",
     )
@@ -62,12 +74,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except NodulekitError as exc:
-        print(f"nodulekit {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(args, f"error: {exc}")
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(args, f"error: {where}{exc.strerror or exc}")
+    except MemoryError:
+        return _fail(args, "error: out of memory")
     except KeyboardInterrupt:
-        print(f"nodulekit {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _fail(args, "interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - the last guard: one line, the traceback with -v
+        if args.verbose:
+            raise
+        return _fail(args, f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)")
     return int(result or 0)
+
+
+def _fail(args, message: str, code: int = 1) -> int:
+    line = " ".join(message.split())  # one line, whatever the message holds
+    print(f"nodulekit {args.command}: {line}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -11,21 +11,33 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import types
 import typing
+from pathlib import Path
+
+NON_NEGATIVE = "non-negative"  # >= 0 (what an int without a check means)
 
 
-def number_type(kind: type, check: str | None = None):
-    """An argparse type converting to ``kind`` and refusing values outside ``check``."""
+def number_type(kind: type, check: str | None = None, *, low: float | None = None, high: float | None = None):
+    """An argparse type converting to ``kind`` and refusing values outside ``check`` (and outside
+    ``[low, high]`` when given). A float must be finite: NaN passes no comparison and would slip
+    through every range."""
     from nodulekit.train.config import FRACTION, POSITIVE, SHARE
 
     tests = {
         POSITIVE: (lambda v: v > 0, "a positive number"),
         FRACTION: (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
         SHARE: (lambda v: 0 <= v <= 1, "a share in [0, 1]"),
-        None: ((lambda v: v >= 0, "a non-negative integer") if kind is int else (lambda v: True, "")),
+        NON_NEGATIVE: (lambda v: v >= 0, "a non-negative number"),
+        None: ((lambda v: v >= 0, "a non-negative integer") if kind is int else (lambda v: True, "a finite number")),
     }
     ok, wanted = tests[check]
+    if low is not None or high is not None:
+        lo, hi = -math.inf if low is None else low, math.inf if high is None else high
+        ok = (lambda v, first=ok: first(v) and lo <= v <= hi)
+        wanted = f"{'an integer' if kind is int else 'a number'} from {lo:g} to {hi:g}"
 
     def parse(text: str):
         try:
@@ -33,12 +45,28 @@ def number_type(kind: type, check: str | None = None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
                                              f"got {text!r}") from None
-        if not ok(value):
+        if (kind is float and not math.isfinite(value)) or not ok(value):
             raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
         return value
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def output_folder(text: str) -> str:
+    """An argparse type for ``--out`` folders: refuses an existing file, a path under a file and a
+    folder that cannot be written, before any work is done."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is an existing file, not a folder")
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text}: {parent} is not writable")
+    return text
 
 
 def _zero_is_none(parse):

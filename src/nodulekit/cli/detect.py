@@ -7,17 +7,19 @@ from nodulekit.deploy import BACKENDS
 
 
 def add_parser(sub):
-    from nodulekit.cli._config import number_type
-    from nodulekit.train.config import SHARE
+    from nodulekit.cli._config import NON_NEGATIVE, number_type, output_folder
+    from nodulekit.train.config import POSITIVE, SHARE
 
     p = sub.add_parser("detect", help="detect lung nodules in CT scans (table, JSON and PNGs)",
                        description="Segment the lung slices, group the segmentation into 3D candidates, classify "
                                    "a crop around each, and write nodules.csv (every candidate), nodules.json and "
-                                   "a PNG per nodule above --threshold.")
+                                   "a PNG per nodule above --threshold. The outputs of a run replace those of an "
+                                   "earlier one together at the end; a scan that fails is reported and skipped, "
+                                   "and the exit status is 1 if any failed.")
     p.add_argument("inputs", nargs="+", help=".mhd / .nii.gz files, DICOM folders or LUNA16 subset folders")
     p.add_argument("--seg", required=True, help="segmentation checkpoint (nodulekit or dlwpt) or .onnx file")
     p.add_argument("--cls", required=True, help="classifier checkpoint (nodulekit or dlwpt) or .onnx file")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, type=output_folder, help="output folder")
     p.add_argument("--backend", default="torch", choices=BACKENDS,
                    help="segmentation runtime: torch (checkpoint), onnx (.onnx, ONNX Runtime on the CPU) or "
                         "rknn (.rknn on an RK3588 board through rknn-toolkit-lite2)")
@@ -25,12 +27,15 @@ def add_parser(sub):
     p.add_argument("--threshold", type=number_type(float, SHARE), default=0.5, help="classifier probability of a reported nodule")
     p.add_argument("--seg-threshold", type=number_type(float, SHARE), default=SEG_THRESHOLD,
                    help="segmentation probability from which a pixel is marked (default %(default)s)")
-    p.add_argument("--min-volume", type=float, default=None, help="smallest candidate in mm^3 (default 7)")
-    p.add_argument("--batch-size", type=int, default=4, help="slices per segmentation call")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads of the runtimes")
+    p.add_argument("--min-volume", type=number_type(float, NON_NEGATIVE), default=None,
+                   help="smallest candidate in mm^3 (default 7)")
+    p.add_argument("--batch-size", type=number_type(int, POSITIVE), default=4, help="slices per segmentation call")
+    p.add_argument("--threads", type=number_type(int, POSITIVE), default=2, help="CPU threads of the runtimes")
     p.add_argument("--no-png", action="store_true", help="do not draw the nodules")
-    p.add_argument("--max-png", type=int, metavar="N", help="draw at most N nodules per scan, most probable first "
-                                                            "(default: all above --threshold)")
+    p.add_argument("--max-png", type=number_type(int), metavar="N",
+                   help="draw at most N nodules per scan, most probable first (default: all above --threshold)")
+    p.add_argument("--allow-external-data", action="store_true",
+                   help="read a MetaImage's ElementDataFile even when it lies outside the header's folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -45,11 +50,13 @@ def run(args) -> int:
         seg_threshold=args.seg_threshold, batch_size=args.batch_size, threads=args.threads,
         min_volume_mm3=MIN_VOLUME_MM3 if args.min_volume is None else args.min_volume,
         png=not args.no_png, max_png=args.max_png, progress=False if args.no_progress else None,
+        allow_external_data=args.allow_external_data,
     )
     for f in summary["failed"]:
         print(f"FAILED {f['error']}")
     per_scan = summary["seconds_per_scan"]
+    where = f"-> {summary['csv']}" if summary["written"] else f"nothing written to {args.out}"
     print(f"scans ok {summary['scans_ok']}, failed {summary['scans_failed']}; candidates {summary['n_candidates']}, "
           f"nodules >= {args.threshold} {summary['n_nodules']}; "
-          f"{'-' if per_scan is None else f'{per_scan:.1f}'} s per scan -> {summary['csv']}")
-    return 1 if summary["scans_ok"] == 0 else 0
+          f"{'-' if per_scan is None else f'{per_scan:.1f}'} s per scan {where}")
+    return 1 if summary["scans_failed"] or not summary["scans_ok"] else 0

@@ -15,22 +15,30 @@ example: nodulekit synth --out data/synth --scans 40 --seed 0 --workers 2
 """
 
 
+# a chest needs some pixels across, and a detector input 7 slices; 1024 is twice a CT's 512
+MIN_SIZE, MAX_SIZE, MIN_SLICES = 64, 1024, 7
+
+
 def add_parser(sub):
     import argparse
+
+    from nodulekit.cli._config import number_type, output_folder
+    from nodulekit.train.config import POSITIVE
 
     p = sub.add_parser(
         "synth", help="generate a synthetic LUNA16-format CT dataset with nodules",
         description="Generate synthetic chest CT scans (body, lungs, vessels, airways, ribs, spine, nodules,\n"
                     "scanner blur and noise) in the LUNA16 layout. The same seed gives the same bytes.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--scans", type=int, required=True, metavar="N", help="number of scans")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="dataset seed (default 0)")
-    p.add_argument("--size", type=int, default=512, metavar="PX",
+    p.add_argument("--out", required=True, type=output_folder, metavar="DIR", help="output folder")
+    p.add_argument("--scans", type=number_type(int, POSITIVE), required=True, metavar="N", help="number of scans")
+    p.add_argument("--seed", type=number_type(int), default=0, metavar="S", help="dataset seed (default 0)")
+    p.add_argument("--size", type=number_type(int, low=MIN_SIZE, high=MAX_SIZE), default=512, metavar="PX",
                    help="in-plane voxels; below 512 the spacing grows so the field of view stays a chest (default 512)")
-    p.add_argument("--max-slices", type=int, default=None, metavar="N",
+    p.add_argument("--max-slices", type=number_type(int, low=MIN_SLICES), default=None, metavar="N",
                    help="cap on slices per scan, keeping the middle of the lungs (default: the whole chest, <= 280)")
-    p.add_argument("--workers", type=int, default=1, metavar="W", help="worker processes (default 1)")
+    p.add_argument("--workers", type=number_type(int, POSITIVE), default=1, metavar="W",
+                   help="worker processes (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

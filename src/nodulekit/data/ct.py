@@ -2,17 +2,24 @@
 
 ``read_ct`` accepts MetaImage (``.mhd`` + ``.raw``/``.zraw``, or ``.mha``), NIfTI (``.nii``,
 ``.nii.gz``) and DICOM series folders, checks what a detector needs (one 3-D scalar CT volume of
-finite HU with enough slices) and returns a :class:`CTVolume`. Every problem is an ``InputError``
-that names the file, so batch jobs (``iter_ct_inputs``) can report it and go on.
+finite, CT-like HU with enough slices) and returns a :class:`CTVolume`. The files are checked
+before SimpleITK sees them (:mod:`nodulekit.data.validate`): what it would read silently as zeros,
+noise or 1 mm is refused first. Every problem is an ``InputError`` that names the file, so batch
+jobs (``iter_ct_inputs``) can report it and go on; ITK's own messages stay off the console.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from nodulekit.data import validate
 from nodulekit.data.volume import CTVolume
 from nodulekit.errors import InputError
 from nodulekit.log import get_logger
@@ -23,13 +30,6 @@ METAIMAGE_SUFFIXES = (".mhd", ".mha")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SCAN_SUFFIXES = METAIMAGE_SUFFIXES + NIFTI_SUFFIXES
 
-_MET_SIZES = {
-    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
-    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
-    "MET_DOUBLE": 8,
-}
-# HU run from -1024 (air) to a few thousand (metal): signed types of 16 bits or more hold them.
-_MET_ACCEPTED = ("MET_SHORT", "MET_INT", "MET_LONG", "MET_LONG_LONG", "MET_FLOAT", "MET_DOUBLE")
 _INT_RANGE = (np.iinfo(np.int16).min, np.iinfo(np.int16).max)
 
 
@@ -49,20 +49,22 @@ def scan_stem(path: str | Path) -> str:
     return name[: len(name) - len(suffix)] if suffix else Path(path).stem
 
 
-def read_ct(path: str | Path, *, min_slices: int = 1) -> CTVolume:
+def read_ct(path: str | Path, *, min_slices: int = 1, allow_external_data: bool = False) -> CTVolume:
     """Read one CT scan in Hounsfield units.
 
     Args:
         path: a ``.mhd``/``.mha`` file, a ``.nii``/``.nii.gz`` file, or a folder holding one DICOM
             series.
         min_slices: fewest slices accepted (detection needs 7 for its slice context).
+        allow_external_data: accept a MetaImage ``ElementDataFile`` outside the header's folder.
 
     Returns:
         The volume, HU as int16 when the source is integral and float32 otherwise.
 
     Raises:
-        InputError: the file is missing, unreadable, truncated, not a 3-D scalar CT volume, holds
-            NaN/Inf, or has fewer than ``min_slices`` slices.
+        InputError: the file is missing, not a regular file, unreadable, truncated or corrupt, has
+            a malformed header (see :mod:`nodulekit.data.validate`), is not a 3-D scalar CT volume,
+            holds NaN/Inf or values that are not CT HU, or has fewer than ``min_slices`` slices.
     """
     path = Path(path)
     if not path.exists():
@@ -75,14 +77,16 @@ def read_ct(path: str | Path, *, min_slices: int = 1) -> CTVolume:
             hint = " (pass the folder of a DICOM series)" if path.suffix.lower() == ".dcm" else ""
             raise InputError(path, f"unsupported file type{hint}; expected .mhd, .mha, .nii, "
                                    f".nii.gz or a DICOM folder")
-        if suffix == ".mhd":
-            _check_metaimage_header(path)
+        if suffix in METAIMAGE_SUFFIXES:
+            validate.check_metaimage(path, allow_external_data=allow_external_data)
+        else:
+            validate.check_nifti(path)
         img = _read_image(path)
         seriesuid = scan_stem(path)
     return _to_volume(img, path, seriesuid, min_slices)
 
 
-def iter_ct_inputs(paths: Iterable[str | Path], *, min_slices: int = 1
+def iter_ct_inputs(paths: Iterable[str | Path], *, min_slices: int = 1, allow_external_data: bool = False
                    ) -> Iterator[tuple[str, CTVolume | InputError]]:
     """Expand inputs into scans and read them one at a time.
 
@@ -92,17 +96,27 @@ def iter_ct_inputs(paths: Iterable[str | Path], *, min_slices: int = 1
 
     Args:
         paths: files and folders, in the order to process them.
-        min_slices: passed to :func:`read_ct`.
+        min_slices, allow_external_data: passed to :func:`read_ct`.
 
     Yields:
         ``(item, volume)`` or ``(item, InputError)``, where ``item`` is the scan's path as a string.
+        A failure no check foresaw (a reader's exception, memory) becomes an ``InputError`` of that
+        item too: one bad scan never ends the batch.
     """
     for path in paths:
-        for item in _expand(Path(path)):
+        try:
+            items = list(_expand(Path(path)))
+        except OSError as exc:
+            yield str(path), InputError(path, f"cannot list it ({exc.strerror})")
+            continue
+        for item in items:
             try:
-                yield str(item), read_ct(item, min_slices=min_slices)
+                yield str(item), read_ct(item, min_slices=min_slices, allow_external_data=allow_external_data)
             except InputError as exc:
                 yield str(item), exc
+            except (MemoryError, OSError, RuntimeError, ValueError) as exc:
+                reason = (str(exc).strip().splitlines() or [""])[-1].strip()
+                yield str(item), InputError(item, f"cannot read it ({type(exc).__name__}: {reason})")
 
 
 def write_ct(ct: CTVolume, path: str | Path, compress: bool = False, dtype=np.int16) -> Path:
@@ -128,7 +142,7 @@ def _expand(path: Path, top: bool = True) -> Iterator[Path]:
     children = sorted(path.iterdir())
     found = False
     for p in children:
-        if p.is_file() and scan_suffix(p):
+        if not p.is_dir() and scan_suffix(p):  # a FIFO named .mhd is reported by read_ct, not skipped
             found = True
             yield p
     for p in children:
@@ -156,95 +170,52 @@ def is_dicom_folder(path: Path, probe: int = 8) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def quiet_itk():
+    """Keep ITK's and GDCM's own console messages (written by C++ straight to file descriptor 2)
+    off stderr while a file is read: a read that fails is reported by one ``InputError`` line,
+    and the messages go to the debug log."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
+    with tempfile.TemporaryFile() as sink:
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr to protect
+            yield
+            return
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            noise = sink.read().decode("utf-8", "replace").strip()
+            if noise:
+                log.debug("ITK: %s", " | ".join(noise.splitlines())[:2000])
+
+
+def _reason(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
 def _read_image(path: Path):
     import SimpleITK as sitk
 
     try:
-        return sitk.ReadImage(str(path))
+        with quiet_itk():
+            return sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else "unknown error"
-        raise InputError(path, f"SimpleITK cannot read it ({reason})") from None
+        raise InputError(path, f"SimpleITK cannot read it ({_reason(exc)})") from None
 
 
 def read_metaimage_header(path: str | Path) -> dict[str, str]:
     """The ``key = value`` pairs of a MetaImage header, up to ``ElementDataFile``."""
-    path = Path(path)
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        raise InputError(path, f"cannot read header ({exc.strerror})") from None
-    header = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            header[key.strip()] = value.strip()
-        if key.strip() == "ElementDataFile":
-            break  # binary data may follow in an .mha
-    return header
-
-
-def _check_metaimage_header(path: Path) -> None:
-    """Check a ``.mhd`` header and its data file before SimpleITK sees them: its own messages
-    name the header and blame a missing file even for truncated data."""
-    h = read_metaimage_header(path)
-    for key in ("NDims", "DimSize", "ElementType", "ElementDataFile"):
-        if key not in h:
-            raise InputError(path, f"not a MetaImage header: no {key}")
-    etype = h["ElementType"]
-    if etype not in _MET_SIZES:
-        raise InputError(path, f"unsupported ElementType {etype}; a CT volume needs one of "
-                               f"{', '.join(_MET_ACCEPTED)}")
-    channels = int(h.get("ElementNumberOfChannels", "1") or 1)
-    if channels != 1:
-        raise InputError(path, f"{channels}-channel image ({etype} x {channels}); a CT volume has one")
-    if etype not in _MET_ACCEPTED:
-        raise InputError(path, f"unsupported ElementType {etype}: cannot hold HU (air is -1000); "
-                               f"need one of {', '.join(_MET_ACCEPTED)}")
-    try:
-        ndims = int(h["NDims"])
-        dims = [int(v) for v in h["DimSize"].split()]
-    except ValueError:
-        raise InputError(path, f"bad NDims/DimSize {h['NDims']!r}/{h['DimSize']!r}") from None
-    if ndims != 3 or len(dims) != 3:
-        raise InputError(path, f"{ndims}-D image; a CT volume is 3-D")
-    data_name = h["ElementDataFile"]
-    if data_name.upper() == "LOCAL" or data_name.upper().startswith("LIST") or " " in data_name:
-        return
-    data = path.parent / data_name
-    if not data.is_file():
-        raise InputError(path, f"data file {data.name} not found next to the header")
-    actual = data.stat().st_size
-    raw_bytes = int(np.prod(dims)) * _MET_SIZES[etype]
-    if h.get("CompressedData", "False").lower() == "true":
-        if "CompressedDataSize" not in h:
-            _check_zlib_stream(path, data, raw_bytes)
-            return
-        expected = int(h["CompressedDataSize"] or 0)
-        what = "compressed bytes"
-    else:
-        expected = raw_bytes + max(int(h.get("HeaderSize", "0") or 0), 0)
-        what = f"bytes for DimSize {' x '.join(map(str, dims))} of {etype}"
-    if actual < expected:
-        raise InputError(path, f"data file {data.name} is truncated: {actual} bytes, "
-                               f"expected {expected} {what}")
-
-
-def _check_zlib_stream(header: Path, data: Path, raw_bytes: int) -> None:
-    """Inflate without keeping the output: SimpleITK reads a cut zlib stream without complaint."""
-    import zlib
-
-    inflater = zlib.decompressobj()
-    total = 0
-    try:
-        with open(data, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                total += len(inflater.decompress(chunk))
-        total += len(inflater.flush())
-    except zlib.error as exc:
-        raise InputError(header, f"data file {data.name} is corrupt ({exc})") from None
-    if not inflater.eof or total < raw_bytes:
-        raise InputError(header, f"data file {data.name} is truncated: inflates to {total} bytes, "
-                                 f"expected {raw_bytes}")
+    return validate.read_metaimage_header(path)[0]
 
 
 def _read_dicom_series(folder: Path):
@@ -253,40 +224,36 @@ def _read_dicom_series(folder: Path):
     files = [p for p in folder.iterdir() if not p.name.startswith(".")]
     if not files:
         raise InputError(folder, "empty folder")
+    for p in files:
+        if not p.is_dir():
+            validate.check_regular_file(p)  # GDCM would block on a FIFO
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
+    with quiet_itk():
+        series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise InputError(folder, "no DICOM series (nor .mhd/.nii scan) in this folder")
     if len(series) > 1:
         raise InputError(folder, f"holds {len(series)} DICOM series ({', '.join(sorted(series))}); "
                                  f"put each series in its own folder")
     uid = series[0]
-    names = reader.GetGDCMSeriesFileNames(str(folder), uid)
-    _check_modality(folder, names)
+    with quiet_itk():
+        names = reader.GetGDCMSeriesFileNames(str(folder), uid)
+    # other files (an annotation .xml, a DICOMDIR) may sit beside a series; a .dcm left out is broken
+    taken = {os.path.realpath(n) for n in names}
+    left_out = [p.name for p in files if p.suffix.lower() == ".dcm" and os.path.realpath(p) not in taken]
+    if left_out:
+        raise InputError(folder, f"{len(left_out)} .dcm file(s) are not part of DICOM series {uid}, e.g. "
+                                 f"{left_out[0]} (unreadable, or another series)")
+    validate.check_dicom_headers(folder, names)
     reader.SetFileNames(names)
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        img = reader.Execute()
+        with quiet_itk():
+            img = reader.Execute()
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1].strip()
-        raise InputError(folder, f"SimpleITK cannot read the DICOM series ({reason})") from None
+        raise InputError(folder, f"SimpleITK cannot read the DICOM series ({_reason(exc)})") from None
     _check_slice_gaps(folder, reader, img, len(names))
     return img, uid
-
-
-def _check_modality(folder: Path, names) -> None:
-    import pydicom
-
-    modalities = set()
-    for name in names:
-        try:
-            ds = pydicom.dcmread(name, stop_before_pixels=True, specific_tags=["Modality"])
-        except Exception as exc:  # pydicom raises many types for broken files
-            raise InputError(name, f"unreadable DICOM header ({type(exc).__name__})") from None
-        modalities.add(str(ds.get("Modality", "")).strip() or "missing")
-    if modalities != {"CT"}:
-        raise InputError(folder, f"DICOM Modality (0008,0060) is {'/'.join(sorted(modalities))}, "
-                                 f"not CT")
 
 
 def _check_slice_gaps(folder: Path, reader, img, n: int) -> None:
@@ -297,7 +264,7 @@ def _check_slice_gaps(folder: Path, reader, img, n: int) -> None:
     try:
         pos = [np.array(reader.GetMetaData(i, "0020|0032").split("\\"), dtype=np.float64) for i in range(n)]
     except (RuntimeError, ValueError):
-        return
+        raise InputError(folder, "unreadable ImagePositionPatient (0020,0032): slice order unknown") from None
     gaps = np.diff(np.asarray(pos) @ normal)
     if gaps.min() <= 0 or gaps.max() > 1.5 * gaps.min():
         raise InputError(folder, f"uneven DICOM slice spacing ({gaps.min():.3g} to {gaps.max():.3g} mm): "
@@ -322,24 +289,28 @@ def _to_volume(img, path: Path, seriesuid: str, min_slices: int) -> CTVolume:
     n_slices = img.GetSize()[2]
     if n_slices < min_slices:
         raise InputError(path, f"{n_slices} slice(s), need at least {min_slices}")
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+    if not np.all(np.isfinite(direction)) or not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+        raise InputError(path, "direction matrix is not orthonormal")
+    spacing, origin = img.GetSpacing(), img.GetOrigin()
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise InputError(path, f"spacing {spacing}: must be positive and finite")
+    if not all(np.isfinite(origin)):
+        raise InputError(path, f"origin {origin}: must be finite")
     arr = sitk.GetArrayFromImage(img)
     if integral:
         if arr.dtype != np.int16:
             lo, hi = arr.min(), arr.max()
             if lo < _INT_RANGE[0] or hi > _INT_RANGE[1]:
-                log.warning("%s: HU outside int16 range [%d, %d], clipped", path, lo, hi)
-                arr = np.clip(arr, *_INT_RANGE)
+                # no CT value leaves int16 (-1024 air to a few thousand for metal): these are not HU
+                raise InputError(path, f"values from {lo} to {hi} leave the int16 range: not CT HU (a wrong "
+                                       f"rescale, pixel type or truncated pixel data?)")
             arr = arr.astype(np.int16)
     else:
         arr = arr.astype(np.float32, copy=False)
         bad = int(np.count_nonzero(~np.isfinite(arr)))
         if bad:
             raise InputError(path, f"{bad} NaN/Inf voxel(s)")
-    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
-    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
-        raise InputError(path, "direction matrix is not orthonormal")
-    spacing = img.GetSpacing()
-    if min(spacing) <= 0:
-        raise InputError(path, f"non-positive spacing {spacing}")
-    return CTVolume(hu=arr, origin=img.GetOrigin(), spacing=spacing, direction=direction,
+    validate.check_hu(path, arr)
+    return CTVolume(hu=arr, origin=origin, spacing=spacing, direction=direction,
                     seriesuid=seriesuid, source=str(path))

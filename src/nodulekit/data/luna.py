@@ -1,11 +1,15 @@
 """LUNA16 tables (annotations, candidates, seriesuids) and the scans of a dataset folder.
 
 Tables are all-or-nothing: the first bad row raises an ``InputError`` naming the file and line.
+A table must be UTF-8 text (a BOM is fine); UTF-16, other encodings and binary data are refused
+with a line saying so. Rows repeated verbatim in an annotations or marks table are dropped with a
+named warning: counted twice they would add a false positive (or a nodule) per copy.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,30 +42,80 @@ class Candidate:
     diameter_mm: float = 0.0
 
 
+def read_text_table(path: str | Path) -> str:
+    """The text of a table file, which must be UTF-8 (with or without a BOM).
+
+    Raises:
+        InputError: missing, not a regular file, UTF-16, binary (NUL bytes) or not UTF-8.
+    """
+    from nodulekit.data.validate import check_regular_file
+
+    path = Path(path)
+    check_regular_file(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(path, f"cannot read it ({exc.strerror})") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise InputError(path, "UTF-16 text; save the table as UTF-8 (CSV UTF-8)")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise InputError(path, f"binary data (a NUL byte at line {line}), not a CSV table")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InputError(path, f"line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the table "
+                               f"as UTF-8") from None
+
+
 def _rows(path: str | Path, columns: tuple[str, ...]):
     """Yield ``(line_number, row_dict)`` for each non-blank data row, after checking the header."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "no such file")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
+    reader = csv.reader(io.StringIO(read_text_table(path), newline=""))
+    try:
+        yield from _checked_rows(path, reader, columns)
+    except csv.Error as exc:
+        raise InputError(path, f"line {reader.line_num}: {exc}") from None
+
+
+def _checked_rows(path: Path, reader, columns: tuple[str, ...]):
+    """Check the header, then yield ``(line_number, row_dict)`` per non-blank data row."""
+    header = next(reader, None)
+    while header is not None and not any(c.strip() for c in header):
         header = next(reader, None)
-        while header is not None and not any(c.strip() for c in header):
-            header = next(reader, None)
-        if header is None:
-            raise InputError(path, "empty file (expected a header: " + ",".join(columns) + ")")
-        header = [c.strip() for c in header]
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise InputError(path, f"line {reader.line_num}: missing column(s) {', '.join(missing)}; "
-                                   f"header is {','.join(header)}")
-        index = {c: header.index(c) for c in columns}
-        for row in reader:
-            if not any(c.strip() for c in row):
-                continue
-            if len(row) < len(header):
-                raise InputError(path, f"line {reader.line_num}: {len(row)} fields, header has {len(header)}")
-            yield reader.line_num, {c: row[i].strip() for c, i in index.items()}
+    if header is None:
+        raise InputError(path, "empty file (expected a header: " + ",".join(columns) + ")")
+    header = [c.strip() for c in header]
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise InputError(path, f"line {reader.line_num}: missing column(s) {', '.join(missing)}; "
+                               f"header is {','.join(header)}")
+    index = {c: header.index(c) for c in columns}
+    for row in reader:
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) < len(header):
+            raise InputError(path, f"line {reader.line_num}: {len(row)} fields, header has {len(header)}")
+        yield reader.line_num, {c: row[i].strip() for c, i in index.items()}
+
+
+def _drop_duplicates(path, rows: list[tuple[int, object]]) -> list:
+    """The rows (``(line, row)``) without verbatim repeats, warning once, with the first repeat."""
+    seen: dict = {}
+    out, dropped = [], []
+    for line, row in rows:
+        if row in seen:
+            dropped.append((line, seen[row]))
+            continue
+        seen[row] = line
+        out.append(row)
+    if dropped:
+        from nodulekit.data.validate import warn
+
+        warn(path, f"{len(dropped)} duplicated row(s) dropped (line {dropped[0][0]} repeats line {dropped[0][1]})")
+    return out
 
 
 def _number(path, line: int, column: str, text: str) -> float:
@@ -91,8 +145,11 @@ def read_annotations(path: str | Path, *, unknown_diameter_mm: float | None = No
         unknown_diameter_mm: LUNA16's ``annotations_excluded.csv`` writes -1 for findings of unknown
             size; with this set, a negative diameter takes this value instead of being an error.
 
+    Rows repeated verbatim are dropped with a warning.
+
     Raises:
-        InputError: missing file or columns, a non-numeric or non-finite value, a negative diameter.
+        InputError: missing file or columns, a non-numeric or non-finite value, a negative diameter,
+            a diameter of 0 (no mark can hit a finding without a size).
     """
     out = []
     for line, row in _rows(path, ANNOTATION_COLUMNS):
@@ -101,8 +158,11 @@ def read_annotations(path: str | Path, *, unknown_diameter_mm: float | None = No
             if unknown_diameter_mm is None:
                 raise InputError(path, f"line {line}: negative diameter_mm {diameter}")
             diameter = unknown_diameter_mm
-        out.append(Annotation(_uid(path, line, row), _center(path, line, row), diameter))
-    return out
+        if diameter == 0:
+            raise InputError(path, f"line {line}: diameter_mm is 0; a finding needs a size"
+                                   + (" (-1: unknown)" if unknown_diameter_mm is not None else ""))
+        out.append((line, Annotation(_uid(path, line, row), _center(path, line, row), diameter)))
+    return _drop_duplicates(path, out)
 
 
 CANDIDATE_TABLES = ("candidates_V2.csv", "candidates.csv")  # LUNA16's revised list first
@@ -149,31 +209,39 @@ def read_marks(path: str | Path) -> list[Mark]:
     """Read a LUNA16 submission table (``seriesuid,coordX,coordY,coordZ,probability``; extra columns
     such as ``diameter_mm`` are ignored).
 
+    Rows repeated verbatim are dropped with a warning.
+
     Raises:
-        InputError: missing file or column, a non-numeric, non-finite or empty field (naming the line).
+        InputError: missing file or column, a non-numeric, non-finite or empty field, a probability
+            outside [0, 1] (naming the line).
     """
-    return [
-        Mark(_uid(path, line, row), _center(path, line, row), _number(path, line, "probability", row["probability"]))
-        for line, row in _rows(path, MARK_COLUMNS)
-    ]
+    out = []
+    for line, row in _rows(path, MARK_COLUMNS):
+        p = _number(path, line, "probability", row["probability"])
+        if not 0.0 <= p <= 1.0:
+            raise InputError(path, f"line {line}: probability {row['probability']} is outside [0, 1]")
+        out.append((line, Mark(_uid(path, line, row), _center(path, line, row), p)))
+    return _drop_duplicates(path, out)
 
 
 def read_seriesuids(path: str | Path) -> list[str]:
     """Read LUNA16's ``seriesuids.csv``: one uid per line, no header (a ``seriesuid`` header is
-    accepted too). Order is kept; blank lines are skipped."""
+    accepted too). Order is kept; blank lines are skipped, a uid listed twice is kept once (with a
+    warning)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "no such file")
-    uids = []
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        for row in csv.reader(fh):
+    reader = csv.reader(io.StringIO(read_text_table(path), newline=""))
+    rows = []
+    try:
+        for row in reader:
             if row and row[0].strip():
-                uids.append(row[0].strip())
-    if uids and uids[0].lower() == "seriesuid":
-        uids = uids[1:]
-    if not uids:
+                rows.append((reader.line_num, row[0].strip()))
+    except csv.Error as exc:
+        raise InputError(path, f"line {reader.line_num}: {exc}") from None
+    if rows and rows[0][1].lower() == "seriesuid":
+        rows = rows[1:]
+    if not rows:
         raise InputError(path, "empty file: no seriesuid")
-    return uids
+    return _drop_duplicates(path, rows)
 
 
 def find_series(data_dir: str | Path) -> dict[str, Path]:

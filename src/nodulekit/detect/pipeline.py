@@ -4,13 +4,23 @@ Per scan: lung mask -> segmentation of the slices holding lung -> threshold and 
 the lung -> 3D components as candidates -> classifier on a crop around each -> rows of
 ``nodules.csv`` (every candidate, so FROC can sweep the threshold), an entry of ``nodules.json``
 and a PNG for each candidate above the threshold.
+
+A run never loses the results of an earlier one, nor leaves files that disagree: the PNGs are drawn
+into a hidden staging folder, and the table, the JSON and the PNG folder replace the earlier ones
+together at the end (with ``.incomplete`` marking the folder during those few renames). A killed
+run leaves the earlier results as they were; a run in which every scan fails leaves them too. A
+scan that cannot be read, or on which a model gives NaN/Inf, is reported and skipped.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,6 +37,30 @@ log = get_logger("detect")
 
 CSV_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability", "diameter_mm")
 MIN_SLICES = 7  # the segmentation input is a slice with 3 neighbours on each side
+OUTPUTS = ("nodules.csv", "nodules.json", "png")
+INCOMPLETE = ".incomplete"  # present while a run swaps its outputs in: the folder's files may disagree
+_STAGING = ".staging-"
+
+
+class NonFiniteOutput(RuntimeError):
+    """A model gave NaN or Inf: its weights (or the runtime) are broken, the scan's result is void."""
+
+
+class _Checked:
+    """A runner whose outputs must be finite; other attributes (``crop_spacing``) pass through."""
+
+    def __init__(self, runner, what: str):
+        self._runner, self._what = runner, what
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+    def __call__(self, x):
+        y = self._runner(x)
+        bad = int(np.count_nonzero(~np.isfinite(np.asarray(y))))
+        if bad:
+            raise NonFiniteOutput(f"the {self._what} gave {bad} NaN/Inf output(s); are its weights finite?")
+        return y
 
 
 def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = SEG_THRESHOLD, batch_size: int = 4,
@@ -111,6 +145,7 @@ def run_detection(
     png: bool = True,
     max_png: int | None = None,
     progress: bool | None = None,
+    allow_external_data: bool = False,
 ) -> dict:
     """Detect nodules in CT scans and write ``nodules.csv``, ``nodules.json`` and PNGs.
 
@@ -129,60 +164,66 @@ def run_detection(
         png: write ``png/<uid>_<k>.png`` for each nodule above ``threshold``.
         max_png: draw at most this many per scan, the most probable first (None: all).
         progress: progress bars; default: when stderr is a terminal.
+        allow_external_data: read MetaImage data files outside their header's folder.
 
     Returns:
         Summary: ``scans_ok``, ``scans_failed``, ``failed`` (``[{"input", "error"}]``),
-        ``n_candidates``, ``n_nodules``, ``seconds_per_scan``, ``csv``, ``json``, ``scans``.
+        ``n_candidates``, ``n_nodules``, ``seconds_per_scan``, ``csv``, ``json``, ``scans``, and
+        ``written`` (False when every scan failed and ``out_dir`` kept an earlier run's results).
 
     Raises:
-        InputError: a model file cannot be loaded. Bad scans, and scans a runtime fails on, are
-            reported in ``failed`` and skipped instead.
+        InputError: a model file cannot be loaded. Bad scans, and scans a runtime fails on (or
+            gives NaN/Inf on), are reported in ``failed`` and skipped instead.
+        ValueError: an option out of range.
     """
     from tqdm import tqdm
 
     from nodulekit.data.ct import iter_ct_inputs
     from nodulekit.deploy.runtime import load_cls_runner, load_seg_runner
 
+    _check_options(threshold, seg_threshold, batch_size, threads, min_volume_mm3, max_png)
     if progress is None:
         progress = sys.stderr.isatty()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    seg_runner = load_seg_runner(seg, backend=backend, threads=threads)
-    cls_runner = load_cls_runner(cls, backend=cls_backend, threads=threads)
+    earlier = _earlier_results(out_dir)
+    seg_runner = _Checked(load_seg_runner(seg, backend=backend, threads=threads), f"segmentation model {seg}")
+    cls_runner = _Checked(load_cls_runner(cls, backend=cls_backend, threads=threads), f"classifier {cls}")
     crop_spacing = getattr(cls_runner, "crop_spacing", None)
     log.info("seg %s (%s), cls %s (%s, crops at %s), %d threads", seg, backend, cls, cls_backend,
              "native voxels" if crop_spacing is None else "x".join(f"{v:g}" for v in crop_spacing) + " mm",
              threads)
 
     csv_path, json_path = out_dir / "nodules.csv", out_dir / "nodules.json"
-    scans, failed = [], []
+    scans, failed, rows = [], [], []
+    used: dict[str, str] = {}  # seriesuid -> the input that has it
     t_all = time.perf_counter()
-    with open(csv_path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(CSV_COLUMNS)
-        items = iter_ct_inputs(inputs, min_slices=MIN_SLICES)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-", dir=out_dir))
+    try:
+        items = iter_ct_inputs(inputs, min_slices=MIN_SLICES, allow_external_data=allow_external_data)
         t_read = time.perf_counter()
         for item, ct in tqdm(items, desc="scans", unit="scan", disable=not progress):
             read_s = time.perf_counter() - t_read
             if isinstance(ct, InputError):
-                msg = str(ct)
+                msg = " ".join(str(ct).split())
                 log.warning("SKIP %s", msg)
                 failed.append({"input": item, "error": msg})
                 t_read = time.perf_counter()
                 continue
+            _unique_uid(ct, item, used)
             t_scan = time.perf_counter()
             try:
                 res = detect_scan(ct, seg_runner, cls_runner, seg_threshold=seg_threshold, batch_size=batch_size,
                                   min_volume_mm3=min_volume_mm3, progress=progress)
             except Exception as exc:  # noqa: BLE001 - one scan a runtime cannot take must not stop the batch
-                msg = f"{item}: {type(exc).__name__}: {exc}".splitlines()[0]
+                what = str(exc) if isinstance(exc, NonFiniteOutput) else f"{type(exc).__name__}: {exc}"
+                msg = " ".join(f"{item}: {what}".split())
                 log.warning("FAILED %s", msg)
                 failed.append({"input": item, "seriesuid": ct.seriesuid, "error": msg})
                 t_read = time.perf_counter()
                 continue
             cands = sorted(res["candidates"], key=lambda c: -c.probability)
-            writer.writerows(_csv_row(ct.seriesuid, c) for c in cands)
-            fh.flush()
+            rows.extend(_csv_row(ct.seriesuid, c) for c in cands)
             nodules = [c for c in cands if c.probability >= threshold]
             t_png = time.perf_counter()
             pngs = []
@@ -190,8 +231,9 @@ def run_detection(
                 from nodulekit.detect.render import render_nodule
 
                 for k, cand in enumerate(nodules[:max_png]):
-                    png_path = out_dir / "png" / f"{ct.seriesuid}_{k}.png"
-                    pngs.append(str(render_nodule(ct, res["labels"], cand, png_path)))
+                    name = f"{ct.seriesuid}_{k}.png"
+                    render_nodule(ct, res["labels"], cand, staging / "png" / name)
+                    pngs.append(str(out_dir / "png" / name))
             timings = {"read": read_s, **res["timings_s"], "png": time.perf_counter() - t_png}
             timings["total"] = read_s + time.perf_counter() - t_scan
             scans.append({
@@ -211,8 +253,26 @@ def run_detection(
             del ct, res
             t_read = time.perf_counter()
 
-    total_s = time.perf_counter() - t_all
-    summary = {
+        total_s = time.perf_counter() - t_all
+        summary = _summary(scans, failed, total_s, csv_path, json_path, seg=str(seg), cls=str(cls), backend=backend,
+                           cls_backend=cls_backend, threshold=threshold, seg_threshold=seg_threshold,
+                           batch_size=batch_size, threads=threads, min_volume_mm3=min_volume_mm3, max_png=max_png)
+        summary["written"] = bool(scans) or not earlier
+        if summary["written"]:
+            _commit(out_dir, staging, rows, {**summary, "scans": scans})
+        else:
+            log.info("%s: every input failed; the earlier results there (%s) are left as they were",
+                        out_dir, ", ".join(earlier))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("%d scans ok, %d failed, %d candidates, %d nodules >= %.2f, %s s per scan -> %s",
+             summary["scans_ok"], summary["scans_failed"], summary["n_candidates"], summary["n_nodules"],
+             threshold, summary["seconds_per_scan"], out_dir)
+    return {**summary, "scans": scans}
+
+
+def _summary(scans: list, failed: list, total_s: float, csv_path: Path, json_path: Path, **settings) -> dict:
+    return {
         "scans_ok": len(scans),
         "scans_failed": len(failed),
         "failed": failed,
@@ -220,14 +280,84 @@ def run_detection(
         "n_nodules": sum(len(s["nodules"]) for s in scans),
         "seconds_per_scan": round(total_s / len(scans), 3) if scans else None,
         "total_s": round(total_s, 3),
-        "settings": {"seg": str(seg), "cls": str(cls), "backend": backend, "cls_backend": cls_backend,
-                     "threshold": threshold, "seg_threshold": seg_threshold, "batch_size": batch_size,
-                     "threads": threads, "min_volume_mm3": min_volume_mm3, "max_png": max_png},
+        "settings": settings,
         "csv": str(csv_path),
         "json": str(json_path),
     }
-    json_path.write_text(json.dumps({**summary, "scans": scans}, indent=1))
-    log.info("%d scans ok, %d failed, %d candidates, %d nodules >= %.2f, %s s per scan -> %s",
-             summary["scans_ok"], summary["scans_failed"], summary["n_candidates"], summary["n_nodules"],
-             threshold, summary["seconds_per_scan"], out_dir)
-    return {**summary, "scans": scans}
+
+
+def _check_options(threshold, seg_threshold, batch_size, threads, min_volume_mm3, max_png) -> None:
+    for name, value in (("threshold", threshold), ("seg_threshold", seg_threshold)):
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    for name, value in (("batch_size", batch_size), ("threads", threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if not (math.isfinite(min_volume_mm3) and min_volume_mm3 >= 0):
+        raise ValueError(f"min_volume_mm3 must be a non-negative number, got {min_volume_mm3}")
+    if max_png is not None and max_png < 0:
+        raise ValueError(f"max_png must be non-negative or None, got {max_png}")
+
+
+def _earlier_results(out_dir: Path) -> list[str]:
+    """The outputs an earlier run left in ``out_dir`` (said once); stale staging folders of killed
+    runs are removed."""
+    for old in out_dir.glob(f"{_STAGING}*"):
+        pid = old.name[len(_STAGING):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    if (out_dir / INCOMPLETE).exists():
+        log.warning("%s: warning: an earlier run was cut while replacing its results (%s is there); its files "
+                    "may disagree until this run replaces them", out_dir, INCOMPLETE)
+    earlier = [name for name in OUTPUTS if (out_dir / name).exists()]
+    if earlier:
+        log.info("%s holds the results of an earlier run (%s): replaced at the end, if a scan succeeds",
+                 out_dir, ", ".join(earlier))
+    return earlier
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _commit(out_dir: Path, staging: Path, rows: list, report: dict) -> None:
+    """Move this run's outputs into ``out_dir`` in place of the earlier ones: each file through
+    :func:`nodulekit.io.atomic_write`, the PNG folder by rename, ``.incomplete`` marking the few
+    renames in between."""
+    from nodulekit.io import atomic_write, atomic_write_text
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(CSV_COLUMNS)
+            writer.writerows(rows)
+
+    marker = out_dir / INCOMPLETE
+    atomic_write_text(marker, "a detect run was replacing nodules.csv, nodules.json and png/ here\n")
+    old_png, new_png = out_dir / "png", staging / "png"
+    if old_png.exists():
+        old_png.rename(staging / "png.old")
+    if new_png.exists():
+        new_png.rename(old_png)
+    atomic_write(out_dir / "nodules.csv", write_csv)
+    atomic_write_text(out_dir / "nodules.json", json.dumps(report, indent=1))
+    marker.unlink()
+
+
+def _unique_uid(ct, item: str, used: dict[str, str]) -> None:
+    """Give ``ct`` a seriesuid no earlier input of this run has (``uid-2``, ``uid-3``...): two
+    ``slab.mhd`` in different folders would share PNGs and rows otherwise."""
+    uid, k = ct.seriesuid, 2
+    while ct.seriesuid in used:
+        ct.seriesuid = f"{uid}-{k}"
+        k += 1
+    if ct.seriesuid != uid:
+        log.warning("%s: warning: seriesuid %s is already used by %s in this run; written as %s",
+                    item, uid, used[uid], ct.seriesuid)
+    used[ct.seriesuid] = item

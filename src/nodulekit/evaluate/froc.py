@@ -247,10 +247,13 @@ def evaluate_froc(detections_csv, annotations_csv, excluded_csv=None, seriesuids
         and ``curve`` (the FROC curve sampled on a log grid).
 
     Raises:
-        InputError: a missing or malformed table (naming file and line), or no scan to evaluate.
+        InputError: a missing or malformed table (naming file and line), a mark on a scan that is not
+            in ``seriesuids_csv``, or no scan to evaluate.
+        ValueError: an option out of range.
     """
     from nodulekit.data.luna import read_seriesuids
 
+    _check_options(n_bootstrap, max_marks, threshold, max_sensitivity_loss)
     detections = read_detections(detections_csv)
     nodules = _read_findings(annotations_csv, allow_unknown_size=False)
     excluded = _read_findings(excluded_csv, allow_unknown_size=True) if excluded_csv else {}
@@ -262,9 +265,11 @@ def evaluate_froc(detections_csv, annotations_csv, excluded_csv=None, seriesuids
     if not uids:
         raise InputError(detections_csv, "no scan to evaluate")
     scans = set(uids)
-    outside = sum(len(p) for uid, (_, p) in detections.items() if uid not in scans)
+    outside = [uid for uid in detections if uid not in scans]
     if outside:
-        log.warning("%d marks belong to scans outside the evaluated list and are ignored", outside)
+        # a scan missing from the list would be scored as no scan at all: say which, don't guess
+        raise InputError(detections_csv, f"seriesuid {outside[0]} is not in {seriesuids_csv}"
+                                         + (f" (nor {len(outside) - 1} more)" if len(outside) > 1 else ""))
 
     def match_all(cap):
         empty = (np.zeros((0, 3)), np.zeros(0))
@@ -297,7 +302,6 @@ def evaluate_froc(detections_csv, annotations_csv, excluded_csv=None, seriesuids
         "n_false_positives": sum(len(r.fp_probs) for r in results),
         "n_ignored_excluded": sum(r.n_ignored_excluded for r in results),
         "n_ignored_duplicates": sum(r.n_ignored_duplicates for r in results),
-        "n_detections_outside_scans": outside,
         "operating_points": {
             "all_candidates": operating_point(uncapped, None),
             "at_threshold": operating_point(results, threshold),
@@ -313,18 +317,31 @@ def evaluate_froc(detections_csv, annotations_csv, excluded_csv=None, seriesuids
         low, high = np.nanpercentile(grid_b, [2.5, 97.5], axis=0)
         out["curve"]["ci_low"], out["curve"]["ci_high"] = _floats(low), _floats(high)
     if out_dir is not None:
+        from nodulekit.io import atomic_write_text
+
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "froc.json").write_text(json.dumps(out, indent=1))
+        # allow_nan=False: froc.json must stay JSON (NaN is not); every float went through _float
+        atomic_write_text(out_dir / "froc.json", json.dumps(out, indent=1, allow_nan=False))
         if n_nodules:
             plot_froc(out, out_dir / "froc.png")
         log.info("CPM %s over %d scans, %d nodules -> %s", out["cpm"], len(uids), n_nodules, out_dir)
     return out
 
 
+def _check_options(n_bootstrap, max_marks, threshold, max_sensitivity_loss) -> None:
+    if int(n_bootstrap) != n_bootstrap or n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be a non-negative integer, got {n_bootstrap}")
+    if max_marks is not None and (int(max_marks) != max_marks or max_marks < 1):
+        raise ValueError(f"max_marks must be a positive integer or None, got {max_marks}")
+    for name, value in (("threshold", threshold), ("max_sensitivity_loss", max_sensitivity_loss)):
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
 def _float(v) -> float | None:
     v = float(v)
-    return None if math.isnan(v) else round(v, 6)
+    return None if not math.isfinite(v) else round(v, 6)
 
 
 def _floats(values) -> list:

@@ -3,11 +3,14 @@
 A nodulekit checkpoint is a ``torch.save`` dict of tensors and plain values, read back with
 ``torch.load(..., weights_only=True)``. It keeps dlwpt-code's ``model_state`` key, so one reader
 serves both; nodulekit adds ``arch``, ``widths``, ``variant``, ``config`` and training state.
-dlwpt checkpoints carry no widths: they are read off the tensor shapes.
+dlwpt checkpoints carry no widths: they are read off the tensor shapes. Declared widths, crop and
+crop spacing are checked against those shapes before a model is built, so a crafted field cannot
+make the loader allocate a model of its choosing or fail with a bare ``TypeError``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -52,6 +55,10 @@ def read_checkpoint(path: str | Path) -> dict:
             ckpt = {"model_state": ckpt}
         else:
             raise InputError(path, "checkpoint has no 'model_state'")
+    state = ckpt["model_state"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise InputError(path, "its 'model_state' is not a dict of named tensors")
     return ckpt
 
 
@@ -95,12 +102,16 @@ def load_seg_model(path: str | Path) -> tuple[SegModel, dict]:
     Returns the model in eval mode and the checkpoint dict (for its metadata).
     """
     ckpt = read_checkpoint(path)
+    _check_arch(path, ckpt, "seg_unet", "a segmentation U-Net", "--seg")
     state = _strip_module_prefix(ckpt["model_state"])
     try:
-        widths = UNetWidths.from_dict(ckpt["widths"]) if "widths" in ckpt else widths_from_state_dict(state)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise InputError(path, f"not a segmentation U-Net checkpoint ({exc})") from None
-    model = SegModel(widths)
+        widths = widths_from_state_dict(state)
+        declared = UNetWidths.from_dict(ckpt["widths"]) if "widths" in ckpt else widths
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise InputError(path, f"not a segmentation U-Net checkpoint ({type(exc).__name__}: {exc})") from None
+    if declared != widths:
+        raise InputError(path, f"its widths field ({ckpt['widths']!r:.120}) does not match its tensors")
+    model = _build(path, SegModel, widths)
     _load_state(model, state, path)
     return model.eval(), ckpt
 
@@ -109,17 +120,65 @@ def load_cls_model(path: str | Path) -> tuple[LunaModel, dict]:
     """Build a :class:`LunaModel` from a nodulekit or dlwpt ``LunaModel`` checkpoint (dlwpt's
     were trained on native-voxel crops: ``crop_spacing`` None)."""
     ckpt = read_checkpoint(path)
+    _check_arch(path, ckpt, "luna_cls", "a LunaModel classifier", "--cls")
     state = _strip_module_prefix(ckpt["model_state"])
     try:
-        widths = ckpt.get("widths") or classifier_widths_from_state_dict(state)
-        crop = tuple(ckpt.get("crop", (32, 48, 48)))
+        widths = classifier_widths_from_state_dict(state)
     except KeyError as exc:
         raise InputError(path, f"not a LunaModel classifier checkpoint ({exc})") from None
+    crop, crop_spacing = _checked_crop(path, ckpt, state, widths)
+    if "widths" in ckpt and not _same_widths(ckpt["widths"], widths):
+        raise InputError(path, f"its widths field ({ckpt['widths']!r:.120}) does not match its tensors ({widths})")
     # a run's resume point (cls_last.pt) may hold training-time batch norms: merged on loading
     norm = any(".bn1." in k for k in state)
-    model = LunaModel(widths=widths, crop=crop, crop_spacing=ckpt.get("crop_spacing_mm"), norm=norm)
+    model = _build(path, LunaModel, widths=widths, crop=crop, crop_spacing=crop_spacing, norm=norm)
     _load_state(model, state, path)
     return model.folded().eval(), ckpt
+
+
+def _check_arch(path, ckpt: dict, arch: str, what: str, option: str) -> None:
+    found = ckpt.get("arch")
+    if found is not None and found != arch:
+        raise InputError(path, f"a {found!r} checkpoint, not {what} (is it given as {option} by mistake?)")
+
+
+def _same_widths(declared, widths) -> bool:
+    try:
+        return [list(w) for w in declared] == [list(w) for w in widths]
+    except TypeError:
+        return False
+
+
+def _checked_crop(path, ckpt: dict, state: dict, widths) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
+    """The crop and crop spacing of a classifier checkpoint, checked: 3 positive multiples of 16
+    that fit its head's input size, and 3 positive finite millimetres (or none)."""
+    from nodulekit import CLS_CROP
+
+    crop = ckpt.get("crop", CLS_CROP)
+    if (not isinstance(crop, (list, tuple)) or len(crop) != 3
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 and c % 16 == 0 for c in crop)):
+        raise InputError(path, f"crop field {crop!r:.80}: expected 3 positive multiples of 16")
+    head = state.get("head_linear.weight")
+    if head is not None and head.ndim == 2 and head.shape[1] != widths[-1][1] * math.prod(c // 16 for c in crop):
+        raise InputError(path, f"crop field {list(crop)} does not fit the classifier head "
+                               f"({head.shape[1]} inputs)")
+    spacing = ckpt.get("crop_spacing_mm")
+    if spacing is None:
+        return tuple(crop), None
+    try:
+        values = tuple(float(v) for v in spacing)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InputError(path, f"crop_spacing_mm field {spacing!r:.80}: expected 3 positive millimetres")
+    return tuple(crop), values
+
+
+def _build(path, cls, *args, **kwargs):
+    try:
+        return cls(*args, **kwargs)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise InputError(path, f"cannot build the model it describes ({type(exc).__name__}: {exc})") from None
 
 
 def _load_state(model: torch.nn.Module, state: dict, path) -> None:
