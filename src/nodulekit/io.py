@@ -48,6 +48,22 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> P
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding=encoding))
 
 
+def write_output_text(path: str | Path, text: str) -> Path:
+    """Write a user-named output file: atomically when it is (or will be) a regular file, directly
+    when it is a device or a pipe (replacing ``/dev/stdout`` with a file would be wrong). An
+    ``OSError`` always names ``path``."""
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_file():
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+            return path
+        return atomic_write_text(path, text)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
 def json_ready(obj):
     """``obj`` made JSON-ready: NaN and infinities become None (JSON has no NaN), numpy scalars
     Python numbers."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 
 def add_parser(sub):
+    from nodulekit.cli._config import number_type, output_folder
     from nodulekit.deploy.export import FORMAT_NAMES
     from nodulekit.deploy.ptq import CALIB_METHODS, CALIB_SLICES
+    from nodulekit.train.config import POSITIVE
 
     p = sub.add_parser("export", help="export a segmentation or classifier checkpoint (onnx, onnx-int8, "
                                       "torchscript, rknn, rknn-int8)",
@@ -15,10 +17,10 @@ def add_parser(sub):
     p.add_argument("checkpoint", help="segmentation or classifier checkpoint")
     p.add_argument("--kind", choices=("seg", "cls"), help="model kind (default: read from the checkpoint)")
     p.add_argument("--format", "-f", nargs="+", choices=FORMAT_NAMES, default=["onnx"])
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, type=output_folder, help="output folder")
     p.add_argument("--static", action="store_true", help="seg: fixed 1x7x512x512 input instead of dynamic")
     p.add_argument("--data", help="dataset folder for calibration inputs (onnx-int8, rknn-int8)")
-    p.add_argument("--calib-slices", type=int, default=CALIB_SLICES, help="seg: calibration slices")
+    p.add_argument("--calib-slices", type=number_type(int, POSITIVE), default=CALIB_SLICES, help="seg: calibration slices")
     p.add_argument("--calib-method", default="percentile", choices=CALIB_METHODS, help="seg: ORT calibration")
     p.add_argument("--no-conv2d", action="store_true",
                    help="cls: onnx-int8 and rknn of the 3D model instead of its Conv2d rewrite")
