@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nodulekit import VAL_FRACTION
+from nodulekit import CLS_THRESHOLD, VAL_FRACTION
 from nodulekit.errors import NodulekitError
 from nodulekit.log import get_logger
 
@@ -406,7 +406,7 @@ def _final_report(cfg, report, data, seg, cls, mined, detection, froc, timings, 
     report_dir = _fresh(out / "report")
     ops = froc.summary.get("operating_points", {})
     loss = (ops.get("within_loss") or {}).get("max_sensitivity_loss", MAX_SENSITIVITY_LOSS)
-    labels = {"all_candidates": "segmentation alone", "at_threshold": "with classifier (p >= 0.5)",
+    labels = {"all_candidates": "segmentation alone", "at_threshold": f"with classifier (p >= {CLS_THRESHOLD:g})",
               "within_loss": f"with classifier, fewest FP within {100 * loss:g} points"}
     report["detection"] = {
         "cpm": froc.summary["cpm"],

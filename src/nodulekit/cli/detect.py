@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nodulekit import SEG_THRESHOLD
+from nodulekit import CLS_THRESHOLD, SEG_THRESHOLD
 from nodulekit.deploy import BACKENDS
 
 
@@ -24,7 +24,8 @@ def add_parser(sub):
                    help="segmentation runtime: torch (checkpoint), onnx (.onnx, ONNX Runtime on the CPU) or "
                         "rknn (.rknn on an RK3588 board through rknn-toolkit-lite2)")
     p.add_argument("--cls-backend", default="torch", choices=BACKENDS, help="classifier runtime (as --backend)")
-    p.add_argument("--threshold", type=number_type(float, SHARE), default=0.5, help="classifier probability of a reported nodule")
+    p.add_argument("--threshold", type=number_type(float, SHARE), default=CLS_THRESHOLD,
+                   help="classifier probability of a reported nodule")
     p.add_argument("--seg-threshold", type=number_type(float, SHARE), default=SEG_THRESHOLD,
                    help="segmentation probability from which a pixel is marked (default %(default)s)")
     p.add_argument("--min-volume", type=number_type(float, NON_NEGATIVE), default=None,

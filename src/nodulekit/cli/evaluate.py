@@ -3,26 +3,36 @@
 from __future__ import annotations
 
 
+# the tables it reads: (option, required, what)
+TABLES = (
+    ("--detections", True, "seriesuid,coordX,coordY,coordZ,probability CSV"),
+    ("--annotations", True, "LUNA16 annotations.csv"),
+    ("--excluded", False, "annotations_excluded.csv: marks on these findings are ignored"),
+    ("--seriesuids", False, "scans to evaluate, one uid per line (default: all named in the tables)"),
+)
+
+
 def add_parser(sub):
+    from nodulekit import CLS_THRESHOLD
     from nodulekit.cli._config import number_type, output_folder
+    from nodulekit.evaluate.froc import MAX_MARKS, MAX_SENSITIVITY_LOSS, N_BOOTSTRAP
     from nodulekit.train.config import POSITIVE, SHARE
 
     p = sub.add_parser("evaluate", help="LUNA16 FROC (sensitivity at 1/8..8 FP per scan, CPM) of detections",
                        description="Score CAD marks (nodules.csv of `nodulekit detect`) with the LUNA16 FROC "
                                    "protocol; writes froc.json and froc.png.")
-    p.add_argument("--detections", required=True, help="seriesuid,coordX,coordY,coordZ,probability CSV")
-    p.add_argument("--annotations", required=True, help="LUNA16 annotations.csv")
-    p.add_argument("--excluded", help="annotations_excluded.csv: marks on these findings are ignored")
-    p.add_argument("--seriesuids", help="scans to evaluate, one uid per line (default: all named in the tables)")
+    for flag, required, what in TABLES:
+        p.add_argument(flag, required=required, help=what)
     p.add_argument("--out", required=True, type=output_folder, help="output folder")
-    p.add_argument("--bootstrap", type=number_type(int), default=1000,
+    p.add_argument("--bootstrap", type=number_type(int), default=N_BOOTSTRAP,
                    help="bootstrap samples for the 95%% CI (0: none)")
-    p.add_argument("--max-marks", type=number_type(int, POSITIVE), default=100, help="most probable marks kept per scan")
-    p.add_argument("--threshold", type=number_type(float, SHARE), default=0.5,
+    p.add_argument("--max-marks", type=number_type(int, POSITIVE), default=MAX_MARKS,
+                   help="most probable marks kept per scan")
+    p.add_argument("--threshold", type=number_type(float, SHARE), default=CLS_THRESHOLD,
                    help="probability of the reported operating point")
-    p.add_argument("--max-sensitivity-loss", type=number_type(float, SHARE), default=0.05,
+    p.add_argument("--max-sensitivity-loss", type=number_type(float, SHARE), default=MAX_SENSITIVITY_LOSS,
                    help="also report the threshold with the fewest false positives that loses at most this much "
-                        "sensitivity against every mark (default 0.05)")
+                        "sensitivity against every mark (default %(default)s)")
     p.add_argument("--seed", type=number_type(int), default=0, help="bootstrap seed")
     p.set_defaults(func=run)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nodulekit import SEG_THRESHOLD
+from nodulekit import CLS_THRESHOLD, SEG_THRESHOLD
 from nodulekit.detect.candidates import MIN_VOLUME_MM3, classify, clean_mask, find_candidates, segment_slices
 from nodulekit.detect.lung_mask import lung_mask, lung_volume_ml
 from nodulekit.errors import InputError
@@ -137,7 +137,7 @@ def run_detection(
     *,
     backend: str = "torch",
     cls_backend: str = "torch",
-    threshold: float = 0.5,
+    threshold: float = CLS_THRESHOLD,
     seg_threshold: float = SEG_THRESHOLD,
     batch_size: int = 4,
     threads: int = 2,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nodulekit import CLS_THRESHOLD
 from nodulekit.errors import InputError
 from nodulekit.log import get_logger
 
@@ -33,6 +34,7 @@ MAX_MARKS = 100
 EXCLUDED_UNKNOWN_DIAMETER_MM = 10.0
 # the ``within_loss`` operating point: the fewest false positives that lose at most this much sensitivity
 MAX_SENSITIVITY_LOSS = 0.05
+N_BOOTSTRAP = 1000  # bootstrap samples of the CPM's 95 % CI
 
 
 @dataclass
@@ -197,7 +199,7 @@ def fewest_false_positives(results: list[ScanResult], max_loss: float) -> dict |
     return point
 
 
-def bootstrap(results: list[ScanResult], n_bootstrap: int = 1000, seed: int = 0, rates=FP_RATES,
+def bootstrap(results: list[ScanResult], n_bootstrap: int = N_BOOTSTRAP, seed: int = 0, rates=FP_RATES,
               grid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Resample scans with replacement and recompute the curve.
 
@@ -222,8 +224,8 @@ def bootstrap(results: list[ScanResult], n_bootstrap: int = 1000, seed: int = 0,
 
 
 def evaluate_froc(detections_csv, annotations_csv, excluded_csv=None, seriesuids_csv=None, out_dir=None, *,
-                  n_bootstrap: int = 1000, seed: int = 0, max_marks: int | None = MAX_MARKS,
-                  threshold: float = 0.5, max_sensitivity_loss: float = MAX_SENSITIVITY_LOSS) -> dict:
+                  n_bootstrap: int = N_BOOTSTRAP, seed: int = 0, max_marks: int | None = MAX_MARKS,
+                  threshold: float = CLS_THRESHOLD, max_sensitivity_loss: float = MAX_SENSITIVITY_LOSS) -> dict:
     """LUNA16 FROC of a CAD marks table.
 
     Args:
