@@ -2,7 +2,7 @@
 
 usage: PYTHONPATH=src python scripts/fuzz_report.py [--list] [--only SUBSTRING]
 
-Every case runs, the export/bench ones the test suite marks xfail included; ``--list`` also prints
+Every case runs; ``--list`` also prints
 each case that did not end in a clean line or a named warning.
 """
 
