@@ -36,7 +36,7 @@ def slices():
 
 
 def test_formats_table():
-    assert FORMAT_NAMES == ("onnx", "onnx-int8", "torchscript", "rknn", "rknn-int8")
+    assert FORMAT_NAMES == ("onnx", "onnx-int8", "torchscript", "rknn", "rknn-int8", "openvino", "openvino-int8")
     assert set(FORMATS) == {(k, f) for k in ("seg", "cls") for f in FORMAT_NAMES}
     with pytest.raises(ValueError, match="unknown format"):
         export(SegModel(), "tflite", "x")
