@@ -202,8 +202,10 @@ class OpenVinoRunner:
         except Exception as exc:
             raise InputError(self.path, f"OpenVINO cannot load it ({exc})") from None
         self.request = self.compiled.create_infer_request()
-        int8 = any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
-        self.precision = "int8" if int8 else precision
+        types = [op.get_type_name() for op in model.get_ops()]
+        self.precision = "int8" if "FakeQuantize" in types else precision
+        # levels of a U-Net (one average pool per level below the top): lung-box crops need them
+        self.unet_depth = types.count("AvgPool") + 1 if "AvgPool" in types else None
 
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
         res = self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})

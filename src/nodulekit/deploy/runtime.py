@@ -23,6 +23,9 @@ class TorchSegRunner:
     def __init__(self, model, threads: int | None = None):
         self.model = model.eval()
         self.threads = threads
+        widths = getattr(model, "widths", None)
+        # levels of the U-Net (receptive field and size multiple for lung-box crops)
+        self.unet_depth = getattr(widths, "depth", None)
 
     def _forward(self, x: np.ndarray):
         import torch
@@ -34,6 +37,18 @@ class TorchSegRunner:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self._forward(x).numpy()
+
+
+def _onnx_unet_depth(path: Path) -> int | None:
+    """A U-Net's levels from its ONNX graph: one average pool per level below the top."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - a graph onnx cannot parse still runs, uncropped
+        return None
+    pools = sum(n.op_type == "AveragePool" for n in graph.node)
+    return pools + 1 if pools else None
 
 
 class OnnxRunner:
@@ -56,6 +71,7 @@ class OnnxRunner:
             raise InputError(self.path, f"ONNX Runtime cannot load it ({exc})") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
+        self.unet_depth = _onnx_unet_depth(self.path)
         # a file exported with a fixed batch (NPU-ready, e.g. batch 1) gets its batch in pieces
         self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
 

@@ -59,7 +59,7 @@ def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = SEG_THRESH
     with tqdm(total=len(slices), desc=ct.seriesuid[-16:] or "scan", unit="slice", disable=not progress,
               leave=False) as bar:
         mask = segment_slices(ct.hu, seg_runner, slices, threshold=seg_threshold, batch_size=batch_size,
-                              on_batch=bar.update)
+                              on_batch=bar.update, lung=lung)
     timings["segmentation"] = time.perf_counter() - t
 
     t = time.perf_counter()
