@@ -173,25 +173,53 @@ def clean_mask(mask: np.ndarray, lung: np.ndarray | None, spacing_xyz, *,
     Returns:
         ``(labels, n)``: int32 label volume (1..n) of the kept components.
     """
-    mask = mask.copy()
+    out = np.zeros(mask.shape, dtype=np.int32)
+    box = _bbox(mask, frame=1)
+    if box is None:
+        return out, 0
+    # everything below runs on the box around the marked voxels plus a one-voxel frame of
+    # background: the same holes and components as on the whole volume (the frame connects the
+    # outside as the volume's border does), and labels in the same raster order
+    sub = mask[box].copy()
     max_hole_px = math.pi * (MAX_NODULE_MM / 2) ** 2 / (spacing_xyz[0] * spacing_xyz[1])
-    for z in np.flatnonzero(mask.any(axis=(1, 2))):
-        holes, n_holes = ndimage.label(ndimage.binary_fill_holes(mask[z]) & ~mask[z])
-        if n_holes:
-            small = np.bincount(holes.ravel(), minlength=n_holes + 1) <= max_hole_px
-            small[0] = False
-            mask[z] |= small[holes]
+    # the holes of every slice at once: background components of 4-connected pixels within a slice
+    # (binary_fill_holes' connectivity) that do not reach the slice's border
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    background, n_bg = ndimage.label(~sub, structure=in_plane)
+    if n_bg:
+        outside = np.zeros(n_bg + 1, dtype=bool)
+        for edge in (background[:, 0], background[:, -1], background[:, :, 0], background[:, :, -1]):
+            outside[edge.ravel()] = True
+        fill = np.bincount(background.ravel(), minlength=n_bg + 1) <= max_hole_px
+        fill &= ~outside
+        fill[0] = False
+        sub |= fill[background]
+        del background
     if lung is not None:
-        mask &= lung
-    labels, n = ndimage.label(mask)
+        sub &= lung[box]
+    labels, n = ndimage.label(sub)
     if n == 0:
-        return labels.astype(np.int32), 0
+        return out, 0
     voxel_mm3 = float(np.prod(spacing_xyz))
     keep = np.bincount(labels.ravel(), minlength=n + 1) * voxel_mm3 >= min_volume_mm3
     keep[0] = False
     new_ids = np.zeros(n + 1, dtype=np.int32)
     new_ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return new_ids[labels], int(keep.sum())
+    out[box] = new_ids[labels]
+    return out, int(keep.sum())
+
+
+def _bbox(mask: np.ndarray, frame: int = 0) -> tuple[slice, ...] | None:
+    """The bounding box of ``mask``'s True voxels grown by ``frame`` voxels (clipped), or None."""
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        if not len(idx):
+            return None
+        box.append(slice(max(int(idx[0]) - frame, 0), min(int(idx[-1]) + 1 + frame, mask.shape[axis])))
+    return tuple(box)
 
 
 def find_candidates(hu: np.ndarray, labels: np.ndarray, n: int, ct) -> list[Finding]:
@@ -234,10 +262,11 @@ def find_candidates(hu: np.ndarray, labels: np.ndarray, n: int, ct) -> list[Find
                     label=label,
                 ))
             continue
-        weight = np.clip(hu[bbox].astype(np.float32), HU_MIN, HU_MAX) + 1001.0
-        weight[~comp] = 0.0
-        irc = tuple(float(c) + s.start for c, s in zip(ndimage.center_of_mass(weight), bbox))
-        count = int(comp.sum())
+        idx = np.nonzero(comp)
+        weight = np.clip(hu[bbox][idx].astype(np.float64), HU_MIN, HU_MAX) + 1001.0
+        total = weight.sum()
+        irc = tuple(float((i * weight).sum() / total) + s.start for i, s in zip(idx, bbox))
+        count = len(idx[0])
         volume = count * voxel_mm3
         out.append(Finding(
             center_irc=irc,
@@ -272,8 +301,15 @@ def blob_peaks(comp: np.ndarray, spacing_zyx, *, min_radius_mm: float = 1.5,
     plateau, n = ndimage.label(peaks)
     if n == 0:
         return []
-    centers = np.array(ndimage.center_of_mass(peaks, plateau, range(1, n + 1))).reshape(-1, 3)
-    radii = np.asarray(ndimage.maximum(depth, plateau, range(1, n + 1)), dtype=float).reshape(-1)
+    # centre and depth of each plateau from its own few voxels (ndimage's per-label measurements
+    # sweep and sort the whole box once per call)
+    idx = np.nonzero(peaks)
+    lab = plateau[idx]
+    count = np.bincount(lab, minlength=n + 1)[1:]
+    centers = np.stack([np.bincount(lab, weights=i, minlength=n + 1)[1:] for i in idx], axis=1) / count[:, None]
+    radii = np.zeros(n + 1)
+    np.maximum.at(radii, lab, depth[idx])
+    radii = radii[1:]
     order = np.argsort(-radii)
     kept: list[int] = []
     for i in order:
