@@ -82,12 +82,15 @@ def test_scan_bench_rows_stages_and_cpu(tmp_path, capsys):
     from test_detect import phantom_ct
 
     torch.manual_seed(0)
-    seg = save_seg_checkpoint(tmp_path / "seg.pt", SegModel())
+    model = SegModel().eval()
+    with torch.no_grad():
+        model.unet.last.bias.fill_(-30.0)  # nothing marked: the plumbing is tested, not the classifier's speed
+    seg = save_seg_checkpoint(tmp_path / "seg.pt", model)
     cls = save_cls_checkpoint(tmp_path / "cls.pt", LunaModel())
     scan = write_ct(phantom_ct(depth=10), tmp_path / "p.mhd")
     rows = ["torch fp32", "onnxruntime fp32"] + (["openvino fp32"] if _has_openvino() else [])
     rc = main(["bench", "--scan", str(scan), "--seg", str(seg), "--cls", str(cls), "--rows", *rows,
-               "--repeats", "2", "--json", str(tmp_path / "scan.json"), "--threads", "1"])
+               "--repeats", "2", "--max-png", "1", "--json", str(tmp_path / "scan.json"), "--threads", "1"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "| row | lung_mask | segmentation |" in out and "CPU:" in out
