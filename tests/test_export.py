@@ -16,17 +16,22 @@ from nodulekit.models.classifier import LunaModel
 from nodulekit.models.unet import SegModel
 
 
-@pytest.fixture(scope="module")
-def model():
+def seg_model_with_statistics() -> SegModel:
+    """An untrained U-Net (seed 0) with non-trivial BatchNorm statistics, so that a round trip tests
+    more than an identity (the OpenVINO tests use it too)."""
     torch.manual_seed(0)
     m = SegModel().eval()
-    # non-trivial BatchNorm statistics so the round trip tests more than an identity
     for bn in m.modules():
         if isinstance(bn, torch.nn.BatchNorm2d):
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 2.0)
     m.input_batchnorm.running_var.fill_(400.0 ** 2)
     return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return seg_model_with_statistics()
 
 
 @pytest.fixture(scope="module")

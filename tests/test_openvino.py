@@ -22,13 +22,9 @@ FP32_TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = SegModel().eval()
-    for bn in m.modules():
-        if isinstance(bn, torch.nn.BatchNorm2d):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-    m.input_batchnorm.running_var.fill_(400.0 ** 2)
+    from test_export import seg_model_with_statistics
+
+    m = seg_model_with_statistics()
     # a trained detector calls most of a slice background with confidence: shift the logits so
     # that the thresholded pixels are a fair test of quantization, not a coin toss at logit 0
     with torch.no_grad():

@@ -34,17 +34,20 @@ def _interp_axis(a: np.ndarray, pos: np.ndarray, axis: int) -> np.ndarray:
 
 def separable_crop(hu: np.ndarray, spacing_irc: Sequence[float], center_irc, shape,
                    crop_spacing: Sequence[float]) -> np.ndarray:
-    """:func:`nodulekit.data.crops.resampled_crop` by separable linear interpolation."""
-    shape = np.asarray(shape, dtype=int)
-    step = np.asarray(crop_spacing, dtype=np.float64) / np.asarray(spacing_irc, dtype=np.float64)
-    center = np.asarray(center_irc, dtype=np.float64)
-    first = center - (shape // 2) * step
-    last = first + (shape - 1) * step
-    lo = np.floor(first).astype(int) - 1
-    box_shape = np.ceil(last).astype(int) + 2 - lo
-    out = crop_hu(hu, lo + box_shape // 2, box_shape).astype(np.float32, copy=False)
-    for k in range(3):
-        out = _interp_axis(out, first[k] - lo[k] + step[k] * np.arange(shape[k]), k)
+    """:func:`nodulekit.data.crops.resampled_crop` by separable linear interpolation: the same
+    sampling grid (the candidate on voxel ``shape // 2``), read from the same native box around it."""
+    lo, size, positions = [], [], []
+    for c, n, native, wanted in zip(center_irc, shape, spacing_irc, crop_spacing):
+        step = float(wanted) / float(native)
+        first = float(c) - (int(n) // 2) * step
+        start = int(np.floor(first)) - 1
+        lo.append(start)
+        size.append(int(np.ceil(first + (int(n) - 1) * step)) + 2 - start)
+        positions.append(first - start + step * np.arange(int(n)))
+    lo, size = np.asarray(lo), np.asarray(size)
+    out = crop_hu(hu, lo + size // 2, size).astype(np.float32, copy=False)
+    for axis, pos in enumerate(positions):
+        out = _interp_axis(out, pos, axis)
     return np.clip(out, HU_MIN, HU_MAX, out=out)
 
 
