@@ -153,6 +153,9 @@ def resolve_backend(path: str | Path, backend: str | None = AUTO) -> str:
     return suffix_rt or backend
 
 
+_CACHED_SUFFIX = {"openvino": ".xml", "onnx": ".onnx"}  # FORMATS' suffixes of the fp32 rows
+
+
 def cached_export(path: str | Path, kind: str, fmt: str) -> Path:
     """The ``fmt`` export (``openvino`` or ``onnx``) of a checkpoint, made once and kept in a cache
     keyed by the checkpoint's bytes (``$NODULEKIT_CACHE``, default ``~/.cache/nodulekit``)."""
@@ -161,17 +164,17 @@ def cached_export(path: str | Path, kind: str, fmt: str) -> Path:
     import shutil
     import tempfile
 
-    from nodulekit.deploy.export import FORMATS, export
-
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "checkpoint not found")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
     root = Path(os.environ.get("NODULEKIT_CACHE") or Path.home() / ".cache" / "nodulekit")
     final = root / f"{kind}-{fmt}-{digest}"
-    target = final / f"model{FORMATS[(kind, fmt)].suffix}"
+    target = final / f"model{_CACHED_SUFFIX[fmt]}"
     if target.is_file():
         return target
+    from nodulekit.deploy.export import export  # PyTorch: a second of start-up, only on a cache miss
+
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
