@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from nodulekit import CLS_CROP, HU_MAX, HU_MIN, SEG_THRESHOLD
 from nodulekit.data.seg_input import seg_context
+from nodulekit.detect.lung_mask import fill_holes_per_slice
 
 # U-Net inputs must be a multiple of 2**(depth-1) on each side; 16 covers depths up to 5.
 _SIZE_MULTIPLE = 16
@@ -182,20 +183,7 @@ def clean_mask(mask: np.ndarray, lung: np.ndarray | None, spacing_xyz, *,
     # outside as the volume's border does), and labels in the same raster order
     sub = mask[box].copy()
     max_hole_px = math.pi * (MAX_NODULE_MM / 2) ** 2 / (spacing_xyz[0] * spacing_xyz[1])
-    # the holes of every slice at once: background components of 4-connected pixels within a slice
-    # (binary_fill_holes' connectivity) that do not reach the slice's border
-    in_plane = np.zeros((3, 3, 3), dtype=bool)
-    in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    background, n_bg = ndimage.label(~sub, structure=in_plane)
-    if n_bg:
-        outside = np.zeros(n_bg + 1, dtype=bool)
-        for edge in (background[:, 0], background[:, -1], background[:, :, 0], background[:, :, -1]):
-            outside[edge.ravel()] = True
-        fill = np.bincount(background.ravel(), minlength=n_bg + 1) <= max_hole_px
-        fill &= ~outside
-        fill[0] = False
-        sub |= fill[background]
-        del background
+    fill_holes_per_slice(sub, max_hole_px)
     if lung is not None:
         sub &= lung[box]
     labels, n = ndimage.label(sub)
