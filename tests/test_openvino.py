@@ -119,3 +119,19 @@ def test_auto_falls_back_to_onnx_runtime_without_openvino(tmp_path, monkeypatch)
     assert resolve_backend(tmp_path / "seg.pt", "auto") == "onnx"
     assert resolve_backend(tmp_path / "seg.onnx", "auto") == "onnx"
     assert resolve_backend(tmp_path / "seg.xml", "auto") == "openvino"
+
+
+def test_export_cli_writes_both_ir_forms(model, slices, tmp_path, capsys, monkeypatch):
+    import json
+
+    from nodulekit.cli import export as cli_export
+    from nodulekit.cli import main
+
+    monkeypatch.setattr(cli_export, "_calibration", lambda args, kind, m, fmt: slices)
+    save_seg_checkpoint(tmp_path / "seg.pt", model)
+    assert main(["export", str(tmp_path / "seg.pt"), "-f", "openvino", "openvino-int8", "--out",
+                 str(tmp_path / "o"), "--data", "unused"]) == 0
+    arts = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(a["format"], a["quantization"]) for a in arts] == [("openvino", "fp32"), ("openvino-int8", "int8-nncf")]
+    assert all((tmp_path / "o" / name).is_file() for name in ("model.xml", "model.bin", "model.int8.xml",
+                                                              "model.int8.bin"))
