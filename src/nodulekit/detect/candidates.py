@@ -125,7 +125,7 @@ def segment_slices(
     background, and the network runs on fewer pixels (on a chest CT, most of the saving is above and
     below the lung's widest slices).
 
-    What bounds this stage is the U-Net's convolutions on the lung's slices (about 2.5 GMAC a
+    What bounds this stage is the U-Net's convolutions on the lung's slices (about 6.6 GMAC a
     512x512 slice for the default widths): the runtime (OpenVINO fuses conv + ReLU + BatchNorm;
     its int8 IR runs VNNI kernels) and a pruned model are what make it faster, not this loop.
 
