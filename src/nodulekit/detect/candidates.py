@@ -324,7 +324,7 @@ def classify(ct, candidates: list[Finding], runner: Callable[[np.ndarray], np.nd
     runner gets ``batch_size`` crops a call (a runtime with a fixed batch splits them itself).
     ``timings`` (a dict) gets ``crops`` and ``cls_network``, seconds spent cutting and running.
 
-    What bounds this stage is the classifier's 3D convolutions: about 0.25 GMAC a crop, on a
+    What bounds this stage is the classifier's 3D convolutions: about 0.3 GMAC a crop, on a
     thousand candidates of a real thin-slice scan a few seconds on two cores, int8 or not.
     """
     import time
