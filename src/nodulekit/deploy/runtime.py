@@ -196,9 +196,9 @@ def load_runner(path: str | Path, kind: str = "seg", backend: str | None = None,
         path: a checkpoint (PyTorch), ``.onnx`` (ONNX Runtime, or OpenVINO, on the CPU), ``.xml``
             (OpenVINO IR), ``.ts`` / ``.jit`` (TorchScript) or ``.rknn`` (an RK3588 board) file.
         kind: ``seg`` or ``cls`` (what the runner's outputs mean, see the module docstring).
-        backend: one of :data:`RUNTIMES`, or ``auto`` (:func:`resolve_backend`: a checkpoint is
-            exported once to a cache, :func:`cached_export`); a file suffix takes precedence;
-            ``None``: by suffix, else a PyTorch checkpoint.
+        backend: one of :data:`RUNTIMES`, or ``auto`` (:func:`resolve_backend`); a file suffix
+            takes precedence; ``None``: by suffix, else a PyTorch checkpoint. A checkpoint for
+            ``onnx``, ``openvino`` or ``auto`` is exported once to a cache (:func:`cached_export`).
         threads: CPU threads (``None``: the runtime's default).
 
     Raises:
@@ -207,12 +207,9 @@ def load_runner(path: str | Path, kind: str = "seg", backend: str | None = None,
     path = Path(path)
     if kind not in ("seg", "cls"):
         raise ValueError(f"unknown runner kind {kind!r} (seg, cls)")
-    if backend == AUTO:
-        runtime = resolve_backend(path, AUTO)
-        if path.suffix not in _SUFFIX_RUNTIME:
-            path = cached_export(path, kind, runtime)
-        backend = runtime
     backend = resolve_backend(path, backend or "torch")
+    if backend in _CACHED_SUFFIX and path.suffix not in _SUFFIX_RUNTIME:
+        path = cached_export(path, kind, backend)  # a checkpoint for an ONNX / OpenVINO runtime
     if backend == "rknn":
         from nodulekit.deploy.rknn import load_rknn_runner  # rknn-toolkit-lite2, on the board
 
