@@ -65,3 +65,46 @@ def test_bench_times_a_given_input(tmp_path):
     x = np.zeros((1, 1, 32, 48, 48), np.float32)
     (row,) = B.bench([path], runs=2, warmup=1, x=x, kind="cls")
     assert "error" not in row and row["latency_us"] > 0
+
+
+def test_scan_bench_rows_stages_and_cpu(tmp_path, capsys):
+    """``bench --scan``: every row runs interleaved on one scan; stages, candidates and the CPU come back."""
+    import json
+    import sys
+
+    from nodulekit.cli import main
+    from nodulekit.data.ct import write_ct
+    from nodulekit.detect.profile import cpu_info
+    from nodulekit.models.checkpoint import save_cls_checkpoint, save_seg_checkpoint
+    from nodulekit.models.classifier import LunaModel
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_detect import phantom_ct
+
+    torch.manual_seed(0)
+    model = SegModel().eval()
+    with torch.no_grad():
+        model.unet.last.bias.fill_(-30.0)  # nothing marked: the plumbing is tested, not the classifier's speed
+    seg = save_seg_checkpoint(tmp_path / "seg.pt", model)
+    cls = save_cls_checkpoint(tmp_path / "cls.pt", LunaModel())
+    scan = write_ct(phantom_ct(depth=10), tmp_path / "p.mhd")
+    rows = ["torch fp32", "onnxruntime fp32"] + (["openvino fp32"] if _has_openvino() else [])
+    rc = main(["bench", "--scan", str(scan), "--seg", str(seg), "--cls", str(cls), "--rows", *rows,
+               "--repeats", "2", "--max-png", "1", "--json", str(tmp_path / "scan.json"), "--threads", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| row | lung_mask | segmentation |" in out and "CPU:" in out
+    result = json.loads((tmp_path / "scan.json").read_text())
+    assert [r["name"] for r in result["rows"]] == rows
+    for r in result["rows"]:
+        assert "error" not in r and set(r["stages_s"]) >= {"lung_mask", "segmentation", "candidates", "total"}
+        assert r["same_as_first"]
+    cpu = cpu_info()
+    assert result["cpu"]["model_name"] == cpu["model_name"] and result["threads"] == 1
+    assert isinstance(cpu["key_flags"], list) and cpu["cpus"] >= 1
+
+
+def _has_openvino() -> bool:
+    from nodulekit.deploy.openvino import openvino_available
+
+    return openvino_available()

@@ -108,8 +108,9 @@ def test_candidates_outside_the_lung_are_dropped():
 
 
 def test_classifier_crops_follow_the_runners_crop_spacing():
-    """A classifier trained on resampled crops gets resampled crops: the same array
-    :func:`nodulekit.data.crops.cls_crop` cuts around the candidate."""
+    """A classifier trained on resampled crops gets resampled crops: the array
+    :func:`nodulekit.data.crops.cls_crop` cuts around the candidate (to float32 rounding: detection
+    interpolates axis by axis, training with ``map_coordinates``)."""
     from nodulekit.data.crops import cls_crop
 
     ct = phantom_ct()
@@ -124,7 +125,7 @@ def test_classifier_crops_follow_the_runners_crop_spacing():
 
     cand = detect_scan(ct, fake_seg, Runner())["candidates"][0]
     expected = cls_crop(ct.hu, ct.spacing, cand.center_irc, (32, 48, 48), (1.25, 0.8, 0.8))
-    np.testing.assert_array_equal(seen[0][0, 0], expected)
+    np.testing.assert_allclose(seen[0][0, 0], expected, atol=0.01)
     native = cls_crop(ct.hu, ct.spacing, cand.center_irc, (32, 48, 48))
     assert not np.array_equal(expected, native) and cand.probability == pytest.approx(0.3)
 
@@ -233,3 +234,59 @@ def test_a_nodule_on_a_vessel_is_split_off_as_its_own_candidate():
     assert radius == pytest.approx(4.0, abs=0.6)
     assert all(r < 2.0 for _, r in rest)  # the vessel's own blobs are thin
     assert blob_peaks(np.zeros((5, 5, 5), bool), (1, 1, 1)) == []
+
+
+def test_the_default_path_finds_what_the_float_path_finds(tmp_path, monkeypatch):
+    """``auto`` (OpenVINO, or ONNX Runtime, from a cached export; lung-box crops) against the
+    PyTorch float path on whole slices: the same candidates, probabilities within 1e-4."""
+    from nodulekit.deploy.runtime import load_runner, resolve_backend
+    from nodulekit.detect.candidates import seg_batch
+    from nodulekit.detect.lung_mask import lung_mask
+    from nodulekit.models.checkpoint import save_cls_checkpoint, save_seg_checkpoint
+    from nodulekit.models.classifier import LunaModel
+    from nodulekit.models.unet import SegModel
+
+    monkeypatch.setenv("NODULEKIT_CACHE", str(tmp_path / "cache"))
+    ct = phantom_ct()
+    torch.manual_seed(0)
+    seg, cls = SegModel().eval(), LunaModel().eval()
+    torch.nn.init.normal_(cls.head_linear.weight, std=0.002)
+    with torch.no_grad():
+        # an untrained U-Net's logits all sit near 0: spread them, and put the threshold where the
+        # top 2 % of the lung's pixels are marked (a few dozen candidates)
+        seg.input_batchnorm.running_var.fill_(400.0 ** 2)
+        seg.unet.last.weight *= 50.0
+        seg.unet.last.bias *= 50.0
+        logits = seg.unet(seg.input_batchnorm(torch.from_numpy(seg_batch(ct.hu, range(ct.shape[0])))))[:, 0]
+        lung = torch.from_numpy(lung_mask(ct.hu, ct.spacing))
+        seg.unet.last.bias -= torch.quantile(logits[lung], 0.98)
+    seg_path = save_seg_checkpoint(tmp_path / "seg.pt", seg)
+    cls_path = save_cls_checkpoint(tmp_path / "cls.pt", cls)
+
+    def whole_slices(runner):
+        return lambda x: runner(x)  # no unet_depth: the float path of old, every slice whole
+
+    ref = detect_scan(ct, whole_slices(load_runner(seg_path, "seg", "torch")), load_runner(cls_path, "cls", "torch"),
+                      min_volume_mm3=60)
+    fast_seg = load_runner(seg_path, "seg", "auto")
+    assert type(fast_seg).__name__ == ("OpenVinoRunner" if resolve_backend(seg_path) == "openvino" else "OnnxRunner")
+    got = detect_scan(ct, fast_seg, load_runner(cls_path, "cls", "auto"), min_volume_mm3=60)
+    assert 5 <= len(ref["candidates"]) == len(got["candidates"])
+    for a, b in zip(ref["candidates"], got["candidates"]):
+        assert a.center_irc == pytest.approx(b.center_irc, abs=1e-6) and a.n_voxels == b.n_voxels
+        assert a.probability == pytest.approx(b.probability, abs=1e-4)
+
+
+@pytest.mark.parametrize("center", [(30.3, 60.7, 64.1), (1.2, 3.3, 125.9), (58.9, 118.0, 2.0)])
+def test_separable_crops_equal_map_coordinates(center):
+    """Detection's crops (axis by axis) against training's (``map_coordinates``), inside the volume
+    and across its edges, to float32 rounding of HU."""
+    from nodulekit.data.crops import resampled_crop
+    from nodulekit.detect.crops import cls_crops
+
+    hu = np.random.default_rng(0).integers(-1100, 1500, (60, 120, 130)).astype(np.int16)
+    spacing_xyz = (0.56, 0.56, 1.0)
+    got = cls_crops(hu, spacing_xyz, [center], (32, 48, 48), (1.25, 0.8, 0.8))
+    want = resampled_crop(hu, spacing_xyz[::-1], center, (32, 48, 48), (1.25, 0.8, 0.8))
+    assert got.shape == (1, 1, 32, 48, 48)
+    np.testing.assert_allclose(got[0, 0], want, atol=1e-2)

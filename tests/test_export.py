@@ -16,11 +16,11 @@ from nodulekit.models.classifier import LunaModel
 from nodulekit.models.unet import SegModel
 
 
-@pytest.fixture(scope="module")
-def model():
+def seg_model_with_statistics() -> SegModel:
+    """An untrained U-Net (seed 0) with non-trivial BatchNorm statistics, so that a round trip tests
+    more than an identity (the OpenVINO tests use it too)."""
     torch.manual_seed(0)
     m = SegModel().eval()
-    # non-trivial BatchNorm statistics so the round trip tests more than an identity
     for bn in m.modules():
         if isinstance(bn, torch.nn.BatchNorm2d):
             bn.running_mean.uniform_(-0.5, 0.5)
@@ -30,13 +30,18 @@ def model():
 
 
 @pytest.fixture(scope="module")
+def model():
+    return seg_model_with_statistics()
+
+
+@pytest.fixture(scope="module")
 def slices():
     rng = np.random.default_rng(0)
     return rng.uniform(-1000, 1000, size=(2, 7, 64, 96)).astype(np.float32)
 
 
 def test_formats_table():
-    assert FORMAT_NAMES == ("onnx", "onnx-int8", "torchscript", "rknn", "rknn-int8")
+    assert FORMAT_NAMES == ("onnx", "onnx-int8", "torchscript", "rknn", "rknn-int8", "openvino", "openvino-int8")
     assert set(FORMATS) == {(k, f) for k in ("seg", "cls") for f in FORMAT_NAMES}
     with pytest.raises(ValueError, match="unknown format"):
         export(SegModel(), "tflite", "x")

@@ -20,10 +20,13 @@ def add_parser(sub):
     p.add_argument("--seg", required=True, help="segmentation checkpoint (nodulekit or dlwpt) or .onnx file")
     p.add_argument("--cls", required=True, help="classifier checkpoint (nodulekit or dlwpt) or .onnx file")
     p.add_argument("--out", required=True, type=output_folder, help="output folder")
-    p.add_argument("--backend", default="torch", choices=BACKENDS,
-                   help="segmentation runtime: torch (checkpoint), onnx (.onnx, ONNX Runtime on the CPU) or "
-                        "rknn (.rknn on an RK3588 board through rknn-toolkit-lite2)")
-    p.add_argument("--cls-backend", default="torch", choices=BACKENDS, help="classifier runtime (as --backend)")
+    p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
+                   help="segmentation runtime: auto (default: the fastest CPU runtime installed, OpenVINO, else "
+                        "ONNX Runtime; a checkpoint is exported once to a cache), torch (checkpoint), onnx (.onnx, "
+                        "ONNX Runtime on the CPU), openvino (.xml or .onnx) or rknn (.rknn on an RK3588 board "
+                        "through rknn-toolkit-lite2)")
+    p.add_argument("--cls-backend", default="auto", choices=("auto", *BACKENDS),
+                   help="classifier runtime (as --backend)")
     p.add_argument("--threshold", type=number_type(float, SHARE), default=CLS_THRESHOLD,
                    help="classifier probability of a reported nodule")
     p.add_argument("--seg-threshold", type=number_type(float, SHARE), default=SEG_THRESHOLD,

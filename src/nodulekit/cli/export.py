@@ -10,7 +10,7 @@ def add_parser(sub):
     from nodulekit.train.config import POSITIVE
 
     p = sub.add_parser("export", help="export a segmentation or classifier checkpoint (onnx, onnx-int8, "
-                                      "torchscript, rknn, rknn-int8)",
+                                      "torchscript, rknn, rknn-int8, openvino, openvino-int8)",
                        description="Export a checkpoint; the int8 formats need --data for calibration inputs "
                                    "(training slices for the segmentation U-Net, held-out crops for the "
                                    "classifier).")
@@ -19,7 +19,7 @@ def add_parser(sub):
     p.add_argument("--format", "-f", nargs="+", choices=FORMAT_NAMES, default=["onnx"])
     p.add_argument("--out", required=True, type=output_folder, help="output folder")
     p.add_argument("--static", action="store_true", help="seg: fixed 1x7x512x512 input instead of dynamic")
-    p.add_argument("--data", help="dataset folder for calibration inputs (onnx-int8, rknn-int8)")
+    p.add_argument("--data", help="dataset folder for calibration inputs (onnx-int8, rknn-int8, openvino-int8)")
     p.add_argument("--calib-slices", type=number_type(int, POSITIVE), default=CALIB_SLICES, help="seg: calibration slices")
     p.add_argument("--calib-method", default="percentile", choices=CALIB_METHODS, help="seg: ORT calibration")
     p.add_argument("--no-conv2d", action="store_true",
@@ -49,15 +49,18 @@ def run(args) -> int:
     for fmt in formats:
         out = Path(args.out)
         if kind == "cls":
-            kwargs = {} if fmt == "onnx" else {"conv2d": not args.no_conv2d}
+            # the OpenVINO IR is of the 3D model: the CPU plugin runs Conv3d, no rewrite needed
+            kwargs = {} if fmt in ("onnx", "openvino", "openvino-int8") else {"conv2d": not args.no_conv2d}
             form = "2d" if kwargs.get("conv2d") else "3d"
             out = out / f"cls{form}{format_of(kind, fmt).suffix}"
         else:
             kwargs = {"dynamic": False} if args.static and fmt in ("onnx", "onnx-int8") else {}
         if fmt.startswith("rknn"):
             kwargs.update(algorithm=args.rknn_algorithm, target=args.target)
-        if fmt in ("onnx-int8", "rknn-int8"):
-            key = fmt if kind == "seg" else kind  # the classifier's crops serve both int8 builds
+        if fmt in ("onnx-int8", "rknn-int8", "openvino-int8"):
+            # the classifier's crops serve every int8 build; ONNX Runtime's and NNCF's PTQ read the
+            # same calibration slices
+            key = kind if kind == "cls" else ("onnx-int8" if fmt == "openvino-int8" else fmt)
             if key not in calibrations:
                 calibrations[key] = _calibration(args, kind, model, fmt)
             kwargs["dataset" if fmt == "rknn-int8" else "calibration"] = calibrations[key]
@@ -88,7 +91,7 @@ def _calibration(args, kind: str, model, fmt: str):
     train_uids, _ = train_val_split(sorted(find_series(args.data)))
     scans = load_seg_scans(args.data, train_uids, progress=False)
     reader = SliceReader(calibration_items(scans, args.calib_slices), scans)
-    if fmt == "onnx-int8":
+    if fmt in ("onnx-int8", "openvino-int8"):
         return reader
     slices = [item[reader.input_name] for item in iter(reader.get_next, None)]
     if tuple(slices[0].shape) != tuple(DEPLOY_SHAPE):

@@ -21,7 +21,7 @@ log = get_logger("deploy")
 BENCH_SHAPE = (1, SEG_CHANNELS, 512, 512)
 
 
-BENCH_SUFFIXES = (".onnx", ".ts", ".jit")
+BENCH_SUFFIXES = (".onnx", ".ts", ".jit", ".xml")
 
 
 def _runner(path, threads: int, kind: str):

@@ -12,6 +12,10 @@ rknn         .rknn       fp16 NPU build of a static             fp16 NPU build o
                          1x7x512x512 export (a QAT graph keeps  rewrite (``conv2d=False``: the 3D
                          its own int8)                          model)
 rknn-int8    .int8.rknn  toolkit int8 from calibration slices   toolkit int8 of the Conv2d rewrite
+openvino     .xml        fp32 IR (+ .bin) of the fp32 ONNX,     fp32 IR of the 3D model, any batch
+                         dynamic batch and H/W
+openvino-    .int8.xml   NNCF int8 of that IR on the ORT PTQ's  NNCF int8 of the 3D model's IR
+int8                     calibration slices
 ===========  ==========  =====================================  ==================================
 
 Every ``export_*`` returns metadata; :func:`export` picks the table entry, writes the file, checks it
@@ -280,6 +284,18 @@ def _int8(fn):
     return export_int8
 
 
+def _ov(name: str):
+    """An exporter of :mod:`nodulekit.deploy.openvino`, imported when it runs (openvino and nncf
+    load only for these formats)."""
+    def export_ov(model, out: Path, **kwargs) -> dict:
+        from nodulekit.deploy import openvino
+
+        return getattr(openvino, name)(model, out, **kwargs)
+
+    export_ov.__doc__ = f"nodulekit.deploy.openvino.{name}"
+    return export_ov
+
+
 @dataclass(frozen=True)
 class Format:
     """One row of the formats table; ``fn`` None: the combination is not offered, ``description``
@@ -294,7 +310,7 @@ class Format:
 
 
 KINDS = ("seg", "cls")
-FORMAT_NAMES = ("onnx", "onnx-int8", "torchscript", "rknn", "rknn-int8")
+FORMAT_NAMES = ("onnx", "onnx-int8", "torchscript", "rknn", "rknn-int8", "openvino", "openvino-int8")
 FORMATS: dict[tuple[str, str], Format] = {(f.kind, f.name): f for f in (
     Format("seg", "onnx", ".onnx", export_onnx, "onnxruntime", "fp32 ONNX, opset 17, single file"),
     Format("seg", "onnx-int8", ".int8.onnx", export_onnx_int8, "onnxruntime", "int8 QDQ ONNX (per-channel weights)"),
@@ -310,6 +326,13 @@ FORMATS: dict[tuple[str, str], Format] = {(f.kind, f.name): f for f in (
     Format("cls", "rknn", ".rknn", export_cls_rknn, "rknn", "RK3588 NPU model of the Conv2d rewrite, fp16"),
     Format("cls", "rknn-int8", ".int8.rknn", _int8(export_cls_rknn), "rknn",
            "RK3588 NPU model of the Conv2d rewrite, toolkit int8"),
+    Format("seg", "openvino", ".xml", _ov("export_openvino"), "openvino", "fp32 OpenVINO IR (.xml + .bin)"),
+    Format("seg", "openvino-int8", ".int8.xml", _ov("export_openvino_int8"), "openvino",
+           "int8 OpenVINO IR, NNCF post-training quantization"),
+    Format("cls", "openvino", ".xml", _ov("export_cls_openvino"), "openvino",
+           "fp32 OpenVINO IR of the 3D classifier, any batch"),
+    Format("cls", "openvino-int8", ".int8.xml", _ov("export_cls_openvino_int8"), "openvino",
+           "int8 OpenVINO IR of the 3D classifier (NNCF)"),
 )}
 
 

@@ -93,18 +93,19 @@ def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = SEG_THRESH
     with tqdm(total=len(slices), desc=ct.seriesuid[-16:] or "scan", unit="slice", disable=not progress,
               leave=False) as bar:
         mask = segment_slices(ct.hu, seg_runner, slices, threshold=seg_threshold, batch_size=batch_size,
-                              on_batch=bar.update)
+                              on_batch=bar.update, lung=lung)
     timings["segmentation"] = time.perf_counter() - t
 
     t = time.perf_counter()
     labels, n = clean_mask(mask, lung, ct.spacing, min_volume_mm3=min_volume_mm3)
     del mask
+    timings["clean_up"] = time.perf_counter() - t
     candidates = find_candidates(ct.hu, labels, n, ct)
     timings["candidates"] = time.perf_counter() - t
 
     if cls_runner is not None:
         t = time.perf_counter()
-        classify(ct, candidates, cls_runner)
+        classify(ct, candidates, cls_runner, timings=timings)
         timings["classification"] = time.perf_counter() - t
     return {
         "candidates": candidates,

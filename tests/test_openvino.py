@@ -1,0 +1,137 @@
+"""OpenVINO: IR export of both models, fp32 parity with PyTorch, NNCF int8 against its float model,
+and the runtime choice of ``auto``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("openvino")
+
+from nodulekit.deploy.export import FORMATS, export  # noqa: E402
+from nodulekit.deploy.runtime import load_runner, resolve_backend  # noqa: E402
+from nodulekit.models.checkpoint import save_seg_checkpoint  # noqa: E402
+from nodulekit.models.classifier import LunaModel  # noqa: E402
+from nodulekit.models.unet import SegModel  # noqa: E402
+
+# fp32 OpenVINO against PyTorch: the same arithmetic up to the order of the sums (fused conv + ReLU
+# + BatchNorm); a probability that moved by 1e-4 is a different graph, not rounding
+FP32_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model():
+    from test_export import seg_model_with_statistics
+
+    m = seg_model_with_statistics()
+    # a trained detector calls most of a slice background with confidence: shift the logits so
+    # that the thresholded pixels are a fair test of quantization, not a coin toss at logit 0
+    with torch.no_grad():
+        m.unet.last.bias.fill_(-2.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def slices():
+    rng = np.random.default_rng(0)
+    return rng.uniform(-1000, 1000, size=(2, 7, 64, 96)).astype(np.float32)
+
+
+def _torch(model, x):
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def test_formats_table_has_openvino_rows():
+    for kind in ("seg", "cls"):
+        assert FORMATS[(kind, "openvino")].suffix == ".xml"
+        assert FORMATS[(kind, "openvino-int8")].suffix == ".int8.xml"
+
+
+def test_openvino_fp32_matches_pytorch(model, slices, tmp_path):
+    art = export(model, "openvino", tmp_path)
+    assert art.path.endswith("model.xml") and (tmp_path / "model.bin").is_file()
+    assert art.quantization == "fp32"
+    runner = load_runner(art.path, "seg", "openvino", threads=1)
+    assert runner.precision == "f32"
+    ref = _torch(model, slices)
+    got = runner(slices)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= FP32_TOL
+    # dynamic shapes: another batch and slice size through the same compiled model
+    other = slices[:1, :, :32, :48].copy()
+    assert np.abs(runner(other) - _torch(model, other)).max() <= FP32_TOL
+
+
+def test_openvino_reads_onnx_files(model, slices, tmp_path):
+    art = export(model, "onnx", tmp_path)
+    assert resolve_backend(art.path, "openvino") == "openvino"
+    assert resolve_backend(art.path, "onnx") == "onnx"
+    runner = load_runner(art.path, "seg", "openvino", threads=1)
+    assert np.abs(runner(slices) - _torch(model, slices)).max() <= FP32_TOL
+
+
+def test_openvino_int8_agrees_with_float(model, slices, tmp_path):
+    art = export(model, "openvino-int8", tmp_path, calibration=slices)
+    assert art.path.endswith("model.int8.xml") and art.quantization == "int8-nncf"
+    assert art.extra["calibration"]["slices"] == len(slices)
+    runner = load_runner(art.path, "seg", "openvino", threads=1)
+    assert runner.precision == "int8"
+    ref = _torch(model, slices)
+    got = runner(slices)
+    assert ((got > 0.5) == (ref > 0.5)).mean() >= 0.99
+
+
+def test_openvino_classifier_any_batch_and_crop_spacing(tmp_path):
+    torch.manual_seed(0)
+    cls = LunaModel(crop_spacing=(1.25, 0.8, 0.8)).eval()
+    torch.nn.init.normal_(cls.head_linear.weight, std=0.01)
+    art = export(cls, "openvino", tmp_path, kind="cls")
+    assert art.path.endswith("cls.xml")
+    runner = load_runner(art.path, "cls", threads=1)
+    assert runner.crop_spacing == (1.25, 0.8, 0.8)
+    x = np.random.default_rng(1).uniform(-1000, 1000, (3, 1, 32, 48, 48)).astype(np.float32)
+    with torch.no_grad():
+        ref = cls(torch.from_numpy(x))[1][:, 1].numpy()
+    got = runner(x)
+    assert got.shape == (3,)
+    assert np.abs(got - ref).max() <= FP32_TOL
+
+
+def test_auto_exports_a_checkpoint_once_to_the_cache(model, slices, tmp_path, monkeypatch):
+    monkeypatch.setenv("NODULEKIT_CACHE", str(tmp_path / "cache"))
+    save_seg_checkpoint(tmp_path / "seg.pt", model)
+    assert resolve_backend(tmp_path / "seg.pt", "auto") == "openvino"
+    runner = load_runner(tmp_path / "seg.pt", "seg", "auto", threads=1)
+    assert np.abs(runner(slices) - _torch(model, slices)).max() <= FP32_TOL
+    files = sorted(p.name for p in (tmp_path / "cache").rglob("*"))
+    assert [f for f in files if f.endswith(".xml")] == ["model.xml"]
+    first = next((tmp_path / "cache").rglob("model.xml")).stat().st_mtime_ns
+    load_runner(tmp_path / "seg.pt", "seg", "auto", threads=1)
+    assert next((tmp_path / "cache").rglob("model.xml")).stat().st_mtime_ns == first
+
+
+def test_auto_falls_back_to_onnx_runtime_without_openvino(tmp_path, monkeypatch):
+    import nodulekit.deploy.openvino as ov
+
+    monkeypatch.setattr(ov, "openvino_available", lambda: False)
+    assert resolve_backend(tmp_path / "seg.pt", "auto") == "onnx"
+    assert resolve_backend(tmp_path / "seg.onnx", "auto") == "onnx"
+    assert resolve_backend(tmp_path / "seg.xml", "auto") == "openvino"
+
+
+def test_export_cli_writes_both_ir_forms(model, slices, tmp_path, capsys, monkeypatch):
+    import json
+
+    from nodulekit.cli import export as cli_export
+    from nodulekit.cli import main
+
+    monkeypatch.setattr(cli_export, "_calibration", lambda args, kind, m, fmt: slices)
+    save_seg_checkpoint(tmp_path / "seg.pt", model)
+    assert main(["export", str(tmp_path / "seg.pt"), "-f", "openvino", "openvino-int8", "--out",
+                 str(tmp_path / "o"), "--data", "unused"]) == 0
+    arts = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(a["format"], a["quantization"]) for a in arts] == [("openvino", "fp32"), ("openvino-int8", "int8-nncf")]
+    assert all((tmp_path / "o" / name).is_file() for name in ("model.xml", "model.bin", "model.int8.xml",
+                                                              "model.int8.bin"))
