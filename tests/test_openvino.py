@@ -13,7 +13,6 @@ from nodulekit.deploy.export import FORMATS, export  # noqa: E402
 from nodulekit.deploy.runtime import load_runner, resolve_backend  # noqa: E402
 from nodulekit.models.checkpoint import save_seg_checkpoint  # noqa: E402
 from nodulekit.models.classifier import LunaModel  # noqa: E402
-from nodulekit.models.unet import SegModel  # noqa: E402
 
 # fp32 OpenVINO against PyTorch: the same arithmetic up to the order of the sums (fused conv + ReLU
 # + BatchNorm); a probability that moved by 1e-4 is a different graph, not rounding

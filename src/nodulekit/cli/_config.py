@@ -53,6 +53,15 @@ def number_type(kind: type, check: str | None = None, *, low: float | None = Non
     return parse
 
 
+def add_cls_threshold(parser, help: str) -> None:
+    """``--threshold``: the classifier probability from which a candidate counts as a nodule."""
+    from nodulekit import CLS_THRESHOLD
+    from nodulekit.train.config import SHARE
+
+    parser.add_argument("--threshold", type=number_type(float, SHARE), default=CLS_THRESHOLD,
+                        help=f"{help} (default %(default)s)")
+
+
 def output_folder(text: str) -> str:
     """An argparse type for ``--out`` folders: refuses an existing file, a path under a file and a
     folder that cannot be written, before any work is done."""

@@ -4,16 +4,17 @@
 from __future__ import annotations
 
 
-def add_parser(sub):
-    from nodulekit import CLS_THRESHOLD
-    from nodulekit.cli._config import number_type
-    from nodulekit.train.config import POSITIVE, SHARE
+HELP = "median latency of .onnx / .ts / .xml files, or of whole-scan detection (--scan), measured interleaved"
+DESCRIPTION = ("Time each artifact on one 1x7xSxS input, round-robin over artifacts; or, with --scan, run "
+               "detection on one scan with torch, ONNX Runtime and OpenVINO (fp32 and int8), round-robin, and "
+               "print the seconds of each stage.")
 
-    p = sub.add_parser("bench", help="median latency of .onnx / .ts / .xml files, or of whole-scan detection "
-                                     "(--scan), measured interleaved",
-                       description="Time each artifact on one 1x7xSxS input, round-robin over artifacts; or, with "
-                                   "--scan, run detection on one scan with torch, ONNX Runtime and OpenVINO "
-                                   "(fp32 and int8), round-robin, and print the seconds of each stage.")
+
+def add_parser(sub):
+    from nodulekit.cli._config import add_cls_threshold, number_type
+    from nodulekit.train.config import POSITIVE
+
+    p = sub.add_parser("bench", help=HELP, description=DESCRIPTION)
     p.add_argument("artifacts", nargs="*", help=".onnx, .ts or .xml files")
     p.add_argument("--runs", type=number_type(int, POSITIVE), default=20, help="timed runs per artifact")
     p.add_argument("--warmup", type=number_type(int), default=3, help="untimed runs first")
@@ -30,8 +31,7 @@ def add_parser(sub):
     g.add_argument("--rows", nargs="+", metavar="ROW",
                    help="only these rows (torch, onnxruntime, openvino; fp32, int8), e.g. 'openvino fp32'")
     g.add_argument("--repeats", type=number_type(int, POSITIVE), default=2, help="runs of each row (default %(default)s)")
-    g.add_argument("--threshold", type=number_type(float, SHARE), default=CLS_THRESHOLD,
-                   help="classifier probability of a drawn nodule")
+    add_cls_threshold(g, "--scan: classifier probability of a drawn nodule")
     g.add_argument("--max-png", type=number_type(int), default=None, help="draw at most N nodules per run")
     g.add_argument("--work", help="keep the exported files in this folder")
     p.set_defaults(func=run)

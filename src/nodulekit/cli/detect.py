@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from nodulekit import CLS_THRESHOLD, SEG_THRESHOLD
+from nodulekit import SEG_THRESHOLD
 from nodulekit.deploy import BACKENDS
 
 
 def add_parser(sub):
-    from nodulekit.cli._config import NON_NEGATIVE, number_type, output_folder
+    from nodulekit.cli._config import NON_NEGATIVE, add_cls_threshold, number_type, output_folder
     from nodulekit.train.config import POSITIVE, SHARE
 
     p = sub.add_parser("detect", help="detect lung nodules in CT scans (table, JSON and PNGs)",
@@ -27,8 +27,7 @@ def add_parser(sub):
                         "through rknn-toolkit-lite2)")
     p.add_argument("--cls-backend", default="auto", choices=("auto", *BACKENDS),
                    help="classifier runtime (as --backend)")
-    p.add_argument("--threshold", type=number_type(float, SHARE), default=CLS_THRESHOLD,
-                   help="classifier probability of a reported nodule")
+    add_cls_threshold(p, "classifier probability of a reported nodule")
     p.add_argument("--seg-threshold", type=number_type(float, SHARE), default=SEG_THRESHOLD,
                    help="segmentation probability from which a pixel is marked (default %(default)s)")
     p.add_argument("--min-volume", type=number_type(float, NON_NEGATIVE), default=None,

@@ -13,8 +13,7 @@ TABLES = (
 
 
 def add_parser(sub):
-    from nodulekit import CLS_THRESHOLD
-    from nodulekit.cli._config import number_type, output_folder
+    from nodulekit.cli._config import add_cls_threshold, number_type, output_folder
     from nodulekit.evaluate.froc import MAX_MARKS, MAX_SENSITIVITY_LOSS, N_BOOTSTRAP
     from nodulekit.train.config import POSITIVE, SHARE
 
@@ -28,8 +27,7 @@ def add_parser(sub):
                    help="bootstrap samples for the 95%% CI (0: none)")
     p.add_argument("--max-marks", type=number_type(int, POSITIVE), default=MAX_MARKS,
                    help="most probable marks kept per scan")
-    p.add_argument("--threshold", type=number_type(float, SHARE), default=CLS_THRESHOLD,
-                   help="probability of the reported operating point")
+    add_cls_threshold(p, "probability of the reported operating point")
     p.add_argument("--max-sensitivity-loss", type=number_type(float, SHARE), default=MAX_SENSITIVITY_LOSS,
                    help="also report the threshold with the fewest false positives that loses at most this much "
                         "sensitivity against every mark (default %(default)s)")

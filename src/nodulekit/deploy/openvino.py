@@ -32,11 +32,9 @@ PRECISIONS = ("f32", "bf16")
 
 def openvino_available() -> bool:
     """Whether the ``openvino`` package imports (it is a pinned dependency, but optional at run time)."""
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
 
 
 def _save(ov_model, out: Path) -> None:
