@@ -38,13 +38,17 @@ def run(args) -> int:
     from pathlib import Path
 
     from nodulekit.deploy.export import export, format_of, model_kind
+    from nodulekit.errors import InputError
     from nodulekit.models.checkpoint import load_cls_model, load_seg_model
 
     kind = args.kind or model_kind(args.checkpoint)
     model, _ = (load_cls_model if kind == "cls" else load_seg_model)(args.checkpoint)
     formats = ["rknn-int8" if f == "rknn" and args.rknn_dtype == "int8" else f for f in args.format]
     for fmt in formats:
-        format_of(kind, fmt)  # an unknown combination fails before any export
+        try:  # a combination the table lacks fails before any export
+            format_of(kind, fmt)
+        except ValueError as exc:
+            raise InputError(args.checkpoint, str(exc)) from None
     calibrations: dict[str, object] = {}
     for fmt in formats:
         out = Path(args.out)
