@@ -202,6 +202,10 @@ def inputs(tmp_path_factory, synth_data, cptac_mhd, lidc_dicom):
     models = d / "runs" / "demo" / "models"
     models.mkdir(parents=True)
     seg, cls = SegModel().eval(), LunaModel().eval()
+    # a fresh classifier head is zero, so its outputs would not depend on the input and the NPU
+    # compiler folds the whole graph to a constant; a trained head is not
+    torch.nn.init.normal_(cls.head_linear.weight, std=0.05)
+    torch.nn.init.normal_(cls.head_linear.bias, std=0.05)
     save_seg_checkpoint(models / "seg.pt", seg)
     save_cls_checkpoint(models / "cls.pt", cls)
     # dlwpt-code's files: model_state plus bookkeeping
