@@ -139,17 +139,17 @@ def qat_convert(prepared):
     conv-BatchNorm fold, for which ``convert_pt2e`` has no switch: dlwpt's blocks run conv -> ReLU
     -> BatchNorm, so the fold finds nothing, yet it traces every conv/BatchNorm pattern it knows
     through ``torch.export`` (most of the conversion's time) and, by removing the BatchNorms' batch
-    counters, renumbers the exported ONNX graph (its file size changes though nothing else does). Running the steps here keeps the library unpatched; a model
-    whose convs do feed BatchNorms gets ``convert_pt2e`` itself.
+    counters, renumbers the exported ONNX graph (its file size changes though nothing else does).
+    Running the steps here keeps the library unpatched (torchao is pinned, since these are its
+    private functions); a model whose convs do feed BatchNorms gets ``convert_pt2e`` itself.
     """
     from torch.fx.passes.infra.pass_manager import PassManager
     from torchao.quantization.pt2e.constant_fold import constant_fold
     from torchao.quantization.pt2e.convert import _convert_to_reference_decomposed_fx
     from torchao.quantization.pt2e.quantize_pt2e import _quant_node_constraint
     from torchao.quantization.pt2e.quantizer import DuplicateDQPass, PortNodeMetaForQDQ
-    from torchao.quantization.pt2e.utils import _disallow_eval_train
-
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+    from torchao.quantization.pt2e.utils import _disallow_eval_train
 
     prepared = copy.deepcopy(prepared)
     set_eval_mode(prepared)
