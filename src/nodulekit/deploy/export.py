@@ -276,7 +276,7 @@ def export_cls_rknn(model, out: Path, *, quantize: bool = False, conv2d: bool = 
 
 
 def _int8(fn):
-    """The ``rknn-int8`` entry of an ``rknn`` exporter."""
+    """The int8 entry (``rknn-int8``, the classifier's ``openvino-int8``) of an exporter taking ``quantize``."""
     def export_int8(model, out: Path, **kwargs) -> dict:
         return fn(model, out, quantize=True, **kwargs)
 
@@ -284,16 +284,60 @@ def _int8(fn):
     return export_int8
 
 
-def _ov(name: str):
-    """An exporter of :mod:`nodulekit.deploy.openvino`, imported when it runs (openvino and nncf
-    load only for these formats)."""
-    def export_ov(model, out: Path, **kwargs) -> dict:
-        from nodulekit.deploy import openvino
+def export_openvino(model, out: Path, *, onnx_path: str | Path | None = None, **onnx_kwargs) -> dict:
+    """fp32 OpenVINO IR (``.xml`` + ``.bin``) of the segmentation U-Net, dynamic batch and H/W,
+    converted from its fp32 ONNX (``onnx_path`` reuses one)."""
+    from nodulekit.deploy.openvino import _ir_files, _save, convert_onnx
 
-        return getattr(openvino, name)(model, out, **kwargs)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(onnx_path) if onnx_path else Path(tmp) / "fp32.onnx"
+        if not onnx_path:
+            meta = export_onnx(model, src, **onnx_kwargs)
+        _save(convert_onnx(src), out)
+    return {"opset": None, "quantization": "fp32", "input_shape": ["batch", 7, "h", "w"],
+            "files": [str(p) for p in _ir_files(out)], **({} if onnx_path else {"onnx_opset": meta["opset"]})}
 
-    export_ov.__doc__ = f"nodulekit.deploy.openvino.{name}"
-    return export_ov
+
+def export_openvino_int8(model, out: Path, *, calibration=None, onnx_path: str | Path | None = None,
+                         **onnx_kwargs) -> dict:
+    """int8 OpenVINO IR of the U-Net: :func:`export_openvino`'s graph quantized by NNCF on
+    ``calibration`` slices (the ONNX Runtime PTQ's)."""
+    from nodulekit.deploy.openvino import _ir_files, _save, convert_onnx, quantize_ir
+
+    if calibration is None:
+        raise ValueError("openvino-int8 of a float model needs calibration slices")
+    if _is_exported_graph(model):
+        raise InputError(str(out), "openvino-int8 takes a float model; a QAT graph exports as onnx-int8")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(onnx_path) if onnx_path else Path(tmp) / "fp32.onnx"
+        if not onnx_path:
+            export_onnx(model, src, **onnx_kwargs)
+        q, info = quantize_ir(convert_onnx(src), calibration, keep_output_float=True)
+        _save(q, out)
+    return {"opset": None, "quantization": "int8-nncf", "calibration": info,
+            "input_shape": ["batch", 7, "h", "w"], "files": [str(p) for p in _ir_files(out)]}
+
+
+def export_cls_openvino(model, out: Path, *, calibration=None, quantize: bool = False) -> dict:
+    """OpenVINO IR of the 3D classifier with a free batch dimension, fp32 or NNCF int8
+    (``quantize``, on ``calibration`` crops); the crop spacing goes to a sidecar ``<file>.json``."""
+    from nodulekit.deploy.model_meta import write_model_meta
+    from nodulekit.deploy.openvino import _ir_files, _save, convert_onnx, quantize_ir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "cls.onnx"
+        export_cls_onnx(model, src)
+        ir = convert_onnx(src, batch_dynamic=True)
+        info = None
+        if quantize:
+            if calibration is None:
+                raise ValueError("openvino-int8 of a classifier needs calibration crops")
+            ir, info = quantize_ir(ir, calibration, keep_output_float=False)
+        _save(ir, out)
+    write_model_meta(out, cls_meta(model))
+    meta = {"opset": None, "quantization": "int8-nncf" if quantize else "fp32",
+            "input_shape": ["batch", *_cls_shape(model)[1:]], "files": [str(p) for p in _ir_files(out)]}
+    return {**meta, "calibration": info} if info else meta
 
 
 @dataclass(frozen=True)
@@ -326,12 +370,12 @@ FORMATS: dict[tuple[str, str], Format] = {(f.kind, f.name): f for f in (
     Format("cls", "rknn", ".rknn", export_cls_rknn, "rknn", "RK3588 NPU model of the Conv2d rewrite, fp16"),
     Format("cls", "rknn-int8", ".int8.rknn", _int8(export_cls_rknn), "rknn",
            "RK3588 NPU model of the Conv2d rewrite, toolkit int8"),
-    Format("seg", "openvino", ".xml", _ov("export_openvino"), "openvino", "fp32 OpenVINO IR (.xml + .bin)"),
-    Format("seg", "openvino-int8", ".int8.xml", _ov("export_openvino_int8"), "openvino",
+    Format("seg", "openvino", ".xml", export_openvino, "openvino", "fp32 OpenVINO IR (.xml + .bin)"),
+    Format("seg", "openvino-int8", ".int8.xml", export_openvino_int8, "openvino",
            "int8 OpenVINO IR, NNCF post-training quantization"),
-    Format("cls", "openvino", ".xml", _ov("export_cls_openvino"), "openvino",
+    Format("cls", "openvino", ".xml", export_cls_openvino, "openvino",
            "fp32 OpenVINO IR of the 3D classifier, any batch"),
-    Format("cls", "openvino-int8", ".int8.xml", _ov("export_cls_openvino_int8"), "openvino",
+    Format("cls", "openvino-int8", ".int8.xml", _int8(export_cls_openvino), "openvino",
            "int8 OpenVINO IR of the 3D classifier (NNCF)"),
 )}
 

@@ -1,4 +1,5 @@
-"""OpenVINO: IR export (fp32, and int8 through NNCF) and its CPU runners.
+"""OpenVINO: converting ONNX to IR, NNCF int8 quantization, and the CPU runners (the exporters that
+use them live with every other format in :mod:`nodulekit.deploy.export`).
 
 OpenVINO is the runtime a user picks for CNN inference on x86 CPUs: its CPU plugin fuses the
 U-Net's conv + ReLU + BatchNorm chains and has int8 (VNNI) and bf16 kernels. The IR is converted
@@ -17,7 +18,6 @@ the ONNX Runtime PTQ: the 0.5 threshold sits at logit 0, where a coarse grid hur
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -100,67 +100,6 @@ def quantize_ir(model, calibration, *, keep_output_float: bool) -> tuple[object,
     log.info("NNCF int8: %d calibration inputs, float: %s", len(inputs), ignored)
     return q, {"method": "nncf", "slices": len(inputs), "weights": "int8 per-channel symmetric",
                "activations": "int8 per-tensor", "float_nodes": ignored}
-
-
-def export_openvino(model, out: Path, *, onnx_path: str | Path | None = None, **onnx_kwargs) -> dict:
-    """fp32 OpenVINO IR (``.xml`` + ``.bin``) of the segmentation U-Net, dynamic batch and H/W,
-    converted from its fp32 ONNX (``onnx_path`` reuses one)."""
-    from nodulekit.deploy.export import export_onnx
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(onnx_path) if onnx_path else Path(tmp) / "fp32.onnx"
-        if not onnx_path:
-            meta = export_onnx(model, src, **onnx_kwargs)
-        _save(convert_onnx(src), out)
-    return {"opset": None, "quantization": "fp32", "input_shape": ["batch", 7, "h", "w"],
-            "files": [str(p) for p in _ir_files(out)], **({} if onnx_path else {"onnx_opset": meta["opset"]})}
-
-
-def export_openvino_int8(model, out: Path, *, calibration=None, onnx_path: str | Path | None = None,
-                         **onnx_kwargs) -> dict:
-    """int8 OpenVINO IR of the U-Net: :func:`export_openvino`'s graph quantized by NNCF on
-    ``calibration`` slices (the ONNX Runtime PTQ's)."""
-    from nodulekit.deploy.export import _is_exported_graph, export_onnx
-
-    if calibration is None:
-        raise ValueError("openvino-int8 of a float model needs calibration slices")
-    if _is_exported_graph(model):
-        raise InputError(str(out), "openvino-int8 takes a float model; a QAT graph exports as onnx-int8")
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(onnx_path) if onnx_path else Path(tmp) / "fp32.onnx"
-        if not onnx_path:
-            export_onnx(model, src, **onnx_kwargs)
-        q, info = quantize_ir(convert_onnx(src), calibration, keep_output_float=True)
-        _save(q, out)
-    return {"opset": None, "quantization": "int8-nncf", "calibration": info,
-            "input_shape": ["batch", 7, "h", "w"], "files": [str(p) for p in _ir_files(out)]}
-
-
-def export_cls_openvino(model, out: Path, *, calibration=None, quantize: bool = False) -> dict:
-    """OpenVINO IR of the 3D classifier with a free batch dimension, fp32 or NNCF int8
-    (``quantize``, on ``calibration`` crops); the crop spacing goes to a sidecar ``<file>.json``."""
-    from nodulekit.deploy.export import _cls_shape, cls_meta, export_cls_onnx
-    from nodulekit.deploy.model_meta import write_model_meta
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "cls.onnx"
-        export_cls_onnx(model, src)
-        ir = convert_onnx(src, batch_dynamic=True)
-        info = None
-        if quantize:
-            if calibration is None:
-                raise ValueError("openvino-int8 of a classifier needs calibration crops")
-            ir, info = quantize_ir(ir, calibration, keep_output_float=False)
-        _save(ir, out)
-    write_model_meta(out, cls_meta(model))
-    meta = {"opset": None, "quantization": "int8-nncf" if quantize else "fp32",
-            "input_shape": ["batch", *_cls_shape(model)[1:]], "files": [str(p) for p in _ir_files(out)]}
-    return {**meta, "calibration": info} if info else meta
-
-
-def export_cls_openvino_int8(model, out: Path, *, calibration=None) -> dict:
-    """:func:`export_cls_openvino` with NNCF int8."""
-    return export_cls_openvino(model, out, calibration=calibration, quantize=True)
 
 
 def compile_config(threads: int | None, precision: str = "f32") -> dict:
