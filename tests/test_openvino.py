@@ -134,3 +134,33 @@ def test_export_cli_writes_both_ir_forms(model, slices, tmp_path, capsys, monkey
     assert [(a["format"], a["quantization"]) for a in arts] == [("openvino", "fp32"), ("openvino-int8", "int8-nncf")]
     assert all((tmp_path / "o" / name).is_file() for name in ("model.xml", "model.bin", "model.int8.xml",
                                                               "model.int8.bin"))
+
+
+_SIGNAL_SCRIPT = """
+import faulthandler, signal, subprocess, sys
+from nodulekit.deploy import openvino as nk_ov
+if sys.argv[2] == "unpinned":
+    nk_ov.pin_signal_stack = lambda: None
+faulthandler.enable()
+signal.signal(signal.SIGCHLD, lambda *_: None)  # as torch's DataLoader leaves it
+a = nk_ov.OpenVinoRunner(sys.argv[1], threads=1)
+b = nk_ov.OpenVinoRunner(sys.argv[1], threads=1)
+del a  # freed in another order than compiled
+del b
+for _ in range(3):
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+print("alive")
+"""
+
+
+def test_runners_freed_out_of_order_leave_signal_handling_intact(model, tmp_path):
+    """OpenVINO swaps the thread's alternate signal stack per compiled model; two runners freed out
+    of order would leave it dangling and the next SIGCHLD would kill the process (SIGSEGV). The
+    runner pins a stack of its own after compiling, so the process survives its subprocesses."""
+    import subprocess
+    import sys
+
+    art = export(model, "onnx", tmp_path)
+    run = subprocess.run([sys.executable, "-c", _SIGNAL_SCRIPT, art.path, "pinned"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and "alive" in run.stdout, run.stderr[-2000:]

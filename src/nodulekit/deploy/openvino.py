@@ -18,6 +18,8 @@ the ONNX Runtime PTQ: the 0.5 threshold sits at logit 0, where a coarse grid hur
 
 from __future__ import annotations
 
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,38 @@ from nodulekit.log import get_logger
 log = get_logger("deploy")
 
 PRECISIONS = ("f32", "bf16")
+
+_SIGNAL_STACKS: dict[int, tuple] = {}  # thread id -> (buffer, stack_t), kept for the process's life
+
+
+def pin_signal_stack() -> None:
+    """Give the calling thread an alternate signal stack that lives as long as the process.
+
+    OpenVINO's CPU plugin installs its own alternate signal stack when it compiles a model and puts
+    back the one it found when that model is freed. Freed in another order than compiled (two
+    runners, or NNCF's internal models), the thread is left pointing at a freed stack, and the next
+    signal handled there (Python's handlers run with SA_ONSTACK: torch's SIGCHLD handler when a
+    subprocess exits, faulthandler's) kills the process with SIGSEGV. Re-pinning a stack that never
+    goes away after every compile keeps whatever OpenVINO later restores valid. Each thread gets its
+    own buffer, as the kernel requires, at least as large as the one found.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    class StackT(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = threading.get_ident()
+    if key not in _SIGNAL_STACKS:
+        current = StackT()
+        libc.sigaltstack(None, ctypes.byref(current))
+        size = max(int(current.ss_size or 0), 1 << 16)
+        buf = ctypes.create_string_buffer(size)
+        _SIGNAL_STACKS[key] = (buf, StackT(ctypes.addressof(buf), 0, size))
+    if libc.sigaltstack(ctypes.byref(_SIGNAL_STACKS[key][1]), None) != 0:
+        log.debug("sigaltstack failed (errno %d)", ctypes.get_errno())
 
 
 def openvino_available() -> bool:
@@ -96,7 +130,10 @@ def quantize_ir(model, calibration, *, keep_output_float: bool) -> tuple[object,
     ignored = _output_conv(model) if keep_output_float else []
     scope = nncf.IgnoredScope(names=ignored, validate=False) if ignored else None
     kwargs = {"ignored_scope": scope} if scope is not None else {}
-    q = nncf.quantize(model, nncf.Dataset(inputs), subset_size=len(inputs), **kwargs)
+    try:
+        q = nncf.quantize(model, nncf.Dataset(inputs), subset_size=len(inputs), **kwargs)
+    finally:
+        pin_signal_stack()  # NNCF compiles and frees models of its own
     log.info("NNCF int8: %d calibration inputs, float: %s", len(inputs), ignored)
     return q, {"method": "nncf", "slices": len(inputs), "weights": "int8 per-channel symmetric",
                "activations": "int8 per-tensor", "float_nodes": ignored}
@@ -138,6 +175,8 @@ class OpenVinoRunner:
             self.compiled = ov.Core().compile_model(model, "CPU", cfg)
         except Exception as exc:
             raise InputError(self.path, f"OpenVINO cannot load it ({exc})") from None
+        finally:
+            pin_signal_stack()
         self.request = self.compiled.create_infer_request()
         types = [op.get_type_name() for op in model.get_ops()]
         self.precision = "int8" if "FakeQuantize" in types else precision
