@@ -74,6 +74,33 @@ def test_study_ratios_and_files(study):
         assert (out / name).is_file(), name
 
 
+def test_cpu_table_measures_the_float_variants_in_every_cpu_runtime(study):
+    """The CPU table: baseline and pruned in ONNX Runtime fp32, OpenVINO fp32 and OpenVINO int8, each
+    row a deployed file with its size, latency and recall, ratios against ONNX Runtime's baseline."""
+    pytest.importorskip("openvino")
+    out, report = study
+    rows = {r["name"]: r for r in report["cpu"]}
+    assert set(rows) == {f"{v} {rt}" for v in ("baseline", "pruned")
+                         for rt in ("onnxruntime fp32", "openvino fp32", "openvino int8")}
+    main = {r["name"]: r for r in report["variants"]}
+    for name, row in rows.items():
+        assert "error" not in row, row.get("error")
+        assert row["latency_us"] > 0 and row["size_kib"] > 0 and 0.0 <= row["recall"] <= 1.0
+        if row["runtime"] == "openvino":
+            assert (out / row["artifact"]).is_file() and (out / row["artifact"]).with_suffix(".bin").is_file()
+        else:  # the same file as the main table's row, with its figures
+            assert row["artifact"] == main[row["variant"]]["artifact"]
+            assert row["recall"] == main[row["variant"]]["recall"]
+    assert rows["baseline onnxruntime fp32"]["latency_ratio"] == 1.0
+    # int8 IR weights take about a quarter of the fp32 ones
+    assert rows["baseline openvino int8"]["weight_memory_kib"] < rows["baseline openvino fp32"]["weight_memory_kib"] / 2
+    # the fp32 IR computes what the ONNX graph computes
+    assert abs(rows["baseline openvino fp32"]["recall"] - rows["baseline onnxruntime fp32"]["recall"]) < 0.01
+    text = (out / "REPORT.md").read_text()
+    assert "CPU runtimes" in text and "baseline openvino int8" in text
+    assert "CPU 运行时" in (out / "REPORT.zh.md").read_text()
+
+
 def test_variants_table_resolution():
     assert V.resolve(["pruned_qat"]) == ["baseline", "pruned_qat"]
     with pytest.raises(ValueError, match="unknown variant"):

@@ -73,6 +73,7 @@ class StudyConfig(RunConfig):
     bench_size: int = setting(512, "slice side of the latency input", check=POSITIVE)
     torchscript: bool = setting(True, "also export TorchScript files")
     rknn: bool = setting(False, "also build RKNN models (needs .venv-rknn)")
+    openvino: bool = setting(True, "also measure the float variants in OpenVINO, fp32 and NNCF int8 (CPU table)")
 
 
 @dataclass
@@ -273,6 +274,75 @@ def npu_section(rows: list[dict], out_dir: Path, train_ds, val_ds, cfg: StudyCon
     return rows
 
 
+# the CPU table: the float variants in each CPU runtime, timed in one interleaved run
+CPU_SOURCES = (V.BASELINE, "pruned")
+CPU_BASELINE = f"{V.BASELINE} onnxruntime fp32"
+
+
+def cpu_section(rows: list[dict], out_dir: Path, train_ds, val_ds, cfg: StudyConfig) -> list[dict]:
+    """``report.json["cpu"]``: the float variants (baseline, pruned) as ONNX Runtime fp32, OpenVINO
+    fp32 and OpenVINO int8 (NNCF on the ONNX Runtime PTQ's calibration slices), measured by one
+    loop with one interleaved timer, ratios against the baseline in ONNX Runtime. The int8 rows of
+    the main table are ONNX Runtime QDQ graphs; OpenVINO's int8 is the CPU runtime's own."""
+    from nodulekit.deploy.export import export_openvino, export_openvino_int8
+    from nodulekit.deploy.measure import measure as measure_rows
+    from nodulekit.deploy.onnx_utils import weight_memory_bytes
+    from nodulekit.deploy.ptq import SliceReader, calibration_items
+    from nodulekit.deploy.rows import add_ratios, new_row
+    from nodulekit.deploy.runtime import load_runner
+    from nodulekit.evaluate.seg_metrics import evaluate_seg
+
+    by_name = {r["name"]: r for r in rows if "error" not in r and r.get("artifact")}
+    scans = train_ds.scans
+    calibration = SliceReader(calibration_items(scans, cfg.calib_slices, seed=cfg.seed), scans)
+    out: list[dict] = []
+    for name in (n for n in CPU_SOURCES if n in by_name):
+        src = by_name[name]
+        onnx_path = out_dir / src["artifact"]
+        out.append(new_row(f"{name} onnxruntime fp32", "seg", "onnx", "fp32", str(onnx_path), variant=name,
+                           runtime="onnxruntime", **{k: src.get(k) for k in ("recall", "precision", "dice",
+                                                                            "nodule_recall")}))
+        for fmt, quant, exporter, kwargs in (
+                ("openvino", "fp32", export_openvino, {}),
+                ("openvino-int8", "int8-nncf", export_openvino_int8, {"calibration": calibration})):
+            target = out_dir / "cpu" / name / ("model.xml" if fmt == "openvino" else "model.int8.xml")
+            row = new_row(f"{name} openvino {'fp32' if fmt == 'openvino' else 'int8'}", "seg", fmt, quant,
+                          str(target), variant=name, runtime="openvino")
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                exporter(None, target, onnx_path=onnx_path, **kwargs)
+            except Exception as exc:  # one runtime failing must not cost the others their rows
+                log.exception("OpenVINO export of %s failed", name)
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            out.append(row)
+
+    def quality(row: dict) -> dict:
+        if row["runtime"] == "onnxruntime":  # the main table's figures for the same file
+            return {}
+        runner = load_runner(row["artifact"], "seg", "openvino", threads=cfg.threads)
+        metrics = evaluate_seg(runner, val_ds)
+        return {k: metrics[k] for k in ("recall", "precision", "dice", "nodule_recall") if k in metrics}
+
+    def weight_memory(row: dict) -> float:
+        path = Path(row["artifact"])
+        if path.suffix == ".xml":  # an IR keeps its weights, int8 or fp32, in the .bin beside it
+            return path.with_suffix(".bin").stat().st_size / 1024
+        return weight_memory_bytes(path) / 1024
+
+    size = cfg.bench_size
+    measure_rows(out, quality=quality, weight_memory=weight_memory, shape=(1, SEG_CHANNELS, size, size),
+                 runs=cfg.bench_runs, warmup=cfg.bench_warmup, threads=cfg.threads)
+    for row in out:
+        path = Path(row["artifact"])
+        if "error" not in row and path.suffix == ".xml":  # the deployed IR is both files
+            row["size_kib"] = (path.stat().st_size + path.with_suffix(".bin").stat().st_size) / 1024
+    add_ratios(out, CPU_BASELINE)
+    for row in out:
+        if row.get("artifact"):
+            row["artifact"] = os.path.relpath(row["artifact"], out_dir)
+    return out
+
+
 def _hist(model: torch.nn.Module, bins: int = 40) -> dict:
     out = {}
     for lname, m in model.named_modules():
@@ -395,6 +465,16 @@ def run_study(seg_ckpt, data_dir, out_dir, cfg: StudyConfig | None = None, *, da
         t0 = time.perf_counter()
         npu = npu_section(rows, out_dir, train_ds, val_ds, cfg)
         timings["npu"] = round(time.perf_counter() - t0, 2)
+    cpu = None
+    if cfg.openvino:
+        from nodulekit.deploy.openvino import openvino_available
+
+        if openvino_available():
+            t0 = time.perf_counter()
+            cpu = cpu_section(rows, out_dir, train_ds, val_ds, cfg)
+            timings["cpu"] = round(time.perf_counter() - t0, 2)
+        else:
+            log.info("CPU table skipped: openvino is not installed")
     timings["total"] = round(time.perf_counter() - t_all, 2)
 
     report = {
@@ -407,6 +487,8 @@ def run_study(seg_ckpt, data_dir, out_dir, cfg: StudyConfig | None = None, *, da
     }
     if npu is not None:
         report["npu"] = npu
+    if cpu is not None:
+        report["cpu"] = cpu
     write_json(out_dir / "report.json", report)
     return report
 

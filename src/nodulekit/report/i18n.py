@@ -87,6 +87,21 @@ _TEXT = {
                     "Recall Change"],
                    ["模型版本", "Weight Memory (KiB)", "Reduction Ratio", "Latency (us)", "Reduction Ratio",
                     "Recall (%)", "Recall Drop"]),
+    "cpu": ("CPU runtimes",
+            "CPU 运行时"),
+    "cpu_note": (("The float variants in each CPU runtime, timed in one interleaved run at the study's thread count; "
+                  "speed-ups are against the baseline in ONNX Runtime fp32. OpenVINO int8 is NNCF post-training "
+                  "quantization on the same calibration slices as the ONNX Runtime PTQ; its weight memory is the "
+                  "IR's .bin file. int8 pays off on CPUs with VNNI (AVX-512 VNNI or AVX-VNNI); without it, "
+                  "OpenVINO fp32 is the fast path."),
+                 ("各浮点版本在各 CPU 运行时上的表现，在同一次交替测量中以相同线程数计时；加速比以 ONNX Runtime fp32 "
+                  "基线为准。OpenVINO int8 为 NNCF 训练后量化，校准切片与 ONNX Runtime PTQ 相同；其权重内存为 IR 的 "
+                  ".bin 文件大小。int8 在支持 VNNI（AVX-512 VNNI 或 AVX-VNNI）的 CPU 上才有收益；否则 OpenVINO fp32 "
+                  "是最快路径。")),
+    "cpu_header": (["Model and runtime", "Weight Memory (KiB)", "Size (KiB)", "Latency (us)", "Speed-up",
+                    "Recall (%)", "Recall Change"],
+                   ["模型与运行时", "Weight Memory (KiB)", "Size (KiB)", "Latency (us)", "加速比",
+                    "Recall (%)", "Recall Change"]),
     "npu": ("RK3588 NPU",
             "RK3588 NPU"),
     "npu_note": ("Weight-memory ratios are against the fp16 baseline row. Latency needs a connected board.",

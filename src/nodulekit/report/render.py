@@ -159,6 +159,14 @@ def _npu(report, lang):
         _num(r.get("latency_us"), "{:,.0f}", s["needs_board"])], lang)
 
 
+def _cpu(report, lang):
+    return _section(report, "cpu", "cpu_header", "cpu_note", lambda r, s: [
+        r["name"], _num(r.get("weight_memory_kib"), "{:,.2f}"), _num(r.get("size_kib"), "{:,.2f}"),
+        _num(r.get("latency_us"), "{:,.0f}"), _ratio(r.get("latency_ratio")),
+        _num(None if r.get("recall") is None else 100 * r["recall"]), _pts(r.get("recall_change_pts"))]
+        if "error" not in r else [r["name"]] + ["n/a"] * 5 + [f"`{r['error']}`"], lang)
+
+
 def _fallback(layers) -> str:
     """CPU-fallback layers of an RKNN build: their count, and their names when there are any."""
     if layers is None:
@@ -223,7 +231,7 @@ def render_markdown(report: dict, lang: str, plots: dict[str, str]) -> str:
     if matched:
         parts.append(matched)
     parts.append(_reference(lang))
-    for section in (_npu(report, lang), _classifier(report, lang), _detection(report, lang)):
+    for section in (_cpu(report, lang), _npu(report, lang), _classifier(report, lang), _detection(report, lang)):
         if section:
             parts.append(section)
     if plots:
