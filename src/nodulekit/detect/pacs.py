@@ -35,14 +35,42 @@ def is_dicom_source(ct) -> bool:
     return bool(ct.source) and Path(ct.source).is_dir()
 
 
-def nodule_label_map(labels: np.ndarray, nodules, dtype=np.uint8) -> np.ndarray:
-    """A label volume with nodule ``k`` of ``nodules`` as label ``k + 1`` and 0 elsewhere."""
+def candidate_mask(labels: np.ndarray, cand, spacing) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    """The candidate's own voxels, as ``(box, mask of the box)``.
+
+    A nodule-sized component is the candidate. A longer one (a vessel tree,
+    :func:`nodulekit.detect.candidates.find_candidates`) holds several candidates, one per blob
+    along it: each is the part of the component within its blob's radius (plus half a voxel) of its
+    centre.
+    """
+    from nodulekit.detect.candidates import MAX_NODULE_MM
+
+    box = tuple(cand.bbox)
+    spacing_zyx = np.asarray(spacing, dtype=np.float64)[::-1]
+    extent_mm = np.array([s.stop - s.start for s in box]) * spacing_zyx
+    if extent_mm.max() <= MAX_NODULE_MM:
+        return box, labels[box] == cand.label
+    reach = cand.diameter_mm / 2 + spacing_zyx.max() / 2
+    c = np.asarray(cand.center_irc, dtype=np.float64)
+    lo = [max(int(np.floor(ci - reach / s)), b.start) for ci, s, b in zip(c, spacing_zyx, box)]
+    hi = [min(int(np.ceil(ci + reach / s)) + 1, b.stop) for ci, s, b in zip(c, spacing_zyx, box)]
+    ball_box = tuple(slice(a, max(a, b)) for a, b in zip(lo, hi))
+    grid = np.ogrid[ball_box]
+    dist2 = sum(((g - ci) * s) ** 2 for g, ci, s in zip(grid, c, spacing_zyx))
+    return ball_box, (labels[ball_box] == cand.label) & (dist2 <= reach ** 2)
+
+
+def nodule_label_map(labels: np.ndarray, nodules, spacing, dtype=np.uint8) -> np.ndarray:
+    """A label volume with nodule ``k`` of ``nodules`` as label ``k + 1`` (its
+    :func:`candidate_mask`) and 0 elsewhere; where two overlap (blobs of one vessel tree), the
+    voxel keeps the earlier (more probable) nodule."""
     if len(nodules) > np.iinfo(dtype).max:
         raise ValueError(f"{len(nodules)} nodules do not fit labels of {np.dtype(dtype).name}")
     out = np.zeros(labels.shape, dtype=dtype)
     for k, cand in enumerate(nodules):
-        box = tuple(cand.bbox)
-        out[box][labels[box] == cand.label] = k + 1
+        box, mask = candidate_mask(labels, cand, spacing)
+        view = out[box]
+        view[mask & (view == 0)] = k + 1
     return out
 
 
@@ -52,8 +80,7 @@ def long_axis_mm(labels: np.ndarray, cand, spacing) -> float:
     from scipy.spatial.distance import pdist
 
     sx, sy = float(spacing[0]), float(spacing[1])
-    box = tuple(cand.bbox)
-    mask = labels[box] == cand.label
+    mask = candidate_mask(labels, cand, spacing)[1]
     best = 0.0
     for plane in mask:
         rows, cols = np.nonzero(plane)
@@ -147,7 +174,7 @@ def write_seg(ct, labels: np.ndarray, nodules, path: str | Path, *, datasets=Non
     ]
     seg = hd.seg.Segmentation(
         source_images=datasets,
-        pixel_array=nodule_label_map(labels, nodules),
+        pixel_array=nodule_label_map(labels, nodules, ct.spacing),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
@@ -168,7 +195,7 @@ def write_sr(ct, labels: np.ndarray, nodules, path: str | Path, *, datasets=None
     """Write a Comprehensive 3D SR measurement report (TID 1500) of ``nodules``: per nodule a planar
     ROI whose region is a 3D point at its centre (world mm), with its long-axis diameter (mm), its
     volume (mm^3), its probability (unitless) and a tracking identifier ``nodule k`` (the SEG
-    segment's label and UID). A scan without nodules gets a report with no measurements."""
+    segment's label and UID). A scan without nodules gets one measurement group, finding type *nodule*, presence *absent*."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -198,6 +225,14 @@ def write_sr(ct, labels: np.ndarray, nodules, path: str | Path, *, datasets=None
             geometric_purpose=codes.DCM.Center,
             measurements=measurements,
         ))
+    if not groups:  # TID 1500 needs one measurement group: this one says that no nodule was found
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="no nodule"),
+            finding_type=codes.SCT.Nodule,
+            algorithm_id=algorithm,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=codes.DCM.PresenceOfProperty,
+                                                               value=codes.SCT.Absent)],
+        ))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -205,7 +240,7 @@ def write_sr(ct, labels: np.ndarray, nodules, path: str | Path, *, datasets=None
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
-        imaging_measurements=groups or None,
+        imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=datasets,
@@ -254,7 +289,7 @@ def write_nifti_labels(ct, labels: np.ndarray, nodules, path: str | Path) -> Pat
 
     from nodulekit.io import atomic_write
 
-    img = sitk.GetImageFromArray(nodule_label_map(labels, list(nodules), dtype=np.uint16))
+    img = sitk.GetImageFromArray(nodule_label_map(labels, list(nodules), ct.spacing, dtype=np.uint16))
     img.SetOrigin(ct.origin)
     img.SetSpacing(ct.spacing)
     img.SetDirection(tuple(float(v) for v in np.asarray(ct.direction).reshape(-1)))
