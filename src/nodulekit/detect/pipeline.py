@@ -374,16 +374,16 @@ def _scan_outputs(ct, labels, cands: list, nodules: list, staging: Path, out_dir
     """Write the scan's viewer, DICOM SEG/SR and NIfTI label map (as asked) into ``staging``; returns
     ``nodules.json``'s links to them (paths as they will be in ``out_dir``). A writer that fails is
     reported in ``output_errors``; the scan's detection stands."""
-    from nodulekit.detect import pacs
+    from nodulekit.detect.pacs import MAX_SEGMENTS, is_dicom_source, write_dicom, write_nifti_labels
 
     uid, links, errors = ct.seriesuid, {}, []
-    dicom = pacs.is_dicom_source(ct)
+    dicom = is_dicom_source(ct)
     if (dicom_seg or dicom_sr) and not dicom:
         log.info("%s: not a DICOM series: the NIfTI label map stands in for the DICOM SEG/SR", ct.source)
         nifti = True
-    if len(nodules) > pacs.MAX_SEGMENTS and (dicom_seg or dicom_sr):
+    if len(nodules) > MAX_SEGMENTS and (dicom_seg or dicom_sr):
         log.warning("%s: %d nodules; the DICOM SEG/SR hold the %d most probable", uid, len(nodules),
-                    pacs.MAX_SEGMENTS)
+                    MAX_SEGMENTS)
 
     def attempt(what: str, write) -> None:
         try:
@@ -402,7 +402,7 @@ def _scan_outputs(ct, labels, cands: list, nodules: list, staging: Path, out_dir
         attempt("viewer", viewer)
     if dicom and (dicom_seg or dicom_sr):
         def dicom_objects():
-            for key, path in pacs.write_dicom(ct, labels, nodules, staging / "dicom", seg=dicom_seg,
+            for key, path in write_dicom(ct, labels, nodules, staging / "dicom", seg=dicom_seg,
                                               sr=dicom_sr).items():
                 if (key == "dicom_seg" and dicom_seg) or (key == "dicom_sr" and dicom_sr):
                     links[key] = path and str(out_dir / "dicom" / Path(path).name)
@@ -410,7 +410,7 @@ def _scan_outputs(ct, labels, cands: list, nodules: list, staging: Path, out_dir
     if nifti:
         def label_map():
             name = f"{uid}_labels.nii.gz"
-            pacs.write_nifti_labels(ct, labels, nodules, staging / "nifti" / name)
+            write_nifti_labels(ct, labels, nodules, staging / "nifti" / name)
             links["nifti"] = str(out_dir / "nifti" / name)
         attempt("NIfTI label map", label_map)
     if errors:

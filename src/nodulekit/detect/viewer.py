@@ -205,6 +205,7 @@ function draw() {
     ctx.fillStyle = colour(f.probability);
     for (const q of pts) ctx.fillRect(q % W, Math.floor(q / W), 1, 1);
   }
+  canvas.dataset.drawn = k;  // the slice on screen (tests wait for it)
 }
 function show(k) { current = Math.min(Math.max(k | 0, 0), N - 1); draw(); }
 function table() {
