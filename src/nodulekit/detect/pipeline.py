@@ -3,10 +3,11 @@
 Per scan: lung mask -> segmentation of the slices holding lung -> threshold and clean-up inside
 the lung -> 3D components as candidates -> classifier on a crop around each -> rows of
 ``nodules.csv`` (every candidate, so FROC can sweep the threshold), an entry of ``nodules.json``
-and a PNG for each candidate above the threshold.
+and a PNG for each candidate above the threshold; on request a scan viewer (``viewer/``), DICOM SEG
+and SR (``dicom/``) and a NIfTI label map (``nifti/``).
 
 A run never loses the results of an earlier one, nor leaves files that disagree: the PNGs are drawn
-into a hidden staging folder, and the table, the JSON and the PNG folder replace the earlier ones
+into a hidden staging folder, and the table, the JSON and the output folders replace the earlier ones
 together at the end (with ``.incomplete`` marking the folder during those few renames). A killed
 run leaves the earlier results as they were; a run in which every scan fails leaves them too. A
 scan that cannot be read, or on which a model gives NaN/Inf, is reported and skipped.
