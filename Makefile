@@ -1,7 +1,8 @@
 # nodulekit: two commands do all setup on a fresh machine.
 #   make demo   - create .venv, install, run the whole pipeline on the synthetic dataset (runs/demo/)
-#   make test   - create .venv (and .venv-rknn for the RKNN simulator tests), install, run the test
-#                 suite (slow tests included, as CI does)
+#   make test   - create .venv (and .venv-rknn for the RKNN simulator tests), install Debian's chromium
+#                 for the viewer's browser tests if it is missing, run the test suite (slow tests
+#                 included, as CI does)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -39,8 +40,12 @@ froc-independent: $(STAMP)
 	  --annotations $(INDEP)/data/annotations.csv --excluded $(INDEP)/data/annotations_excluded.csv \
 	  --seriesuids $(INDEP)/data/seriesuids.csv --out $(INDEP)/evaluate
 
-test: $(STAMP) rknn
+test: $(STAMP) rknn /usr/bin/chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the viewer's browser tests drive Debian's chromium through Playwright (never a downloaded browser)
+/usr/bin/chromium:
+	apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -10,10 +10,12 @@ def add_parser(sub):
     from nodulekit.cli._config import NON_NEGATIVE, add_cls_threshold, number_type, output_folder
     from nodulekit.train.config import POSITIVE, SHARE
 
-    p = sub.add_parser("detect", help="detect lung nodules in CT scans (table, JSON and PNGs)",
+    p = sub.add_parser("detect", help="detect lung nodules in CT scans (table, JSON, PNGs; viewer, DICOM SEG/SR)",
                        description="Segment the lung slices, group the segmentation into 3D candidates, classify "
                                    "a crop around each, and write nodules.csv (every candidate), nodules.json and "
-                                   "a PNG per nodule above --threshold. The outputs of a run replace those of an "
+                                   "a PNG per nodule above --threshold; with --html a scan viewer, with "
+                                   "--dicom-seg/--dicom-sr DICOM objects a PACS takes, with --nifti a label map. "
+                                   "The outputs of a run replace those of an "
                                    "earlier one together at the end; a scan that fails is reported and skipped, "
                                    "and the exit status is 1 if any failed.")
     p.add_argument("inputs", nargs="+", help=".mhd / .nii.gz files, DICOM folders or LUNA16 subset folders")
@@ -37,6 +39,19 @@ def add_parser(sub):
     p.add_argument("--no-png", action="store_true", help="do not draw the nodules")
     p.add_argument("--max-png", type=number_type(int), metavar="N",
                    help="draw at most N nodules per scan, most probable first (default: all above --threshold)")
+    p.add_argument("--html", action="store_true",
+                   help="write viewer/<uid>.html: the scan with the candidates' outlines and a nodule table, one "
+                        "self-contained file any browser opens (no network, no server)")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="DICOM input: write dicom/<uid>_seg.dcm, a DICOM SEG with one segment per nodule, referencing "
+                        "the series; MetaImage/NIfTI input: the NIfTI label map instead (as --nifti)")
+    p.add_argument("--dicom-sr", action="store_true",
+                   help="DICOM input: write dicom/<uid>_sr.dcm, a Comprehensive 3D SR measurement report (TID 1500): "
+                        "per nodule its centre, long-axis diameter, volume and probability; MetaImage/NIfTI input: "
+                        "the NIfTI label map instead")
+    p.add_argument("--nifti", action="store_true",
+                   help="write nifti/<uid>_labels.nii.gz, the nodules' label map on the scan's grid (nodule k of "
+                        "nodules.json is label k), for 3D Slicer and ITK-SNAP")
     p.add_argument("--allow-external-data", action="store_true",
                    help="read a MetaImage's ElementDataFile even when it lies outside the header's folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -53,7 +68,8 @@ def run(args) -> int:
         seg_threshold=args.seg_threshold, batch_size=args.batch_size, threads=args.threads,
         min_volume_mm3=MIN_VOLUME_MM3 if args.min_volume is None else args.min_volume,
         png=not args.no_png, max_png=args.max_png, progress=False if args.no_progress else None,
-        allow_external_data=args.allow_external_data,
+        allow_external_data=args.allow_external_data, html=args.html, dicom_seg=args.dicom_seg,
+        dicom_sr=args.dicom_sr, nifti=args.nifti,
     )
     for f in summary["failed"]:
         print(f"FAILED {f['error']}")

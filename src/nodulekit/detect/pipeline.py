@@ -3,10 +3,11 @@
 Per scan: lung mask -> segmentation of the slices holding lung -> threshold and clean-up inside
 the lung -> 3D components as candidates -> classifier on a crop around each -> rows of
 ``nodules.csv`` (every candidate, so FROC can sweep the threshold), an entry of ``nodules.json``
-and a PNG for each candidate above the threshold.
+and a PNG for each candidate above the threshold; on request a scan viewer (``viewer/``), DICOM SEG
+and SR (``dicom/``) and a NIfTI label map (``nifti/``).
 
 A run never loses the results of an earlier one, nor leaves files that disagree: the PNGs are drawn
-into a hidden staging folder, and the table, the JSON and the PNG folder replace the earlier ones
+into a hidden staging folder, and the table, the JSON and the output folders replace the earlier ones
 together at the end (with ``.incomplete`` marking the folder during those few renames). A killed
 run leaves the earlier results as they were; a run in which every scan fails leaves them too. A
 scan that cannot be read, or on which a model gives NaN/Inf, is reported and skipped.
@@ -37,7 +38,8 @@ log = get_logger("detect")
 
 CSV_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability", "diameter_mm")
 MIN_SLICES = 7  # the segmentation input is a slice with 3 neighbours on each side
-OUTPUTS = ("nodules.csv", "nodules.json", "png")
+OUTPUT_DIRS = ("png", "viewer", "dicom", "nifti")  # replaced together with the table and the JSON
+OUTPUTS = ("nodules.csv", "nodules.json", *OUTPUT_DIRS)
 INCOMPLETE = ".incomplete"  # present while a run swaps its outputs in: the folder's files may disagree
 _STAGING = ".staging-"
 
@@ -147,6 +149,10 @@ def run_detection(
     max_png: int | None = None,
     progress: bool | None = None,
     allow_external_data: bool = False,
+    html: bool = False,
+    dicom_seg: bool = False,
+    dicom_sr: bool = False,
+    nifti: bool = False,
 ) -> dict:
     """Detect nodules in CT scans and write ``nodules.csv``, ``nodules.json`` and PNGs.
 
@@ -166,6 +172,12 @@ def run_detection(
         max_png: draw at most this many per scan, the most probable first (None: all).
         progress: progress bars; default: when stderr is a terminal.
         allow_external_data: read MetaImage data files outside their header's folder.
+        html: write ``viewer/<uid>.html``, a self-contained scan viewer (:mod:`nodulekit.detect.viewer`).
+        dicom_seg: for a DICOM series, write ``dicom/<uid>_seg.dcm`` (one segment per nodule);
+            for a MetaImage or NIfTI scan, the NIfTI label map instead (as ``nifti``).
+        dicom_sr: for a DICOM series, write ``dicom/<uid>_sr.dcm`` (TID 1500 measurement report);
+            for a MetaImage or NIfTI scan, the NIfTI label map instead.
+        nifti: write ``nifti/<uid>_labels.nii.gz``, nodule ``k`` of ``nodules.json`` as label ``k + 1``.
 
     Returns:
         Summary: ``scans_ok``, ``scans_failed``, ``failed`` (``[{"input", "error"}]``),
@@ -236,6 +248,11 @@ def run_detection(
                     render_nodule(ct, res["labels"], cand, staging / "png" / name)
                     pngs.append(str(out_dir / "png" / name))
             timings = {"read": read_s, **res["timings_s"], "png": time.perf_counter() - t_png}
+            t_out = time.perf_counter()
+            links = _scan_outputs(ct, res["labels"], cands, nodules, staging, out_dir, threshold=threshold,
+                                  html=html, dicom_seg=dicom_seg, dicom_sr=dicom_sr, nifti=nifti)
+            if links:
+                timings["outputs"] = time.perf_counter() - t_out
             timings["total"] = read_s + time.perf_counter() - t_scan
             scans.append({
                 "seriesuid": ct.seriesuid,
@@ -246,8 +263,9 @@ def run_detection(
                 "timings_s": {k: round(v, 3) for k, v in timings.items()},
                 "n_candidates": len(cands),
                 "candidates": [c.to_dict() for c in cands],
-                "nodules": [{**c.to_dict(), "png": pngs[k] if k < len(pngs) else None}
+                "nodules": [{**c.to_dict(), "png": pngs[k] if k < len(pngs) else None, **_nodule_links(links, c, k)}
                             for k, c in enumerate(nodules)],
+                **links,
             })
             log.info("%s: %d slices, %d candidates, %d above %.2f, %.1f s", ct.seriesuid,
                      res["slices_segmented"], len(cands), len(nodules), threshold, timings["total"])
@@ -340,15 +358,75 @@ def _commit(out_dir: Path, staging: Path, rows: list, report: dict) -> None:
             writer.writerows(rows)
 
     marker = out_dir / INCOMPLETE
-    atomic_write_text(marker, "a detect run was replacing nodules.csv, nodules.json and png/ here\n")
-    old_png, new_png = out_dir / "png", staging / "png"
-    if old_png.exists():
-        old_png.rename(staging / "png.old")
-    if new_png.exists():
-        new_png.rename(old_png)
+    atomic_write_text(marker, "a detect run was replacing nodules.csv, nodules.json and its folders here\n")
+    for name in OUTPUT_DIRS:
+        old, new = out_dir / name, staging / name
+        if old.exists():
+            old.rename(staging / f"{name}.old")
+        if new.exists():
+            new.rename(old)
     atomic_write(out_dir / "nodules.csv", write_csv)
     atomic_write_text(out_dir / "nodules.json", json.dumps(report, indent=1))
     marker.unlink()
+
+
+def _scan_outputs(ct, labels, cands: list, nodules: list, staging: Path, out_dir: Path, *, threshold: float,
+                  html: bool, dicom_seg: bool, dicom_sr: bool, nifti: bool) -> dict:
+    """Write the scan's viewer, DICOM SEG/SR and NIfTI label map (as asked) into ``staging``; returns
+    ``nodules.json``'s links to them (paths as they will be in ``out_dir``). A writer that fails is
+    reported in ``output_errors``; the scan's detection stands."""
+    from nodulekit.detect.pacs import MAX_SEGMENTS, is_dicom_source, write_dicom, write_nifti_labels
+
+    uid, links, errors = ct.seriesuid, {}, []
+    dicom = is_dicom_source(ct)
+    if (dicom_seg or dicom_sr) and not dicom:
+        log.info("%s: not a DICOM series: the NIfTI label map stands in for the DICOM SEG/SR", ct.source)
+        nifti = True
+    if len(nodules) > MAX_SEGMENTS and (dicom_seg or dicom_sr):
+        log.warning("%s: %d nodules; the DICOM SEG/SR hold the %d most probable", uid, len(nodules),
+                    MAX_SEGMENTS)
+
+    def attempt(what: str, write) -> None:
+        try:
+            write()
+        except Exception as exc:  # noqa: BLE001 - an output that cannot be written must not void the scan
+            msg = " ".join(f"{ct.source}: {what}: {exc if isinstance(exc, InputError) else repr(exc)}".split())
+            log.warning("OUTPUT FAILED %s", msg)
+            errors.append(msg)
+
+    if html:
+        from nodulekit.detect.viewer import write_viewer
+
+        def viewer():
+            write_viewer(ct, labels, cands, staging / "viewer" / f"{uid}.html", threshold=threshold)
+            links["viewer"] = str(out_dir / "viewer" / f"{uid}.html")
+        attempt("viewer", viewer)
+    if dicom and (dicom_seg or dicom_sr):
+        def dicom_objects():
+            for key, path in write_dicom(ct, labels, nodules, staging / "dicom", seg=dicom_seg,
+                                              sr=dicom_sr).items():
+                if (key == "dicom_seg" and dicom_seg) or (key == "dicom_sr" and dicom_sr):
+                    links[key] = path and str(out_dir / "dicom" / Path(path).name)
+        attempt("DICOM SEG/SR", dicom_objects)
+    if nifti:
+        def label_map():
+            name = f"{uid}_labels.nii.gz"
+            write_nifti_labels(ct, labels, nodules, staging / "nifti" / name)
+            links["nifti"] = str(out_dir / "nifti" / name)
+        attempt("NIfTI label map", label_map)
+    if errors:
+        links["output_errors"] = errors
+    return links
+
+
+def _nodule_links(links: dict, cand, k: int) -> dict:
+    """A nodule's own links: the viewer at its slice, and its label in the SEG / NIfTI label map."""
+    out = {}
+    if links.get("viewer"):
+        out["viewer"] = f"{links['viewer']}#slice={int(round(cand.center_irc[0]))}"
+    if links.get("dicom_seg") or links.get("nifti"):
+        out["segment"] = k + 1
+    return out
 
 
 def _unique_uid(ct, item: str, used: dict[str, str]) -> None:
