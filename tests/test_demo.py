@@ -201,6 +201,12 @@ def test_quick_demo_end_to_end(tmp_path):
     detected = json.loads((out / "detect" / "nodules.json").read_text())
     assert sorted(s["seriesuid"] for s in detected["scans"]) == sorted(val)
     assert report["detection"]["n_scans"] == len(val) and not set(train) & set(val)
+    # the report links each held-out scan's viewer, and the link opens from the report's folder
+    assert sorted(report["detection"]["viewers"]) == sorted(val)
+    assert all((report_dir / p).is_file() for p in report["detection"]["viewers"].values())
+    assert all(p in (report_dir / "REPORT.md").read_text() for p in report["detection"]["viewers"].values())
+    if report.get("cpu"):  # OpenVINO installed: the CPU table has every runtime's row
+        assert all("error" not in r for r in report["cpu"])
     deployed = json.loads((out / "models" / "deployed.json").read_text())
     assert deployed["backend"] == deployed["cls_backend"] == "onnx"
     assert Path(deployed["seg"]).is_file() and Path(deployed["cls"]).is_file()

@@ -15,6 +15,7 @@ Everything is written under ``cfg.out`` (``runs/demo`` by default).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -384,7 +385,7 @@ def detect_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], deployed: di
     scans = select_series(data["data"], val_uids)
     detection = run_detection(list(scans.values()), deployed["seg"], deployed["cls"], _fresh(out / "detect"),
                               backend=_fast(deployed["backend"]), cls_backend=_fast(deployed["cls_backend"]),
-                              max_png=cfg.max_png)
+                              max_png=cfg.max_png, html=True)
     return StageResult(detection, {"csv": Path(detection["csv"]), "json": Path(detection["json"])})
 
 
@@ -428,6 +429,9 @@ def _final_report(cfg, report, data, seg, cls, mined, detection, froc, timings, 
         "n_nodules": froc.summary.get("n_nodules"),
         "froc_png": "froc.png",
         "seconds_per_scan": detection.summary.get("seconds_per_scan"),
+        # each held-out scan's viewer, relative to the report so that the link opens from REPORT.md
+        "viewers": {s["seriesuid"]: os.path.relpath(s["viewer"], report_dir)
+                    for s in detection.summary.get("scans", []) if s.get("viewer")},
     }
     report["training"] = {
         "seg": {k: v for k, v in seg.summary["best"].items() if isinstance(v, (int, float))},

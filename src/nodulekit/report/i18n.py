@@ -120,6 +120,8 @@ _TEXT = {
                   "检测（FROC）"),
     "det_cpm": ("CPM",
                 "CPM"),
+    "det_viewers": ("Each held-out scan in the viewer (one HTML file, opens in any browser):",
+                    "各留出扫描的查看器（单个 HTML 文件，任意浏览器可打开）："),
     "det_header": (["FPs per scan", "Sensitivity"],
                    ["每例假阳性数", "灵敏度"]),
     "timings": ("Timings",

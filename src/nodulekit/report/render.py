@@ -201,6 +201,9 @@ def _detection(report, lang):
         text += "\n\n" + _table(keys, [[op.get(k, "") for k in keys] for op in ops])
     if det.get("froc_png"):
         text += f"\n\n![FROC]({det['froc_png']})"
+    viewers = det.get("viewers")
+    if viewers:
+        text += f"\n\n{s['det_viewers']}\n\n" + "\n".join(f"- [{uid}]({path})" for uid, path in viewers.items())
     return text
 
 
