@@ -28,7 +28,9 @@ def add_parser(sub):
                    help="segmentation probability from which a pixel is marked, as `nodulekit detect "
                         "--seg-threshold` (default %(default)s)")
     p.add_argument("--max-slices", type=int, help="segment only the middle N slices of each scan (default: all)")
-    p.add_argument("--backend", default="torch", choices=BACKENDS[:2], help="segmentation runtime (torch or onnx)")
+    p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS[:3]),
+                   help="segmentation runtime, as `nodulekit detect --backend` (default: auto, the fastest "
+                        "CPU runtime installed)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the runtime")
     p.add_argument("--batch-size", type=int, default=4, help="slices per segmentation call")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

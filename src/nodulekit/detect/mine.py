@@ -66,7 +66,8 @@ def mine_candidates(
         seg: segmentation checkpoint or ``.onnx`` file.
         out_csv: candidates table to write (``seriesuid,coordX,coordY,coordZ,class``, all class 0).
         uids: the scans to segment (default: all); never the ones the classifier is validated on.
-        backend: runtime of the segmentation model (``torch``, ``onnx``).
+        backend: runtime of the segmentation model (``torch``, ``onnx``, ``openvino``, or ``auto``
+            as the CLI's default: :func:`nodulekit.deploy.runtime.resolve_backend`).
         threads: CPU threads of the runtime.
         max_slices: segment only the middle ``max_slices`` slices of each scan (``None``: all),
             to bound the time on thin-slice scans.
