@@ -19,9 +19,10 @@ AIR_THRESHOLD_HU = -400.0
 # Lungs of an adult hold several litres; anything under this is bowel gas, a trachea segment or noise.
 MIN_LUNG_ML = 50.0
 DILATE_MM = 5.0
-# The mask is computed on a grid of about this in-plane spacing: 4x fewer voxels on a 512x512 scan,
-# and a lung mask needs no sub-millimetre detail.
-WORK_SPACING_MM = 1.0
+# The mask is computed on a grid of about this in-plane spacing (every 2nd pixel of a typical
+# 0.6-0.8 mm scan: 4x fewer voxels): a mask dilated by DILATE_MM needs no finer outline, and its
+# passes over the volume are most of the mask's cost.
+WORK_SPACING_MM = 1.5
 
 
 def _spacing_zyx(spacing_xyz) -> np.ndarray:
@@ -52,17 +53,14 @@ def _dilate(mask: np.ndarray, radius_mm: float, spacing_zyx: np.ndarray) -> np.n
     """Dilate by a cylinder: a disk of ``radius_mm`` in plane, and as many slices along z.
 
     A cylinder is a little more generous than a ball. It is applied as two passes whose cost does
-    not grow with the radius: a running maximum along z (a windowed count of marked slices), then,
+    not grow with the radius: a running maximum along z, then,
     per slice, the pixels within ``radius_mm`` of the mask by a Euclidean distance transform (the
     same set as a binary dilation with the disk ``(dy * sy)^2 + (dx * sx)^2 <= radius^2``, several
     times faster).
     """
     r_z = int(np.floor(radius_mm / spacing_zyx[0]))
-    if r_z > 0:
-        count = np.zeros((mask.shape[0] + 1, *mask.shape[1:]), dtype=np.int32)
-        np.cumsum(mask, axis=0, dtype=np.int32, out=count[1:])
-        z = np.arange(mask.shape[0])
-        out = count[np.minimum(z + r_z + 1, mask.shape[0])] > count[np.maximum(z - r_z, 0)]
+    if r_z > 0:  # a running maximum over 2 r_z + 1 slices, one byte per voxel
+        out = ndimage.maximum_filter1d(mask.view(np.uint8), size=2 * r_z + 1, axis=0, mode="constant").view(bool)
     else:
         out = mask.copy()
     for z in range(out.shape[0]):
