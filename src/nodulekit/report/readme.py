@@ -58,9 +58,20 @@ def _npu_columns(report: dict) -> tuple[list[str], dict[str, list[str]]]:
     return header, cells
 
 
+def _cpu_line(report: dict) -> str | None:
+    """One line from the study's CPU table: each row's latency and speed-up against the baseline in
+    ONNX Runtime, as the table holds them (rows that failed are left out)."""
+    rows = [r for r in report.get("cpu") or [] if "error" not in r and r.get("latency_us")]
+    if not rows:
+        return None
+    parts = [f"{r['name']} {r['latency_us'] / 1000:,.1f} ms ({_times(r.get('latency_ratio'))})" for r in rows]
+    return "CPU runtimes, one slice, same run: " + "; ".join(parts) + "."
+
+
 def results_markdown(report: dict) -> str:
     """The results block: one table of the compression variants (with the RKNN builds' columns when
-    the report has them), then one line each for held-out detection and the demo's time."""
+    the report has them), then one line each for held-out detection, the CPU runtimes (the study's CPU
+    table) and the demo's time."""
     npu_header, npu_cells = _npu_columns(report)
     header = HEADER + npu_header
     lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
@@ -85,6 +96,9 @@ def results_markdown(report: dict) -> str:
         if det.get("n_scans") is not None and det.get("n_nodules") is not None:
             line += f" on {det['n_scans']} scans with {det['n_nodules']} nodules"
         text += "\n\n" + line + "."
+    cpu = _cpu_line(report)
+    if cpu:
+        text += "\n\n" + cpu
     timings = report.get("timings_s") or {}
     if timings:
         # the demo records its own total; a report without one is timed by its stages
