@@ -31,6 +31,9 @@ PEAK_SPACING_MM = 5.0
 # fill (a morphological opening): a vessel thinner than that falls away (a 4 mm nodule on a 1.5 mm
 # vessel keeps its own 1.6 mm balls; the vessel has none) ...
 BLOB_CORE = 0.8
+# a nodule-sized component longer than this many of its volume-equivalent diameters is a blob with
+# something thinner attached (a lobulated nodule reaches about 1.3)
+ELONGATION = 1.5
 # ... but a large blob's balls need only be thicker than the lung's vessels away from the hila (or
 # half its inscribed radius), so that the lobes and bumps of a large nodule stay part of it
 VESSEL_RADIUS_MM = 4.0
@@ -283,10 +286,17 @@ def find_candidates(hu: np.ndarray, labels: np.ndarray, n: int, ct) -> list[Find
             continue
         comp = labels[bbox] == label
         extent_mm = np.array([s.stop - s.start for s in bbox]) * spacing_zyx
-        if extent_mm.max() <= MAX_NODULE_MM:
-            parts = [(tuple(slice(0, k) for k in comp.shape), comp, None)]
-        else:
+        parts = []
+        if extent_mm.max() > MAX_NODULE_MM:
             parts = split_blobs(comp, spacing_zyx)
+        elif extent_mm.max() > ELONGATION * measure(comp, ct.spacing, long_axis=False)[1]:
+            # a nodule with a piece of vessel: the nodule, if a blob stands out (at this size, one
+            # or two voxels thick, the vessel may be no peak of its own: a lower floor)
+            parts = split_blobs(comp, spacing_zyx, min_radius_mm=None)
+            if all(peak is not None for _, _, peak in parts):
+                parts = []
+        if not parts:
+            parts = [(tuple(slice(0, k) for k in comp.shape), comp, None)]
         for box, mask, peak in parts:
             box = tuple(slice(b.start + s.start, b.stop + s.start) for b, s in zip(box, bbox))
             if peak is None:  # a whole blob: its HU-weighted centre of mass
@@ -310,10 +320,12 @@ def find_candidates(hu: np.ndarray, labels: np.ndarray, n: int, ct) -> list[Find
     return out
 
 
-def measure(mask: np.ndarray, spacing_xyz) -> tuple[float, float, float]:
-    """``(volume_mm3, volume_equivalent_diameter_mm, long_axis_mm)`` of a finding's voxels."""
+def measure(mask: np.ndarray, spacing_xyz, *, long_axis: bool = True) -> tuple[float, float, float]:
+    """``(volume_mm3, volume_equivalent_diameter_mm, long_axis_mm)`` of a finding's voxels (the long
+    axis ``nan`` without ``long_axis``)."""
     volume = float(np.count_nonzero(mask)) * float(np.prod(spacing_xyz))
-    return volume, (6.0 * volume / math.pi) ** (1.0 / 3.0), long_axis_mm(mask, spacing_xyz)
+    return (volume, (6.0 * volume / math.pi) ** (1.0 / 3.0),
+            long_axis_mm(mask, spacing_xyz) if long_axis else math.nan)
 
 
 def long_axis_mm(mask: np.ndarray, spacing_xyz) -> float:
@@ -334,7 +346,7 @@ def long_axis_mm(mask: np.ndarray, spacing_xyz) -> float:
     return best + 0.5 * (sx + sy) if mask.any() else 0.0
 
 
-def split_blobs(comp: np.ndarray, spacing_zyx, *, core: float = BLOB_CORE
+def split_blobs(comp: np.ndarray, spacing_zyx, *, core: float = BLOB_CORE, min_radius_mm: float | None = 1.5
                 ) -> list[tuple[tuple[slice, slice, slice], np.ndarray, tuple[float, float, float] | None]]:
     """The candidates of a long component: ``[(box, mask of the box, peak)]`` in its coordinates.
 
@@ -343,11 +355,14 @@ def split_blobs(comp: np.ndarray, spacing_zyx, *, core: float = BLOB_CORE
     part is closed, it is a blob: one candidate, ``peak`` None, and every shallower peak whose own
     ball touches it is part of it (the lobes of a large nodule, the ends of the vessels on it).
     Otherwise it is a piece of a tube as thick as the peak: the candidate is the component within
-    the peak's ball, at the peak.
+    the peak's ball, at the peak. ``min_radius_mm``: the shallowest peak (``None``: 1.5 mm, or
+    ``core`` of the deepest voxel's depth if less).
     """
     spacing_zyx = np.asarray(spacing_zyx, dtype=float)
     depth = _depth(comp, spacing_zyx)
-    peaks = _peaks(depth, spacing_zyx)
+    if min_radius_mm is None:
+        min_radius_mm = min(1.5, core * float(depth.max()))
+    peaks = _peaks(depth, spacing_zyx, min_radius_mm=min_radius_mm)
     shape = np.array(comp.shape)
     blobs: list[np.ndarray] = []  # voxel positions (mm) of the blobs found so far
     out = []
@@ -417,7 +432,10 @@ def _depth(comp: np.ndarray, spacing_zyx: np.ndarray) -> np.ndarray:
     each vessel tree's bounding box (a few dozen trees spanning much of the lung, tens of millions of
     voxels in all). A cheaper distance (chamfer) or a coarser grid would move the peaks.
     """
-    return ndimage.distance_transform_edt(comp, sampling=spacing_zyx).astype(np.float32)
+    # a frame of background: a voxel on the box's face is one voxel from the outside, not as deep
+    # as the nearest background inside the box (a one-slice component would be as deep as it is long)
+    depth = ndimage.distance_transform_edt(np.pad(comp, 1), sampling=spacing_zyx)
+    return depth[(slice(1, -1),) * comp.ndim].astype(np.float32)
 
 
 def _peaks(depth: np.ndarray, spacing_zyx: np.ndarray, *, min_radius_mm: float = 1.5,
