@@ -159,6 +159,9 @@ def test_run_detection_outputs_and_bad_inputs(tmp_path, models, monkeypatch):
     assert scan["geometry"]["spacing_xyz"] == list(SPACING)
     assert {"lung_mask", "segmentation", "classification", "total"} <= set(scan["timings_s"])
     assert len(scan["nodules"]) == 1 and len(report["failed"]) == 3
+    sizes = scan["nodules"][0]
+    assert sizes["volume_equivalent_diameter_mm"] == sizes["diameter_mm"] == float(rows[1][5])
+    assert sizes["diameter_mm"] <= sizes["long_axis_mm"] <= 1.5 * NODULE_MM and sizes["volume_mm3"] > 0
     assert (out / "png" / "1.2.3.phantom_0.png").stat().st_size > 5000
 
     s = run_detection([good], *models, tmp_path / "out3", max_png=0, progress=False)
