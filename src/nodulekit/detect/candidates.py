@@ -364,11 +364,11 @@ def split_blobs(comp: np.ndarray, spacing_zyx, *, core: float = BLOB_CORE, min_r
         min_radius_mm = min(1.5, core * float(depth.max()))
     peaks = _peaks(depth, spacing_zyx, min_radius_mm=min_radius_mm)
     shape = np.array(comp.shape)
-    blobs: list[np.ndarray] = []  # voxel positions (mm) of the blobs found so far
+    blobs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (lo, hi, voxels) mm of the blobs so far
     out = []
     for center, radius in peaks:
         c = np.asarray(center)
-        if any(_near(pts, c * spacing_zyx, radius + 0.5 * spacing_zyx.max()) for pts in blobs):
+        if any(_near(blob, c * spacing_zyx, radius + 0.5 * spacing_zyx.max()) for blob in blobs):
             continue
         rho = min(core * radius, max(VESSEL_RADIUS_MM, 0.5 * radius))
         half = np.ceil((2.5 * radius + 2.0) / spacing_zyx).astype(int)
@@ -387,15 +387,22 @@ def split_blobs(comp: np.ndarray, spacing_zyx, *, core: float = BLOB_CORE, min_r
             seed = np.zeros(phi - plo, dtype=bool)
             seed[tuple(slice(a - p, b - p) for a, b, p in zip(lo, hi, plo))] = own
             mask = comp[pbox] & (ndimage.distance_transform_edt(~seed, sampling=spacing_zyx) <= rho + 1e-6)
-            blobs.append((np.argwhere(mask) + plo) * spacing_zyx)
+            pts = (np.argwhere(mask) + plo) * spacing_zyx
+            if len(pts):
+                blobs.append((pts.min(axis=0), pts.max(axis=0), pts))
             out.append((pbox, mask, None))
         else:
             out.append(_ball(comp, c, radius + 0.5 * spacing_zyx.max(), spacing_zyx) + (center,))
     return out
 
 
-def _near(points_mm: np.ndarray, p_mm: np.ndarray, reach: float) -> bool:
-    return bool(len(points_mm)) and float(((points_mm - p_mm) ** 2).sum(axis=1).min()) <= reach ** 2
+def _near(blob: tuple[np.ndarray, np.ndarray, np.ndarray], p_mm: np.ndarray, reach: float) -> bool:
+    """Whether a voxel of ``blob`` (``(lo, hi, points)``, mm) lies within ``reach`` of ``p_mm``; its
+    box first (a vessel tree has hundreds of peaks, most far from any blob)."""
+    lo, hi, points = blob
+    if np.any(p_mm < lo - reach) or np.any(p_mm > hi + reach):
+        return False
+    return float(((points - p_mm) ** 2).sum(axis=1).min()) <= reach ** 2
 
 
 def _ball(comp: np.ndarray, c: np.ndarray, reach: float, spacing_zyx: np.ndarray):
