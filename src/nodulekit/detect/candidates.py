@@ -233,18 +233,16 @@ def _in_lung(mask: np.ndarray, lung: np.ndarray, spacing_xyz) -> np.ndarray:
     ``MAX_NODULE_MM`` box and belongs to a component with marks inside: the core of a nodule on the
     pleura, not the mediastinum nor the chest wall a vessel mark runs into."""
     inside = mask & lung
-    outside = mask & ~lung
-    pieces, m = ndimage.label(outside)
+    pieces, m = ndimage.label(mask & ~lung)
     if m == 0:
         return inside
-    comps, n = ndimage.label(mask)
-    touches = np.zeros(n + 1, dtype=bool)
-    touches[comps[inside]] = True
     spacing_zyx = np.asarray(spacing_xyz, dtype=float)[::-1]
     keep = np.zeros(m + 1, dtype=bool)
     for k, box in enumerate(ndimage.find_objects(pieces), start=1):
         if (np.array([s.stop - s.start for s in box]) * spacing_zyx).max() <= MAX_NODULE_MM:
-            keep[k] = touches[comps[box][pieces[box] == k][0]]
+            grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+            # joined to marks inside: a face neighbour, as ndimage.label connects voxels
+            keep[k] = bool((ndimage.binary_dilation(pieces[grown] == k) & inside[grown]).any())
     return inside | keep[pieces]
 
 
@@ -336,6 +334,11 @@ def long_axis_mm(mask: np.ndarray, spacing_xyz) -> float:
 
     sx, sy = float(spacing_xyz[0]), float(spacing_xyz[1])
     best = 0.0
+    zs, rows, cols = np.nonzero(mask)
+    if 1 < len(zs) <= 400:  # a small finding (most of them): all pairs at once, those of one slice
+        pts = np.column_stack([cols * sx, rows * sy])
+        d2 = ((pts[:, None, :] - pts[None, :, :]) ** 2).sum(axis=2)
+        return float(np.sqrt(np.where(zs[:, None] == zs[None, :], d2, 0.0).max())) + 0.5 * (sx + sy)
     for plane in mask:
         rows, cols = np.nonzero(plane)
         if rows.size > 1:
@@ -464,10 +467,11 @@ def _peaks(depth: np.ndarray, spacing_zyx: np.ndarray, *, min_radius_mm: float =
     np.maximum.at(radii, lab, depth[idx])
     radii = radii[1:]
     order = np.argsort(-radii)
+    mm = centers * spacing_zyx
+    reach = np.maximum(radii, spacing_mm)
     kept: list[int] = []
     for i in order:
-        mm = centers[i] * spacing_zyx
-        if all(np.linalg.norm(mm - centers[j] * spacing_zyx) > max(radii[j], spacing_mm) for j in kept):
+        if not kept or np.all(np.linalg.norm(mm[kept] - mm[i], axis=1) > reach[kept]):
             kept.append(int(i))
     return [(tuple(float(v) for v in centers[i]), float(radii[i])) for i in kept]
 
