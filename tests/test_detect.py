@@ -238,6 +238,15 @@ def test_a_nodule_on_a_vessel_is_split_off_as_its_own_candidate():
     assert all(r < 2.0 for _, r in rest)  # the vessel's own blobs are thin
     assert blob_peaks(np.zeros((5, 5, 5), bool), (1, 1, 1)) == []
 
+    # as candidates: the nodule is one blob, measured without the vessel; the vessel gives thin pieces
+    from nodulekit.detect.candidates import measure, split_blobs
+
+    (box, mask, peak), *pieces = split_blobs(vessel | nodule, (0.5, 0.5, 0.5))
+    assert peak is None and all(p is not None for _, _, p in pieces)
+    volume, diameter, long_axis = measure(mask, (0.5, 0.5, 0.5))
+    assert diameter == pytest.approx(8.0, abs=0.8) and long_axis == pytest.approx(8.0, abs=1.2)
+    assert (mask & ~nodule[box]).sum() <= 0.1 * mask.sum()  # little of the vessel in it
+
 
 def test_the_default_path_finds_what_the_float_path_finds(tmp_path, monkeypatch):
     """``auto`` (OpenVINO, or ONNX Runtime, from a cached export; lung-box crops) against the
