@@ -159,6 +159,9 @@ def test_run_detection_outputs_and_bad_inputs(tmp_path, models, monkeypatch):
     assert scan["geometry"]["spacing_xyz"] == list(SPACING)
     assert {"lung_mask", "segmentation", "classification", "total"} <= set(scan["timings_s"])
     assert len(scan["nodules"]) == 1 and len(report["failed"]) == 3
+    sizes = scan["nodules"][0]
+    assert sizes["volume_equivalent_diameter_mm"] == sizes["diameter_mm"] == float(rows[1][5])
+    assert sizes["diameter_mm"] <= sizes["long_axis_mm"] <= 1.5 * NODULE_MM and sizes["volume_mm3"] > 0
     assert (out / "png" / "1.2.3.phantom_0.png").stat().st_size > 5000
 
     s = run_detection([good], *models, tmp_path / "out3", max_png=0, progress=False)
@@ -234,6 +237,15 @@ def test_a_nodule_on_a_vessel_is_split_off_as_its_own_candidate():
     assert radius == pytest.approx(4.0, abs=0.6)
     assert all(r < 2.0 for _, r in rest)  # the vessel's own blobs are thin
     assert blob_peaks(np.zeros((5, 5, 5), bool), (1, 1, 1)) == []
+
+    # as candidates: the nodule is one blob, measured without the vessel; the vessel gives thin pieces
+    from nodulekit.detect.candidates import measure, split_blobs
+
+    (box, mask, peak), *pieces = split_blobs(vessel | nodule, (0.5, 0.5, 0.5))
+    assert peak is None and all(p is not None for _, _, p in pieces)
+    volume, diameter, long_axis = measure(mask, (0.5, 0.5, 0.5))
+    assert diameter == pytest.approx(8.0, abs=0.8) and long_axis == pytest.approx(8.0, abs=1.2)
+    assert (mask & ~nodule[box]).sum() <= 0.1 * mask.sum()  # little of the vessel in it
 
 
 def test_the_default_path_finds_what_the_float_path_finds(tmp_path, monkeypatch):

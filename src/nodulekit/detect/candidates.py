@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -27,6 +27,16 @@ MIN_VOLUME_MM3 = 7.0
 MAX_NODULE_MM = 32.0
 # peaks of the distance to the mask's border closer than this belong to one blob
 PEAK_SPACING_MM = 5.0
+# A blob of a vessel tree is the part of it that balls of this share of the blob's inscribed radius
+# fill (a morphological opening): a vessel thinner than that falls away (a 4 mm nodule on a 1.5 mm
+# vessel keeps its own 1.6 mm balls; the vessel has none) ...
+BLOB_CORE = 0.8
+# a nodule-sized component longer than this many of its volume-equivalent diameters is a blob with
+# something thinner attached (a lobulated nodule reaches about 1.3)
+ELONGATION = 1.5
+# ... but a large blob's balls need only be thicker than the lung's vessels away from the hila (or
+# half its inscribed radius), so that the lobes and bumps of a large nodule stay part of it
+VESSEL_RADIUS_MM = 4.0
 
 
 @dataclass
@@ -42,12 +52,16 @@ class Finding:
     Attributes:
         center_irc: HU-weighted centre of mass, continuous (index, row, col).
         center_xyz: the same point in world coordinates (x, y, z) mm.
-        diameter_mm: diameter of the sphere of the component's volume.
-        volume_mm3: component volume.
-        n_voxels: component size in voxels.
+        diameter_mm: the volume-equivalent diameter, that of the sphere of the finding's volume (the
+            ``diameter_mm`` of ``nodules.csv``, as LUNA16's tables give a nodule's size).
+        volume_mm3: the volume of the finding's own voxels (``region``).
+        n_voxels: those voxels' count.
         bbox: ``(slice_z, slice_y, slice_x)`` bounding box of the component.
         label: the component's label in the label volume.
         probability: nodule probability from the classifier (``nan`` until classified).
+        long_axis_mm: the longest axial diameter (:func:`long_axis_mm`), as Lung-RADS measures.
+        region: the finding's own voxels, ``(box, mask of the box)``: the whole component, or for a
+            blob split off a vessel tree (:func:`find_candidates`) the blob's part of it.
     """
 
     center_irc: tuple[float, float, float]
@@ -58,12 +72,20 @@ class Finding:
     bbox: tuple[slice, slice, slice]
     label: int
     probability: float = math.nan
+    long_axis_mm: float = math.nan
+    region: tuple[tuple[slice, slice, slice], np.ndarray] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def volume_equivalent_diameter_mm(self) -> float:
+        return self.diameter_mm
 
     def to_dict(self) -> dict:
         return {
             "center_xyz": [round(float(v), 3) for v in self.center_xyz],
             "center_irc": [round(float(v), 2) for v in self.center_irc],
             "diameter_mm": round(float(self.diameter_mm), 2),
+            "long_axis_mm": round(float(self.long_axis_mm), 2),
+            "volume_equivalent_diameter_mm": round(float(self.volume_equivalent_diameter_mm), 2),
             "volume_mm3": round(float(self.volume_mm3), 2),
             "n_voxels": int(self.n_voxels),
             "probability": None if math.isnan(self.probability) else round(float(self.probability), 6),
@@ -167,12 +189,15 @@ def segment_slices(
 
 def clean_mask(mask: np.ndarray, lung: np.ndarray | None, spacing_xyz, *,
                min_volume_mm3: float = MIN_VOLUME_MM3) -> tuple[np.ndarray, int]:
-    """Fill holes per slice, keep the part inside ``lung``, drop components under ``min_volume_mm3``.
+    """Fill holes per slice, keep what lies in ``lung``, drop components under ``min_volume_mm3``.
 
     The U-Net often marks only the rim of a large nodule (its interior is uniform and far from any
     edge the 3x3 convolutions see); filling the enclosed holes of each slice (up to the area of a
     ``MAX_NODULE_MM`` disc, so that rings of vessels stay open) gives back a solid component whose
-    centre and size are right. A volume floor in mm^3 replaces dlwpt's 3x3
+    centre and size are right. A large nodule on the pleura is mostly outside the lung mask (its
+    solid core is tissue, and the mask's margin covers only its rim): a marked piece outside the lung
+    that is nodule-sized and joined to marks inside it is kept (:func:`_in_lung`), so that the
+    nodule stays whole instead of becoming a shell. A volume floor in mm^3 replaces dlwpt's 3x3
     erosion: it drops the same one-voxel specks without shrinking small nodules, and means the
     same on thin- and thick-slice scans.
 
@@ -190,7 +215,7 @@ def clean_mask(mask: np.ndarray, lung: np.ndarray | None, spacing_xyz, *,
     max_hole_px = math.pi * (MAX_NODULE_MM / 2) ** 2 / (spacing_xyz[0] * spacing_xyz[1])
     fill_holes_per_slice(sub, max_hole_px)
     if lung is not None:
-        sub &= lung[box]
+        sub = _in_lung(sub, lung[box], spacing_xyz)
     labels, n = ndimage.label(sub)
     if n == 0:
         return out, 0
@@ -201,6 +226,24 @@ def clean_mask(mask: np.ndarray, lung: np.ndarray | None, spacing_xyz, *,
     new_ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     out[box] = new_ids[labels]
     return out, int(keep.sum())
+
+
+def _in_lung(mask: np.ndarray, lung: np.ndarray, spacing_xyz) -> np.ndarray:
+    """``mask`` inside ``lung``, plus each connected piece of it outside ``lung`` that fits in a
+    ``MAX_NODULE_MM`` box and belongs to a component with marks inside: the core of a nodule on the
+    pleura, not the mediastinum nor the chest wall a vessel mark runs into."""
+    inside = mask & lung
+    pieces, m = ndimage.label(mask & ~lung)
+    if m == 0:
+        return inside
+    spacing_zyx = np.asarray(spacing_xyz, dtype=float)[::-1]
+    keep = np.zeros(m + 1, dtype=bool)
+    for k, box in enumerate(ndimage.find_objects(pieces), start=1):
+        if (np.array([s.stop - s.start for s in box]) * spacing_zyx).max() <= MAX_NODULE_MM:
+            grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+            # joined to marks inside: a face neighbour, as ndimage.label connects voxels
+            keep[k] = bool((ndimage.binary_dilation(pieces[grown] == k) & inside[grown]).any())
+    return inside | keep[pieces]
 
 
 def _bbox(mask: np.ndarray, frame: int = 0) -> tuple[slice, ...] | None:
@@ -220,12 +263,13 @@ def find_candidates(hu: np.ndarray, labels: np.ndarray, n: int, ct) -> list[Find
 
     A nodule-sized component is one candidate. Its centre is the centre of mass weighted by
     ``HU + 1001`` (HU clipped to [-1000, 1000], as dlwpt does), so it sits on the dense core rather
-    than the segmentation's outline; its diameter is that of the sphere of its volume.
+    than the segmentation's outline; it is measured on its voxels (:func:`measure`).
 
     A component longer than ``MAX_NODULE_MM`` is a vessel tree marked together with whatever
-    touches it (a recall-trained U-Net marks vessels too), and its centre of mass lies in none of
-    its parts. It is split at the blobs along it (:func:`blob_peaks`): each becomes a candidate for
-    the classifier to judge, with the blob's diameter.
+    touches it (a recall-trained U-Net marks vessels too), or a nodule too lobulated to fit the
+    box, and its centre of mass lies in none of its parts. It is split at its blobs
+    (:func:`split_blobs`): each becomes one candidate for the classifier to judge, measured on its
+    own voxels; a blob's lobes and the vessels ending on it are part of it, not candidates of their own.
 
     Args:
         hu: volume in HU.
@@ -233,7 +277,6 @@ def find_candidates(hu: np.ndarray, labels: np.ndarray, n: int, ct) -> list[Find
         n: number of labels.
         ct: the :class:`~nodulekit.data.volume.CTVolume` (spacing and ``voxel_to_world``).
     """
-    voxel_mm3 = float(np.prod(ct.spacing))
     spacing_zyx = np.asarray(ct.spacing, dtype=float)[::-1]
     out = []
     for label, bbox in enumerate(ndimage.find_objects(labels, max_label=n), start=1):
@@ -241,36 +284,138 @@ def find_candidates(hu: np.ndarray, labels: np.ndarray, n: int, ct) -> list[Find
             continue
         comp = labels[bbox] == label
         extent_mm = np.array([s.stop - s.start for s in bbox]) * spacing_zyx
+        parts = []
         if extent_mm.max() > MAX_NODULE_MM:
-            for irc, radius in blob_peaks(comp, spacing_zyx):
-                irc = tuple(float(c) + s.start for c, s in zip(irc, bbox))
-                d = 2.0 * radius
-                out.append(Finding(
-                    center_irc=irc,
-                    center_xyz=tuple(float(v) for v in ct.voxel_to_world(irc)),
-                    diameter_mm=d,
-                    volume_mm3=math.pi / 6 * d ** 3,
-                    n_voxels=int(round(math.pi / 6 * d ** 3 / voxel_mm3)),
-                    bbox=bbox,
-                    label=label,
-                ))
-            continue
-        idx = np.nonzero(comp)
-        weight = np.clip(hu[bbox][idx].astype(np.float64), HU_MIN, HU_MAX) + 1001.0
-        total = weight.sum()
-        irc = tuple(float((i * weight).sum() / total) + s.start for i, s in zip(idx, bbox))
-        count = len(idx[0])
-        volume = count * voxel_mm3
-        out.append(Finding(
-            center_irc=irc,
-            center_xyz=tuple(float(v) for v in ct.voxel_to_world(irc)),
-            diameter_mm=(6.0 * volume / math.pi) ** (1.0 / 3.0),
-            volume_mm3=volume,
-            n_voxels=count,
-            bbox=bbox,
-            label=label,
-        ))
+            parts = split_blobs(comp, spacing_zyx)
+        elif extent_mm.max() > ELONGATION * measure(comp, ct.spacing, long_axis=False)[1]:
+            # a nodule with a piece of vessel: the nodule, if a blob stands out (at this size, one
+            # or two voxels thick, the vessel may be no peak of its own: a lower floor)
+            parts = split_blobs(comp, spacing_zyx, min_radius_mm=None)
+            if all(peak is not None for _, _, peak in parts):
+                parts = []
+        if not parts:
+            parts = [(tuple(slice(0, k) for k in comp.shape), comp, None)]
+        for box, mask, peak in parts:
+            box = tuple(slice(b.start + s.start, b.stop + s.start) for b, s in zip(box, bbox))
+            if peak is None:  # a whole blob: its HU-weighted centre of mass
+                idx = np.nonzero(mask)
+                weight = np.clip(hu[box][idx].astype(np.float64), HU_MIN, HU_MAX) + 1001.0
+                irc = tuple(float((i * weight).sum() / weight.sum()) + s.start for i, s in zip(idx, box))
+            else:  # a piece of a tube: the centre of its inscribed ball
+                irc = tuple(float(c) + s.start for c, s in zip(peak, bbox))
+            volume, diameter, long_axis = measure(mask, ct.spacing)
+            out.append(Finding(
+                center_irc=irc,
+                center_xyz=tuple(float(v) for v in ct.voxel_to_world(irc)),
+                diameter_mm=diameter,
+                volume_mm3=volume,
+                n_voxels=int(np.count_nonzero(mask)),
+                bbox=bbox,
+                label=label,
+                long_axis_mm=long_axis,
+                region=(box, mask),
+            ))
     return out
+
+
+def measure(mask: np.ndarray, spacing_xyz, *, long_axis: bool = True) -> tuple[float, float, float]:
+    """``(volume_mm3, volume_equivalent_diameter_mm, long_axis_mm)`` of a finding's voxels (the long
+    axis ``nan`` without ``long_axis``)."""
+    volume = float(np.count_nonzero(mask)) * float(np.prod(spacing_xyz))
+    return (volume, (6.0 * volume / math.pi) ** (1.0 / 3.0),
+            long_axis_mm(mask, spacing_xyz) if long_axis else math.nan)
+
+
+def long_axis_mm(mask: np.ndarray, spacing_xyz) -> float:
+    """The longest axial diameter of a ``(z, y, x)`` mask: the longest in-plane distance across it on
+    any axial slice, pixel centres plus one pixel (as a radiologist measures a nodule for Lung-RADS)."""
+    from scipy.spatial import ConvexHull
+    from scipy.spatial.distance import pdist
+
+    sx, sy = float(spacing_xyz[0]), float(spacing_xyz[1])
+    best = 0.0
+    zs, rows, cols = np.nonzero(mask)
+    if 1 < len(zs) <= 400:  # a small finding (most of them): all pairs at once, those of one slice
+        pts = np.column_stack([cols * sx, rows * sy])
+        d2 = ((pts[:, None, :] - pts[None, :, :]) ** 2).sum(axis=2)
+        return float(np.sqrt(np.where(zs[:, None] == zs[None, :], d2, 0.0).max())) + 0.5 * (sx + sy)
+    for plane in mask:
+        rows, cols = np.nonzero(plane)
+        if rows.size > 1:
+            pts = np.column_stack([cols * sx, rows * sy])
+            if len(pts) > 500:  # the farthest pair lies on the convex hull ("QJ": never degenerate)
+                pts = pts[ConvexHull(pts, qhull_options="QJ").vertices]
+            best = max(best, float(pdist(pts).max()))
+    return best + 0.5 * (sx + sy) if mask.any() else 0.0
+
+
+def split_blobs(comp: np.ndarray, spacing_zyx, *, core: float = BLOB_CORE, min_radius_mm: float | None = 1.5
+                ) -> list[tuple[tuple[slice, slice, slice], np.ndarray, tuple[float, float, float] | None]]:
+    """The candidates of a long component: ``[(box, mask of the box, peak)]`` in its coordinates.
+
+    Each peak of :func:`blob_peaks` (deepest first) of inscribed radius ``R`` spans the part of the
+    component filled by balls of radius ``core * R`` that joins it (within ``2.5 R`` of it). If that
+    part is closed, it is a blob: one candidate, ``peak`` None, and every shallower peak whose own
+    ball touches it is part of it (the lobes of a large nodule, the ends of the vessels on it).
+    Otherwise it is a piece of a tube as thick as the peak: the candidate is the component within
+    the peak's ball, at the peak. ``min_radius_mm``: the shallowest peak (``None``: 1.5 mm, or
+    ``core`` of the deepest voxel's depth if less).
+    """
+    spacing_zyx = np.asarray(spacing_zyx, dtype=float)
+    depth = _depth(comp, spacing_zyx)
+    if min_radius_mm is None:
+        min_radius_mm = min(1.5, core * float(depth.max()))
+    peaks = _peaks(depth, spacing_zyx, min_radius_mm=min_radius_mm)
+    shape = np.array(comp.shape)
+    blobs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (lo, hi, voxels) mm of the blobs so far
+    out = []
+    for center, radius in peaks:
+        c = np.asarray(center)
+        if any(_near(blob, c * spacing_zyx, radius + 0.5 * spacing_zyx.max()) for blob in blobs):
+            continue
+        rho = min(core * radius, max(VESSEL_RADIUS_MM, 0.5 * radius))
+        half = np.ceil((2.5 * radius + 2.0) / spacing_zyx).astype(int)
+        lo, hi = np.maximum(np.round(c).astype(int) - half, 0), np.minimum(np.round(c).astype(int) + half + 1, shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        cores, _ = ndimage.label(depth[box] >= rho)
+        own = cores == (cores[tuple(np.clip(np.round(c).astype(int) - lo, 0, hi - lo - 1))] or -1)
+        cut = [(a > 0, b < n) for a, b, n in zip(lo, hi, shape)]
+        closed = own.any() and not any(
+            (first and own.take(0, axis=k).any()) or (last and own.take(-1, axis=k).any())
+            for k, (first, last) in enumerate(cut))
+        if closed:
+            pad = np.ceil(rho / spacing_zyx).astype(int) + 1
+            plo, phi = np.maximum(lo - pad, 0), np.minimum(hi + pad, shape)
+            pbox = tuple(slice(a, b) for a, b in zip(plo, phi))
+            seed = np.zeros(phi - plo, dtype=bool)
+            seed[tuple(slice(a - p, b - p) for a, b, p in zip(lo, hi, plo))] = own
+            mask = comp[pbox] & (ndimage.distance_transform_edt(~seed, sampling=spacing_zyx) <= rho + 1e-6)
+            pts = (np.argwhere(mask) + plo) * spacing_zyx
+            if len(pts):
+                blobs.append((pts.min(axis=0), pts.max(axis=0), pts))
+            out.append((pbox, mask, None))
+        else:
+            out.append(_ball(comp, c, radius + 0.5 * spacing_zyx.max(), spacing_zyx) + (center,))
+    return out
+
+
+def _near(blob: tuple[np.ndarray, np.ndarray, np.ndarray], p_mm: np.ndarray, reach: float) -> bool:
+    """Whether a voxel of ``blob`` (``(lo, hi, points)``, mm) lies within ``reach`` of ``p_mm``; its
+    box first (a vessel tree has hundreds of peaks, most far from any blob)."""
+    lo, hi, points = blob
+    if np.any(p_mm < lo - reach) or np.any(p_mm > hi + reach):
+        return False
+    return float(((points - p_mm) ** 2).sum(axis=1).min()) <= reach ** 2
+
+
+def _ball(comp: np.ndarray, c: np.ndarray, reach: float, spacing_zyx: np.ndarray):
+    """``(box, mask)``: the part of ``comp`` within ``reach`` mm of the voxel position ``c``."""
+    lo = [max(int(np.floor(ci - reach / s)), 0) for ci, s in zip(c, spacing_zyx)]
+    hi = [min(int(np.ceil(ci + reach / s)) + 1, n) for ci, s, n in zip(c, spacing_zyx, comp.shape)]
+    box = tuple(slice(a, max(a, b)) for a, b in zip(lo, hi))
+    grid = np.ogrid[box]
+    dist2 = sum(((g - ci) * s) ** 2 for g, ci, s in zip(grid, c, spacing_zyx))
+    return box, comp[box] & (dist2 <= reach ** 2)
 
 
 def blob_peaks(comp: np.ndarray, spacing_zyx, *, min_radius_mm: float = 1.5,
@@ -287,10 +432,25 @@ def blob_peaks(comp: np.ndarray, spacing_zyx, *, min_radius_mm: float = 1.5,
         ``[((index, row, col), radius_mm)]``, deepest first.
     """
     spacing_zyx = np.asarray(spacing_zyx, dtype=float)
-    # The slow part of the components stage on a real scan: the exact Euclidean distance transform
-    # of each vessel tree's bounding box (a few dozen trees spanning much of the lung, tens of
-    # millions of voxels in all). A cheaper distance (chamfer) or a coarser grid would move the peaks.
-    depth = ndimage.distance_transform_edt(comp, sampling=spacing_zyx).astype(np.float32)
+    return _peaks(_depth(comp, spacing_zyx), spacing_zyx, min_radius_mm=min_radius_mm, spacing_mm=spacing_mm)
+
+
+def _depth(comp: np.ndarray, spacing_zyx: np.ndarray) -> np.ndarray:
+    """Each voxel's distance (mm) to the border of ``comp``, float32.
+
+    The slow part of the components stage on a real scan: the exact Euclidean distance transform of
+    each vessel tree's bounding box (a few dozen trees spanning much of the lung, tens of millions of
+    voxels in all). A cheaper distance (chamfer) or a coarser grid would move the peaks.
+    """
+    # a frame of background: a voxel on the box's face is one voxel from the outside, not as deep
+    # as the nearest background inside the box (a one-slice component would be as deep as it is long)
+    depth = ndimage.distance_transform_edt(np.pad(comp, 1), sampling=spacing_zyx)
+    return depth[(slice(1, -1),) * comp.ndim].astype(np.float32)
+
+
+def _peaks(depth: np.ndarray, spacing_zyx: np.ndarray, *, min_radius_mm: float = 1.5,
+           spacing_mm: float = PEAK_SPACING_MM) -> list[tuple[tuple[float, float, float], float]]:
+    """:func:`blob_peaks` of a component's distance map."""
     size = np.maximum(1, np.round(spacing_mm / spacing_zyx)).astype(int) | 1
     peaks = (depth == ndimage.maximum_filter(depth, size=tuple(size))) & (depth >= min_radius_mm)
     # plateaus give several equal maxima: keep one per connected piece
@@ -307,10 +467,11 @@ def blob_peaks(comp: np.ndarray, spacing_zyx, *, min_radius_mm: float = 1.5,
     np.maximum.at(radii, lab, depth[idx])
     radii = radii[1:]
     order = np.argsort(-radii)
+    mm = centers * spacing_zyx
+    reach = np.maximum(radii, spacing_mm)
     kept: list[int] = []
     for i in order:
-        mm = centers[i] * spacing_zyx
-        if all(np.linalg.norm(mm - centers[j] * spacing_zyx) > max(radii[j], spacing_mm) for j in kept):
+        if not kept or np.all(np.linalg.norm(mm[kept] - mm[i], axis=1) > reach[kept]):
             kept.append(int(i))
     return [(tuple(float(v) for v in centers[i]), float(radii[i])) for i in kept]
 

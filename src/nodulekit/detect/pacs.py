@@ -36,28 +36,10 @@ def is_dicom_source(ct) -> bool:
 
 
 def candidate_mask(labels: np.ndarray, cand, spacing) -> tuple[tuple[slice, slice, slice], np.ndarray]:
-    """The candidate's own voxels, as ``(box, mask of the box)``.
-
-    A nodule-sized component is the candidate. A longer one (a vessel tree,
-    :func:`nodulekit.detect.candidates.find_candidates`) holds several candidates, one per blob
-    along it: each is the part of the component within its blob's radius (plus half a voxel) of its
-    centre.
-    """
-    from nodulekit.detect.candidates import MAX_NODULE_MM
-
-    box = tuple(cand.bbox)
-    spacing_zyx = np.asarray(spacing, dtype=np.float64)[::-1]
-    extent_mm = np.array([s.stop - s.start for s in box]) * spacing_zyx
-    if extent_mm.max() <= MAX_NODULE_MM:
-        return box, labels[box] == cand.label
-    reach = cand.diameter_mm / 2 + spacing_zyx.max() / 2
-    c = np.asarray(cand.center_irc, dtype=np.float64)
-    lo = [max(int(np.floor(ci - reach / s)), b.start) for ci, s, b in zip(c, spacing_zyx, box)]
-    hi = [min(int(np.ceil(ci + reach / s)) + 1, b.stop) for ci, s, b in zip(c, spacing_zyx, box)]
-    ball_box = tuple(slice(a, max(a, b)) for a, b in zip(lo, hi))
-    grid = np.ogrid[ball_box]
-    dist2 = sum(((g - ci) * s) ** 2 for g, ci, s in zip(grid, c, spacing_zyx))
-    return ball_box, (labels[ball_box] == cand.label) & (dist2 <= reach ** 2)
+    """The candidate's own voxels, as ``(box, mask of the box)``: its
+    :attr:`~nodulekit.detect.candidates.Finding.region` (a whole component, or the blob of a vessel
+    tree it stands for), the voxels it was measured on."""
+    return cand.region
 
 
 def nodule_label_map(labels: np.ndarray, nodules, spacing, dtype=np.uint8) -> np.ndarray:
@@ -72,28 +54,6 @@ def nodule_label_map(labels: np.ndarray, nodules, spacing, dtype=np.uint8) -> np
         view = out[box]
         view[mask & (view == 0)] = k + 1
     return out
-
-
-def long_axis_mm(labels: np.ndarray, cand, spacing) -> float:
-    """The nodule's long-axis diameter: the longest in-plane distance across it on any axial slice
-    (as a radiologist measures it), pixel centres plus one pixel."""
-    from scipy.spatial.distance import pdist
-
-    sx, sy = float(spacing[0]), float(spacing[1])
-    mask = candidate_mask(labels, cand, spacing)[1]
-    best = 0.0
-    for plane in mask:
-        rows, cols = np.nonzero(plane)
-        if rows.size == 0:
-            continue
-        pts = np.column_stack([cols * sx, rows * sy])
-        if len(pts) > 2000:  # the farthest pair lies on the convex hull
-            from scipy.spatial import ConvexHull
-
-            pts = pts[ConvexHull(pts).vertices]
-        if len(pts) > 1:
-            best = max(best, float(pdist(pts).max()))
-    return best + 0.5 * (sx + sy)
 
 
 def source_datasets(ct) -> list:
@@ -207,7 +167,7 @@ def write_sr(ct, labels: np.ndarray, nodules, path: str | Path, *, datasets=None
     groups = []
     for k, cand in enumerate(nodules):
         measurements = [
-            hd.sr.Measurement(name=codes.SCT.LongAxis, value=round(long_axis_mm(labels, cand, ct.spacing), 2),
+            hd.sr.Measurement(name=codes.SCT.LongAxis, value=round(float(cand.long_axis_mm), 2),
                               unit=codes.UCUM.Millimeter, algorithm_id=algorithm),
             hd.sr.Measurement(name=codes.SCT.Volume, value=round(float(cand.volume_mm3), 2),
                               unit=codes.UCUM.CubicMillimeter, algorithm_id=algorithm),
