@@ -302,3 +302,21 @@ def test_separable_crops_equal_map_coordinates(center):
     want = resampled_crop(hu, spacing_xyz[::-1], center, (32, 48, 48), (1.25, 0.8, 0.8))
     assert got.shape == (1, 1, 32, 48, 48)
     np.testing.assert_allclose(got[0, 0], want, atol=1e-2)
+
+
+@pytest.mark.parametrize("center", [(5, 10, 12), (0, 0, 0), (19, 29, 39), (2, 25, 3)])
+def test_png_planes_cut_the_findings_own_voxels(center):
+    """A nodule's PNG outlines its own voxels (``region``): each plane equals the same plane of the
+    region pasted into a full volume, also where the plane misses the region or leaves the volume."""
+    from nodulekit.detect.render import _region_plane, _window
+
+    rng = np.random.default_rng(sum(center))
+    shape = (20, 30, 40)
+    box = (slice(3, 9), slice(8, 20), slice(10, 16))
+    region = (box, rng.random((6, 12, 6)) > 0.5)
+    full = np.zeros(shape, dtype=bool)
+    full[box] = region[1]
+    zc, yc, xc = center
+    zs, ys, xs = _window(zc, 4, shape[0]), _window(yc, 6, shape[1]), _window(xc, 6, shape[2])
+    for view in ((zc, ys, xs), (zs, yc, xs), (zs, ys, xc)):
+        assert np.array_equal(_region_plane(region, view, shape), full[view])

@@ -52,7 +52,7 @@ def check_outputs(out, series_folder, cls=fake_cls) -> dict:
     res = detect_scan(ct, fake_seg, cls)
     nodules = sorted((c for c in res["candidates"] if c.probability >= 0.5), key=lambda c: -c.probability)
     assert nodules, "the check would be vacuous: no nodule"
-    label_map = nodule_label_map(res["labels"], nodules, ct.spacing)
+    label_map = nodule_label_map(res["labels"], nodules)
     masks = [label_map == k + 1 for k in range(len(nodules))]
     for c, mask in zip(nodules, masks):
         if c.n_voxels == np.count_nonzero(res["labels"][c.bbox] == c.label):  # a component of its own

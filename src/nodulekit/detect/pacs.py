@@ -35,22 +35,16 @@ def is_dicom_source(ct) -> bool:
     return bool(ct.source) and Path(ct.source).is_dir()
 
 
-def candidate_mask(labels: np.ndarray, cand, spacing) -> tuple[tuple[slice, slice, slice], np.ndarray]:
-    """The candidate's own voxels, as ``(box, mask of the box)``: its
-    :attr:`~nodulekit.detect.candidates.Finding.region` (a whole component, or the blob of a vessel
-    tree it stands for), the voxels it was measured on."""
-    return cand.region
-
-
-def nodule_label_map(labels: np.ndarray, nodules, spacing, dtype=np.uint8) -> np.ndarray:
+def nodule_label_map(labels: np.ndarray, nodules, dtype=np.uint8) -> np.ndarray:
     """A label volume with nodule ``k`` of ``nodules`` as label ``k + 1`` (its
-    :func:`candidate_mask`) and 0 elsewhere; where two overlap (blobs of one vessel tree), the
-    voxel keeps the earlier (more probable) nodule."""
+    :attr:`~nodulekit.detect.candidates.Finding.region`, the voxels it was measured on) and 0
+    elsewhere; where two overlap (blobs of one vessel tree), the voxel keeps the earlier (more
+    probable) nodule."""
     if len(nodules) > np.iinfo(dtype).max:
         raise ValueError(f"{len(nodules)} nodules do not fit labels of {np.dtype(dtype).name}")
     out = np.zeros(labels.shape, dtype=dtype)
     for k, cand in enumerate(nodules):
-        box, mask = candidate_mask(labels, cand, spacing)
+        box, mask = cand.region
         view = out[box]
         view[mask & (view == 0)] = k + 1
     return out
@@ -134,7 +128,7 @@ def write_seg(ct, labels: np.ndarray, nodules, path: str | Path, *, datasets=Non
     ]
     seg = hd.seg.Segmentation(
         source_images=datasets,
-        pixel_array=nodule_label_map(labels, nodules, ct.spacing),
+        pixel_array=nodule_label_map(labels, nodules),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
@@ -249,7 +243,7 @@ def write_nifti_labels(ct, labels: np.ndarray, nodules, path: str | Path) -> Pat
 
     from nodulekit.io import atomic_write
 
-    img = sitk.GetImageFromArray(nodule_label_map(labels, list(nodules), ct.spacing, dtype=np.uint16))
+    img = sitk.GetImageFromArray(nodule_label_map(labels, list(nodules), dtype=np.uint16))
     img.SetOrigin(ct.origin)
     img.SetSpacing(ct.spacing)
     img.SetDirection(tuple(float(v) for v in np.asarray(ct.direction).reshape(-1)))

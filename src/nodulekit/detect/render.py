@@ -11,6 +11,30 @@ WINDOW = (-1350.0, 150.0)
 HALF_FIELD_MM = 40.0
 
 
+def _region_plane(region, view, shape) -> np.ndarray:
+    """The part of ``region`` (``(box, mask of the box)``) that ``view`` (per axis an index or a
+    slice of step 1) shows, as a mask of the view's shape."""
+    box, mask = region
+    out_shape, src, dst = [], [], []
+    for axis, (v, b) in enumerate(zip(view, box)):
+        b_start, b_stop, _ = b.indices(shape[axis])
+        if isinstance(v, slice):
+            v_start, v_stop, _ = v.indices(shape[axis])
+            lo, hi = max(v_start, b_start), min(v_stop, b_stop)
+            out_shape.append(v_stop - v_start)
+            if hi <= lo:
+                return np.zeros([s.stop - s.start for s in view if isinstance(s, slice)], dtype=bool)
+            src.append(slice(lo - b_start, hi - b_start))
+            dst.append(slice(lo - v_start, hi - v_start))
+        else:
+            if not b_start <= v < b_stop:
+                return np.zeros([s.stop - s.start for s in view if isinstance(s, slice)], dtype=bool)
+            src.append(v - b_start)
+    out = np.zeros(out_shape, dtype=bool)
+    out[tuple(dst)] = mask[tuple(src)]
+    return out
+
+
 def _window(center: int, half: int, dim: int) -> slice:
     return slice(max(center - half, 0), min(center + half + 1, dim))
 
@@ -47,7 +71,10 @@ def render_nodule(ct, labels: np.ndarray, candidate, path: str | Path, *,
     xs = _window(xc, int(half_field_mm / sx), hu.shape[2])
 
     def plane_mask(view):
-        # compare the three planes only, not the whole label volume (80 M voxels on a thin-slice scan)
+        # the finding's own voxels (a blob split off a vessel tree outlines the blob, not the tree),
+        # cut to the three planes only, not the whole volume (80 M voxels on a thin-slice scan)
+        if candidate.region is not None:
+            return _region_plane(candidate.region, view, hu.shape)
         return None if labels is None else labels[view] == candidate.label
 
     # with the usual direction matrix z grows towards the head: show the head at the top

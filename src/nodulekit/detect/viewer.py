@@ -46,9 +46,7 @@ def _outline(labels: np.ndarray, cand, spacing) -> dict[str, list[int]]:
     """``{slice: [row * width + col, ...]}``: the pixels of the candidate with a 4-neighbour outside it."""
     from scipy.ndimage import binary_erosion
 
-    from nodulekit.detect.pacs import candidate_mask
-
-    (zs, ys, xs), mask = candidate_mask(labels, cand, spacing)
+    (zs, ys, xs), mask = cand.region
     width = labels.shape[2]
     # erode in-plane only: every slice of the candidate keeps its own outline
     cross = np.zeros((1, 3, 3), dtype=bool)
