@@ -187,3 +187,23 @@ def test_training_hands_its_split_file_to_the_datasets(train, cls, builder, tmp_
         getattr(importlib.import_module(module), name)(cls(data=str(tmp_path), out=str(tmp_path / "run"),
                                                             split="split.json", device="cpu"))
     assert seen["split_file"] == "split.json" and seen["val_fraction"] == nodulekit.VAL_FRACTION
+
+
+def test_console_log_follows_the_current_stderr(monkeypatch):
+    """The CLI's log handler writes to the stderr of the moment: a stream that an earlier caller
+    redirected to and closed must not turn later log lines into logging errors."""
+    import io
+    import logging
+
+    from nodulekit.log import get_logger, setup_logging
+
+    root = logging.getLogger("nodulekit")
+    monkeypatch.setattr(root, "handlers", [])
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    setup_logging()
+    get_logger("test").info("one")
+    first.close()
+    monkeypatch.setattr("sys.stderr", second)
+    get_logger("test").info("two")
+    assert second.getvalue() == "[nodulekit.test] two\n"

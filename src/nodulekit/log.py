@@ -3,8 +3,26 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 _ROOT = "nodulekit"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A console handler that writes to whatever ``sys.stderr`` is when a record is emitted.
+
+    ``logging.StreamHandler()`` keeps the stream it was created with. A caller that redirects
+    ``sys.stderr`` (a test's capture, a notebook, a wrapper that closes its own stream) would leave
+    it writing to a closed file, and every later record would print a logging error instead.
+    """
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # StreamHandler.__init__ assigns it; the property decides
+        pass
 
 
 def get_logger(stage: str) -> logging.Logger:
@@ -17,7 +35,7 @@ def setup_logging(verbose: bool = False) -> None:
     root = logging.getLogger(_ROOT)
     if root.handlers:
         return
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
