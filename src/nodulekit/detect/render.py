@@ -15,22 +15,21 @@ def _region_plane(region, view, shape) -> np.ndarray:
     """The part of ``region`` (``(box, mask of the box)``) that ``view`` (per axis an index or a
     slice of step 1) shows, as a mask of the view's shape."""
     box, mask = region
-    out_shape, src, dst = [], [], []
+    out = np.zeros([len(range(*v.indices(n))) for v, n in zip(view, shape) if isinstance(v, slice)], dtype=bool)
+    src, dst = [], []
     for axis, (v, b) in enumerate(zip(view, box)):
         b_start, b_stop, _ = b.indices(shape[axis])
         if isinstance(v, slice):
             v_start, v_stop, _ = v.indices(shape[axis])
             lo, hi = max(v_start, b_start), min(v_stop, b_stop)
-            out_shape.append(v_stop - v_start)
             if hi <= lo:
-                return np.zeros([s.stop - s.start for s in view if isinstance(s, slice)], dtype=bool)
+                return out
             src.append(slice(lo - b_start, hi - b_start))
             dst.append(slice(lo - v_start, hi - v_start))
+        elif not b_start <= v < b_stop:
+            return out
         else:
-            if not b_start <= v < b_stop:
-                return np.zeros([s.stop - s.start for s in view if isinstance(s, slice)], dtype=bool)
             src.append(v - b_start)
-    out = np.zeros(out_shape, dtype=bool)
     out[tuple(dst)] = mask[tuple(src)]
     return out
 

@@ -42,7 +42,7 @@ def _jpeg(codes: np.ndarray, quality: int) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _outline(labels: np.ndarray, cand, spacing) -> dict[str, list[int]]:
+def _outline(labels: np.ndarray, cand) -> dict[str, list[int]]:
     """``{slice: [row * width + col, ...]}``: the pixels of the candidate with a 4-neighbour outside it."""
     from scipy.ndimage import binary_erosion
 
@@ -60,7 +60,7 @@ def _outline(labels: np.ndarray, cand, spacing) -> dict[str, list[int]]:
     return out
 
 
-def _finding(labels, cand, k: int, threshold: float, spacing) -> dict:
+def _finding(labels, cand, k: int, threshold: float) -> dict:
     p = cand.probability
     return {
         "n": k + 1,
@@ -70,7 +70,7 @@ def _finding(labels, cand, k: int, threshold: float, spacing) -> dict:
         "diameter_mm": round(float(cand.diameter_mm), 1),
         "probability": None if math.isnan(p) else round(float(p), 3),
         "reported": bool(not math.isnan(p) and p >= threshold),
-        "outline": _outline(labels, cand, spacing) if labels is not None else {},
+        "outline": _outline(labels, cand) if labels is not None else {},
     }
 
 
@@ -95,7 +95,7 @@ def viewer_document(ct, labels: np.ndarray | None, candidates, *, threshold: flo
         "hu_knots": HU_KNOTS,
         "code_knots": CODE_KNOTS,
         "windows": WINDOWS,
-        "findings": [_finding(labels, c, k, threshold, ct.spacing) for k, c in enumerate(candidates)],
+        "findings": [_finding(labels, c, k, threshold) for k, c in enumerate(candidates)],
         "slices": [_jpeg(to_codes(np.asarray(ct.hu[k])), quality) for k in range(ct.shape[0])],
     }
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
