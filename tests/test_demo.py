@@ -16,7 +16,7 @@ def test_quick_mode_is_smaller_in_every_stage():
     full, quick = DemoConfig.for_mode(quick=False), DemoConfig.for_mode(quick=True)
     assert quick.scans < full.scans and quick.size < full.size
     assert quick.qat_epochs <= full.qat_epochs and quick.bench_runs < full.bench_runs
-    assert full.qat_epochs == 5 and full.scans >= 8
+    assert full.qat_epochs >= 3 and full.scans >= 8
     assert quick.cls_epochs < full.cls_epochs and quick.mine_slices < full.mine_slices
 
 

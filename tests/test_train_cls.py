@@ -132,6 +132,38 @@ def test_predict_cls_scores_a_normed_model_as_its_eval_mode():
     assert hasattr(model.block1, "bn1")
 
 
+def test_fast_scorer_scores_as_the_model(monkeypatch):
+    """The OpenVINO scorer that training mines and validates with gives the torch model's
+    probabilities (to 1e-4) and leaves the model in the mode it found; without OpenVINO, or for a
+    model it cannot export, the model itself scores."""
+    pytest.importorskip("openvino")
+    import torch
+
+    from nodulekit.deploy import openvino as ov_mod
+    from nodulekit.models.classifier import LunaModel
+    from nodulekit.train.cls import fast_scorer, predict_cls
+
+    torch.manual_seed(1)
+    model = LunaModel(norm=True)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_var.uniform_(0.5, 2.0)
+    model.tail_batchnorm.running_mean.fill_(-300.0)
+    model.tail_batchnorm.running_var.fill_(400.0 ** 2)
+    torch.nn.init.normal_(model.head_linear.weight, std=0.05)
+    crops = torch.rand(9, 1, 32, 48, 48) * 2000 - 1000
+    ds = [(crops[i], i % 2) for i in range(len(crops))]
+    model.train()
+    scorer = fast_scorer(model)
+    assert model.training and not isinstance(scorer, torch.nn.Module)
+    labels, fast = predict_cls(scorer, ds, batch_size=4)
+    _, slow = predict_cls(model, ds, batch_size=4)
+    assert labels.tolist() == [i % 2 for i in range(9)] and np.ptp(slow) > 1e-3
+    np.testing.assert_allclose(fast, slow, atol=1e-4)
+    monkeypatch.setattr(ov_mod, "openvino_available", lambda: False)
+    assert fast_scorer(model) is model
+
+
 def test_init_keeps_the_checkpoints_widths(synth_data, tmp_path):
     """--init starts from a checkpoint of other widths (a pruned classifier) with batch norms added on
     top, and the saved classifier keeps those widths in dlwpt's layout."""

@@ -55,11 +55,11 @@ class DemoConfig:
     seg_steps: int | None = 200
     # SegTrainConfig.val_every: after the last epoch only, the best one nearly always (cosine decay)
     seg_val_every: int | None = 8
-    cls_epochs: int | None = 8  # ClsTrainConfig.epochs: what the demo's time allows with normed training
-    # ClsTrainConfig.detector_from_epoch (its default in the full run): the epochs from this one on
-    # also meet the detector's own false positives on the training scans, which the validation
-    # candidates do not hold, so the last epoch is kept, not the best validation AUC
-    cls_detector_from: int = 4
+    cls_epochs: int | None = 6  # ClsTrainConfig.epochs: what the demo's time allows with normed training
+    # ClsTrainConfig.detector_from_epoch: the epochs from this one on (the second half) also meet
+    # the detector's own false positives on the training scans, which the validation candidates do
+    # not hold, so the last epoch is kept, not the best validation AUC
+    cls_detector_from: int = 3
     cls_steps: int | None = None  # ClsTrainConfig.steps_per_epoch
     cls_val_negatives: int | None = 1000  # ClsTrainConfig.val_max_negatives: half, for a faster validation
     mine_slices: int | None = 24  # middle slices of each training scan the segmentation mines
@@ -67,10 +67,12 @@ class DemoConfig:
     # relearns its function in fewer, longer epochs
     finetune_epochs: int = 3
     finetune_steps: int = 512
-    qat_epochs: int = 5  # StudyConfig.qat_epochs (its default in the full run)
+    # StudyConfig.qat_epochs: QAT adjusts a trained model, and each epoch's validation of the
+    # fake-quantized model costs more than its training
+    qat_epochs: int = 3
     optimize_steps: int = 32  # StudyConfig.samples_per_epoch (in steps) of QAT: it adjusts a trained model
     calib_slices: int = 32  # StudyConfig.calib_slices: half, for a faster int8 calibration
-    bench_runs: int = 20  # StudyConfig.bench_runs (its default in the full run)
+    bench_runs: int = 10  # StudyConfig.bench_runs: half; the medians of interleaved runs are stable
     rknn: bool = True
     workers: int = 2
     max_png: int = 10  # nodule pictures per scan

@@ -139,9 +139,45 @@ def save_roc_png(path: Path, labels, probs, title: str = "classifier ROC (held-o
     plt.close(fig)
 
 
-def predict_cls(model: torch.nn.Module, ds, batch_size: int = 64, device="cpu") -> tuple[np.ndarray, np.ndarray]:
-    """``(labels, nodule probabilities)`` of a classifier over a dataset of ``(crop, label)``."""
+def fast_scorer(model: torch.nn.Module, device="cpu"):
+    """What scores crops fastest for :func:`predict_cls`: on a CPU with OpenVINO installed, the
+    model's merged copy compiled by OpenVINO (a callable from a crop batch to nodule
+    probabilities); else the model itself.
+
+    Training scores thousands of crops before every epoch (hard negatives, the detector's
+    negatives) and at validation; OpenVINO runs the classifier's 3D convolutions about 1.7x faster
+    than PyTorch on a CPU, with the same probabilities to float rounding (the export parity tests),
+    and compiling costs about a second.
+    """
+    import tempfile
+
+    from nodulekit.deploy.openvino import openvino_available
+
+    if not isinstance(model, LunaModel) or torch.device(device).type != "cpu" or not openvino_available():
+        return model
+    from nodulekit.deploy.export import export_cls_onnx
+    from nodulekit.deploy.openvino import OpenVinoClsRunner
+
+    was_training = model.training
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "cls.onnx"
+            export_cls_onnx(model.eval().folded(), path)
+            return OpenVinoClsRunner(path, threads=torch.get_num_threads())
+    finally:
+        model.train(was_training)
+
+
+def predict_cls(model, ds, batch_size: int = 64, device="cpu") -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, nodule probabilities)`` of a classifier over a dataset of ``(crop, label)``;
+    ``model`` is a torch module or a callable from a crop batch (numpy) to nodule probabilities
+    (:func:`fast_scorer`)."""
     labels, probs = [], []
+    if not isinstance(model, torch.nn.Module):
+        for x, y in DataLoader(ds, batch_size=batch_size):
+            probs.append(np.asarray(model(x.numpy()), dtype=np.float32))
+            labels.append(np.asarray(y))
+        return np.concatenate(labels), np.concatenate(probs)
     model.eval()
     if getattr(model, "norm", False):
         # batch norms merged into the convolutions: the same outputs, a quarter less time
@@ -153,7 +189,7 @@ def predict_cls(model: torch.nn.Module, ds, batch_size: int = 64, device="cpu") 
     return np.concatenate(labels), np.concatenate(probs)
 
 
-def mine_hard_negatives(model: torch.nn.Module, train_ds, pool: int, keep: int, seed: int, epoch: int,
+def mine_hard_negatives(model, train_ds, pool: int, keep: int, seed: int, epoch: int,
                         device="cpu") -> np.ndarray:
     """Indices (into ``train_ds.neg``) of the ``keep`` non-nodules the model scores highest among
     ``pool`` drawn from ``(seed, epoch)`` (the same on every DDP rank)."""
@@ -163,7 +199,7 @@ def mine_hard_negatives(model: torch.nn.Module, train_ds, pool: int, keep: int, 
                                  what="hard negatives")]
 
 
-def highest_scoring(model: torch.nn.Module, samples, crops, keep: int, device="cpu",
+def highest_scoring(model, samples, crops, keep: int, device="cpu",
                     what: str = "picked") -> np.ndarray:
     """Indices (into ``samples``) of the ``keep`` non-nodules the model scores highest, highest first;
     ``crops`` is the training set's crop maker (its cache, size and voxel size)."""
@@ -254,13 +290,17 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
             train_ds.set_epoch(epoch)
             share = cfg.detector_share if epoch + 1 >= cfg.detector_from_epoch else 0.0
             pick = None
-            if share and cfg.detector_hard > 0 and train_ds.detector_neg:
-                pick = highest_scoring(model, train_ds.detector_neg, train_ds.crops, cfg.detector_hard, dev,
+            mine_detector = bool(share and cfg.detector_hard > 0 and train_ds.detector_neg)
+            mine_hard = epoch > 0 and cfg.hard_pool > 0 and cfg.hard_share > 0
+            scorer = fast_scorer(model, dev) if mine_detector or mine_hard else None
+            if mine_detector:
+                pick = highest_scoring(scorer, train_ds.detector_neg, train_ds.crops, cfg.detector_hard, dev,
                                        what="detector negatives")
             train_ds.set_detector_share(share, pick)
-            if epoch > 0 and cfg.hard_pool > 0 and cfg.hard_share > 0:
-                hard = mine_hard_negatives(model, train_ds, cfg.hard_pool, cfg.hard_keep, cfg.seed, epoch, dev)
+            if mine_hard:
+                hard = mine_hard_negatives(scorer, train_ds, cfg.hard_pool, cfg.hard_keep, cfg.seed, epoch, dev)
                 train_ds.set_hard_negatives(hard, cfg.hard_share)
+            del scorer
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1009 + ctx.rank)
             model.train()
             loss_sum = 0.0
@@ -280,7 +320,7 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
                    "train_s": time.perf_counter() - t0}
             labels = probs = None
             if ctx.is_main and ((epoch + 1) % max(1, cfg.val_every) == 0 or epoch + 1 == cfg.epochs):
-                labels, probs = predict_cls(model, val_ds, device=dev)
+                labels, probs = predict_cls(fast_scorer(model, dev), val_ds, device=dev)
                 row.update(cls_metrics(labels, probs, recall_target=cfg.recall_target))
             row["seconds"] = time.perf_counter() - t0
             row = _runlog.clean_row(row)
