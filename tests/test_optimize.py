@@ -248,3 +248,70 @@ def test_pruned_finetuning_has_its_own_epoch_length_and_keeps_the_baselines_reca
     above = {"nodule_recall": 1.0, "recall": min(1.0, target + 0.3), "dice": 0.1}
     at = {"nodule_recall": 1.0, "recall": target, "dice": 0.2}
     assert seen["rank"](at) > seen["rank"](above)  # past the baseline's recall, Dice decides
+
+
+def test_score_runs_each_variant_end_to_end_and_the_report_leads_with_cpm(study, synth_data, tmp_path, capsys):
+    """`nodulekit score`: each variant's deployed file through detection and FROC on two sets of
+    scans; report.json gets a 'froc' object per variant (the schema checks it), the figures agree
+    with `nodulekit evaluate` on the written detections, CPM change is against the baseline, and the
+    reports (and a second report folder given with --also) lead with CPM and draw the CPM plots."""
+    import shutil
+
+    from nodulekit.cli import main
+    from nodulekit.data.luna import find_series, read_annotations
+    from nodulekit.data.split import write_split
+    from nodulekit.evaluate.froc import evaluate_froc
+    from nodulekit.models.checkpoint import save_cls_checkpoint
+    from nodulekit.models.classifier import LunaModel
+    from nodulekit.report.render import load_report, write_report_json
+
+    out = tmp_path / "study"
+    shutil.copytree(study[0], out)
+    other = tmp_path / "demo_report"
+    other.mkdir()
+    write_report_json(load_report(out), other / "report.json")
+    torch.manual_seed(0)
+    save_cls_checkpoint(tmp_path / "cls.pt", LunaModel())
+    uids = sorted(find_series(synth_data))
+    split = write_split(tmp_path / "split.json", uids[1:], uids[:1])
+    rc = main(["score", str(out), "--cls", str(tmp_path / "cls.pt"), "--variants", "baseline,pruned_qat",
+               "--set", f"held_out={synth_data}@{split}", "--set", f"independent={synth_data}",
+               "--cls-backend", "torch", "--also", str(other)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    report = load_report(out)
+    rows = {r["name"]: r for r in report["variants"]}
+    assert "froc" not in rows["pruned"] and "pruned_qat" in printed
+    n_nodules = {u: 0 for u in uids}
+    for a in read_annotations(synth_data / "annotations.csv"):
+        n_nodules[a.seriesuid] += 1
+    for name in ("baseline", "pruned_qat"):
+        for set_name, scans in (("held_out", uids[:1]), ("independent", uids)):
+            f = rows[name]["froc"][set_name]
+            run = out / "froc" / set_name / name
+            expected = evaluate_froc(run / "detect" / "nodules.csv", synth_data / "annotations.csv",
+                                     synth_data / "annotations_excluded.csv", run / "seriesuids.csv")
+            assert f["cpm"] == expected["cpm"] and f["n_scans"] == len(scans)
+            assert f["n_nodules"] == sum(n_nodules[u] for u in scans) == expected["n_nodules"]
+            assert f["nodules_found"] == expected["operating_points"]["at_threshold"]["true_positives"]
+            marks = (run / "detect" / "nodules.csv").read_text().strip().splitlines()[1:]
+            assert f["candidates_per_scan"] == round(len(marks) / len(scans), 1)
+            assert f["runtime"] == "onnx" and f["seconds_per_scan"] > 0
+            base = rows["baseline"]["froc"][set_name]["cpm"]
+            assert f["cpm_change"] == pytest.approx(f["cpm"] - base, abs=1e-4)
+    assert rows["baseline"]["froc"]["independent"]["cpm_change"] == 0
+    for folder in (out, other):
+        md, zh = (folder / "REPORT.md").read_text(), (folder / "REPORT.zh.md").read_text()
+        assert "| Variant | CPM (independent draw) | CPM Change | Params |" in md
+        assert "| 模型版本 | CPM（独立抽样） | CPM 变化 |" in zh
+        assert "Why CPM leads" in md and "为何以 CPM 为主指标" in zh
+        for png in ("cpm_vs_memory.png", "cpm_vs_latency.png"):
+            assert (folder / png).stat().st_size > 0 and f"]({png})" in md
+    assert load_report(other)["variants"][0]["froc"] == rows["baseline"]["froc"]
+    # bad input: one line each
+    assert main(["score", str(out), "--cls", str(tmp_path / "cls.pt"), "--set", f"x={synth_data}",
+                 "--variants", "nope"]) == 1
+    assert "no deployed variant named 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["score", str(out), "--cls", str(tmp_path / "cls.pt"), "--set", "no-equals-sign"])
+    assert "NAME=DIR" in capsys.readouterr().err

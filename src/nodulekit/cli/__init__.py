@@ -29,6 +29,7 @@ COMMANDS = {
     "detect": "detect",
     "evaluate": "evaluate",
     "optimize": "optimize",
+    "score": "score",
     "export": "export",
     "bench": "bench",
     "report": "report",

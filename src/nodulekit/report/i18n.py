@@ -124,6 +124,36 @@ _TEXT = {
                     "各留出扫描的查看器（单个 HTML 文件，任意浏览器可打开）："),
     "det_header": (["FPs per scan", "Sensitivity"],
                    ["每例假阳性数", "灵敏度"]),
+    "froc": ("Detection per variant (FROC)",
+             "各版本的检测效果（FROC）"),
+    "froc_why": (("Why CPM leads: pixel recall at threshold 0.5 counts pixels, and a variant that marks more pixels "
+                  "gains recall while its precision falls, so that figure rewards over-marking. A user of the "
+                  "detector sees nodules found and false marks per scan. Here each variant runs the whole "
+                  "detector (its deployed file in its runtime, the same classifier behind every variant) on whole "
+                  "scans, scored with the LUNA16 FROC: CPM is the mean sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and "
+                  "8 false positives per scan. The independent draw is synthetic data that nothing was trained "
+                  "or chosen on; the held-out scans are the study's validation scans. Pixel recall stays in the "
+                  "table because the reference study reports it."),
+                 ("为何以 CPM 为主指标：阈值 0.5 下的像素召回率按像素计数，标记更多像素的版本召回率上升而精确率下降，因此该指标奖励过度标记。"
+                  "检测器的使用者看到的是找到的结节数和每例扫描的假阳性标记数。此处每个版本都运行完整的检测流程（部署文件在其运行时中执行，"
+                  "所有版本后接同一个分类器），在完整扫描上按 LUNA16 FROC 评分：CPM 为每例 1/8、1/4、1/2、1、2、4、8 个假阳性时灵敏度的平均值。"
+                  "独立抽样是未参与任何训练或选择的合成数据；留出扫描是本实验的验证扫描。像素召回率仍保留在表中，因为参考研究报告的是它。")),
+    "froc_set": ("{set}: {n} scans, {nodules} nodules",
+                 "{set}：{n} 例扫描，{nodules} 个结节"),
+    "froc_header": (["Variant", "CPM (95% CI)", "CPM Change", "Nodules found (p >= 0.5)", "FP per scan (p >= 0.5)",
+                     "Candidates per scan", "Seconds per scan", "Runtime"],
+                    ["模型版本", "CPM（95% 置信区间）", "CPM 变化", "检出结节（p >= 0.5）", "每例假阳性（p >= 0.5）",
+                     "每例候选数", "每例秒数", "运行时"]),
+    "cpm_cols": (["CPM ({set})", "CPM Change"],
+                 ["CPM（{set}）", "CPM 变化"]),
+    "set_independent": ("independent draw",
+                        "独立抽样"),
+    "set_held_out": ("held-out scans",
+                     "留出扫描"),
+    "plot_cpm_memory": ("CPM against weight memory of the deployed file (Pareto front in red)",
+                        "CPM 与部署文件权重内存（红线为帕累托前沿）"),
+    "plot_cpm_latency": ("CPM against CPU latency per slice (Pareto front in red)",
+                         "CPM 与每张切片的 CPU 延迟（红线为帕累托前沿）"),
     "timings": ("Timings",
                 "耗时"),
     "timing_header": (["Stage", "Seconds"],

@@ -42,8 +42,8 @@ def plot_bars(rows, out: Path) -> Path | None:
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both lower latency and higher recall,
-    sorted by latency."""
+    """Indices of the ``(cost, quality)`` points no other point beats on both lower cost and higher
+    quality (latency or memory against recall or CPM), sorted by cost."""
     idx = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
     front, best = [], -np.inf
     for i in idx:
@@ -75,6 +75,61 @@ def plot_pareto(rows, out: Path) -> Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+# the set of scans the report leads with when several were scored: nothing was trained or chosen
+# on the independent draw
+PRIMARY_SETS = ("independent", "held_out")
+
+
+def primary_set(rows) -> str | None:
+    """The set of scans whose end-to-end FROC (``row["froc"]``) a report leads with: the
+    independent draw when scored, else the held-out scans, else the first one; None without any."""
+    present = list(dict.fromkeys(k for r in _ok(rows) for k in (r.get("froc") or {})))
+    return next((k for k in PRIMARY_SETS if k in present), present[0] if present else None)
+
+
+def _plot_cpm(rows, out: Path, x_of, xlabel: str, log_x: bool) -> Path | None:
+    """CPM on the leading set against ``x_of(row)`` (lower is better), with the Pareto front."""
+    lead = primary_set(rows)
+    pts, names = [], []
+    for r in _ok(rows):
+        cpm, x = ((r.get("froc") or {}).get(lead) or {}).get("cpm"), x_of(r)
+        if cpm is not None and x:
+            pts.append((x, cpm))
+            names.append(r["name"])
+    if not pts:
+        return None
+    plt = _plt()
+    front = pareto_front(pts)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(*zip(*pts), color="#3b75af")
+    for name, (x, y) in zip(names, pts):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    fx, fy = zip(*[pts[i] for i in front])
+    ax.step(fx, fy, where="post", color="#d62728", label="Pareto front")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"CPM ({lead.replace('_', ' ')})")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_cpm_memory(rows, out: Path) -> Path | None:
+    """End-to-end CPM against the deployed file's weight memory."""
+    return _plot_cpm(rows, out, lambda r: r.get("weight_memory_kib"), "Weight memory of the deployed file (KiB)",
+                     log_x=True)
+
+
+def plot_cpm_latency(rows, out: Path) -> Path | None:
+    """End-to-end CPM against the deployed file's CPU latency per slice."""
+    return _plot_cpm(rows, out, lambda r: r["latency_us"] / 1000.0 if r.get("latency_us") else None,
+                     "CPU latency per 512x512 slice (ms)", log_x=False)
 
 
 def plot_widths(rows, out: Path) -> Path | None:
@@ -130,6 +185,8 @@ def plot_histograms(rows, out: Path, variants=("baseline", "pruned", "qat")) -> 
 
 PLOTS = {
     "bars": ("plot_bars", plot_bars, "compression_bars.png"),
+    "cpm_memory": ("plot_cpm_memory", plot_cpm_memory, "cpm_vs_memory.png"),
+    "cpm_latency": ("plot_cpm_latency", plot_cpm_latency, "cpm_vs_latency.png"),
     "pareto": ("plot_pareto", plot_pareto, "recall_vs_latency.png"),
     "widths": ("plot_widths", plot_widths, "pruning_widths.png"),
     "hist": ("plot_hist", plot_histograms, "weight_histograms.png"),

@@ -4,7 +4,8 @@
 shape: ``{"baseline": name, "variants": [row, ...], "machine": {...}, "dataset": {...}}`` with
 optional ``settings``, ``timings_s``, ``npu``, ``classifier`` and ``detection``. A variant row has
 ``name, params, weight_memory_kib, size_kib, latency_us, recall, precision, dice, artifact`` (recall
-a fraction) or ``name`` and ``error``; every row of ``variants``, ``npu`` and ``classifier`` follows
+a fraction) or ``name`` and ``error``, and optionally ``froc``: its end-to-end detection scored on
+sets of scans, ``{set: {FROC_KEYS...}}`` (:mod:`nodulekit.optimize.end_to_end`); every row of ``variants``, ``npu`` and ``classifier`` follows
 :mod:`nodulekit.deploy.rows`, whose ratios (``weight_memory_ratio``, ``size_ratio``,
 ``latency_ratio``, ``recall_change_pts``) the measurement computed and the tables only show.
 """
@@ -18,13 +19,41 @@ from nodulekit.io import write_json
 from nodulekit.errors import InputError
 from nodulekit.log import get_logger
 from nodulekit.report.i18n import REFERENCE, REFERENCE_BASELINE, STRINGS, VARIANT_NAMES
-from nodulekit.report.plots import PLOTS, draw_all
+from nodulekit.report.plots import PLOTS, draw_all, primary_set
 
 log = get_logger("report")
 
 ROW_KEYS = ("name", "params", "weight_memory_kib", "size_kib", "latency_us", "recall", "precision", "dice",
             "artifact")
 TOP_KEYS = ("baseline", "variants", "machine", "dataset")
+# a variant's end-to-end FROC on one set of scans: CPM with its 95 % CI and change against the
+# baseline, nodules found and false positives per scan at the classifier's threshold, candidates
+# and seconds per scan, and the runtimes that ran the deployed file and the classifier
+FROC_KEYS = ("cpm", "cpm_ci", "cpm_change", "n_scans", "n_nodules", "nodules_found", "fps_per_scan",
+             "candidates_per_scan", "seconds_per_scan", "threshold", "runtime", "cls_runtime")
+
+
+def _check_froc(row: dict, source) -> None:
+    froc = row["froc"]
+    if not isinstance(froc, dict) or not froc:
+        raise InputError(source, f"variant {row['name']!r}: 'froc' must map a set of scans to its figures")
+    for name, entry in froc.items():
+        where = f"variant {row['name']!r}, froc {name!r}"
+        if not isinstance(entry, dict):
+            raise InputError(source, f"{where}: not an object")
+        absent = [k for k in FROC_KEYS if k not in entry]
+        if absent:
+            raise InputError(source, f"{where} lacks {absent}")
+        cpm, ci = entry["cpm"], entry["cpm_ci"]
+        if cpm is not None and not 0.0 <= cpm <= 1.0:
+            raise InputError(source, f"{where}: CPM {cpm} is not a fraction")
+        if ci is not None and (len(ci) != 2 or not 0.0 <= ci[0] <= ci[1] <= 1.0):
+            raise InputError(source, f"{where}: CPM CI {ci} is not an interval of fractions")
+        if not (isinstance(entry["n_scans"], int) and entry["n_scans"] > 0):
+            raise InputError(source, f"{where}: n_scans {entry['n_scans']!r} is not a positive count")
+        found, total = entry["nodules_found"], entry["n_nodules"]
+        if found is not None and not 0 <= found <= total:
+            raise InputError(source, f"{where}: {found} nodules found of {total}")
 
 
 def validate_report(report: dict, source="report.json") -> dict:
@@ -48,6 +77,8 @@ def validate_report(report: dict, source="report.json") -> dict:
             raise InputError(source, f"variant {row['name']!r} lacks {absent}")
         if row["recall"] is not None and not 0.0 <= row["recall"] <= 1.0:
             raise InputError(source, f"variant {row['name']!r}: recall {row['recall']} is not a fraction")
+        if "froc" in row:
+            _check_froc(row, source)
     return report
 
 
@@ -85,6 +116,14 @@ def _pts(v):
     return "n/a" if v is None else f"{v:+.1f}"
 
 
+def _signed(v, fmt="{:+.3f}"):
+    return "n/a" if v is None else fmt.format(v)
+
+
+def _set_label(name: str, s: dict) -> str:
+    return s.get(f"set_{name}", name)
+
+
 def _table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -107,7 +146,42 @@ def _main_table(rows, lang):
                  _ratio(r.get("latency_ratio")), recall(r), _pts(r.get("recall_change_pts")),
                  _num(None if r.get("precision") is None else 100 * r["precision"]),
                  _num(r.get("dice"), "{:.3f}")] for r in ok]
-    return _table(s["header"], body)
+    lead = primary_set(rows)
+    if lead is None:
+        return _table(s["header"], body)
+    # the detector's quality leads; pixel recall stays because the reference study reports it
+    lead_cells = [[_num(f.get("cpm"), "{:.3f}"), _signed(f.get("cpm_change"))]
+                  for f in ((r.get("froc") or {}).get(lead) or {} for r in ok)]
+    header = [s["header"][0], *(c.format(set=_set_label(lead, s)) for c in s["cpm_cols"]), *s["header"][1:]]
+    return _table(header, [[b[0], *c, *b[1:]] for b, c in zip(body, lead_cells)])
+
+
+def _froc(rows, lang):
+    """Each variant's end-to-end detection, one table per set of scans, the leading set first."""
+    ok = [r for r in rows if "error" not in r and r.get("froc")]
+    if not ok:
+        return None
+    s, names = STRINGS[lang], VARIANT_NAMES[lang]
+    lead = primary_set(rows)
+    sets = sorted(dict.fromkeys(k for r in ok for k in r["froc"]), key=lambda k: k != lead)
+    parts = [f"## {s['froc']}", s["froc_why"]]
+    for name in sets:
+        body, first = [], None
+        for r in ok:
+            f = r["froc"].get(name)
+            if not f:
+                continue
+            first = first or f
+            ci = f.get("cpm_ci")
+            found = "n/a" if f.get("nodules_found") is None else f"{f['nodules_found']}/{f['n_nodules']}"
+            body.append([names.get(r["name"], r["name"]),
+                         _num(f.get("cpm"), "{:.3f}") + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else ""),
+                         _signed(f.get("cpm_change")), found, _num(f.get("fps_per_scan"), "{:.1f}"),
+                         _num(f.get("candidates_per_scan"), "{:,.0f}"), _num(f.get("seconds_per_scan"), "{:.1f}"),
+                         f.get("runtime") or "n/a"])
+        title = s["froc_set"].format(set=_set_label(name, s), n=first["n_scans"], nodules=first["n_nodules"])
+        parts.append(f"### {title}\n\n" + _table(s["froc_header"], body))
+    return "\n\n".join(parts)
 
 
 def _matched(rows, lang):
@@ -216,6 +290,9 @@ def render_markdown(report: dict, lang: str, plots: dict[str, str]) -> str:
     s = STRINGS[lang]
     rows = report["variants"]
     parts = [f"# {s['title']}", s["intro"], f"## {s['main']}", _main_table(rows, lang), s["memory_note"]]
+    froc = _froc(rows, lang)
+    if froc:
+        parts.append(froc)
     errors = [r for r in rows if "error" in r]
     if errors:
         parts += [f"### {s['errors']}", "\n".join(f"- {r['name']}: `{r['error']}`" for r in errors)]
