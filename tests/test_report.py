@@ -71,6 +71,28 @@ def test_schema_is_checked(tmp_path):
     del bad["variants"][1]["latency_us"]
     with pytest.raises(InputError, match="latency_us"):
         write_report_json(bad, tmp_path / "bad.json")
+    # a variant's end-to-end FROC: every key, CPM and its CI as fractions, found <= nodules
+    froc = {"cpm": 0.6, "cpm_ci": [0.45, 0.74], "cpm_change": 0.0, "n_scans": 10, "n_nodules": 38,
+            "nodules_found": 30, "fps_per_scan": 18.7, "candidates_per_scan": 1454.0, "seconds_per_scan": 20.1,
+            "threshold": 0.5, "runtime": "onnx", "cls_runtime": "openvino"}
+    good = _report()
+    good["variants"][0]["froc"] = {"independent": froc}
+    write_report_json(good, tmp_path / "good.json")
+    for change, message in (({"cpm": 60.0}, "not a fraction"), ({"cpm_ci": [0.7, 0.5]}, "interval"),
+                            ({"nodules_found": 39}, "39 nodules found of 38"), ({"n_scans": 0}, "n_scans"),
+                            ({"runtime": None, "seconds_per_scan": None}, None)):
+        bad = _report()
+        entry = {**froc, **change}
+        bad["variants"][0]["froc"] = {"independent": entry}
+        if message is None:  # unknown figures may be null
+            write_report_json(bad, tmp_path / "bad.json")
+            continue
+        with pytest.raises(InputError, match=message):
+            write_report_json(bad, tmp_path / "bad.json")
+    bad = _report()
+    bad["variants"][0]["froc"] = {"independent": {k: v for k, v in froc.items() if k != "nodules_found"}}
+    with pytest.raises(InputError, match="nodules_found"):
+        write_report_json(bad, tmp_path / "bad.json")
 
 
 def test_markdown_in_both_languages():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nodulekit.errors import InputError
 from nodulekit.io import atomic_write_text
+from nodulekit.report.plots import primary_set
 from nodulekit.report.render import load_report
 
 START = "<!-- results:start -->"
@@ -73,14 +74,20 @@ def results_markdown(report: dict) -> str:
     the report has them), then one line each for held-out detection, the CPU runtimes (the study's CPU
     table) and the demo's time."""
     npu_header, npu_cells = _npu_columns(report)
-    header = HEADER + npu_header
+    lead = primary_set(report["variants"])
+    # end-to-end CPM leads when the variants were scored (nodulekit score)
+    cpm_header = [f"CPM ({lead.replace('_', ' ')})", "CPM change"] if lead else []
+    header = HEADER[:1] + cpm_header + HEADER[1:] + npu_header
     lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
     for r in report["variants"]:
         if "error" in r:
-            cells = [r["name"], f"failed: {r['error']}"] + [""] * (len(HEADER) - 2)
+            cells = [r["name"], f"failed: {r['error']}"] + [""] * (len(HEADER) + len(cpm_header) - 2)
         else:
             latency = r.get("latency_us")
-            cells = [r["name"], _fmt(r.get("weight_memory_kib"), "{:,.2f}"), _times(r.get("weight_memory_ratio")),
+            froc = (r.get("froc") or {}).get(lead) or {}
+            cpm = [_fmt(froc.get("cpm"), "{:.3f}"), _fmt(froc.get("cpm_change"), "{:+.3f}")] if lead else []
+            cells = [r["name"], *cpm, _fmt(r.get("weight_memory_kib"), "{:,.2f}"),
+                     _times(r.get("weight_memory_ratio")),
                      _fmt(None if latency is None else latency / 1000, "{:,.1f}"), _times(r.get("latency_ratio")),
                      _pct(r.get("recall")), _fmt(r.get("recall_change_pts"), "{:+.1f}")]
         if npu_header:
