@@ -10,6 +10,7 @@ from __future__ import annotations
 def add_parser(sub):
     from nodulekit.cli._config import add_config_options
     from nodulekit.deploy.ptq import CALIB_METHODS
+    from nodulekit.optimize.search import SearchConfig
     from nodulekit.optimize.study import StudyConfig
     from nodulekit.optimize.variants import VARIANTS
 
@@ -21,6 +22,12 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="study folder")
     add_config_options(p, StudyConfig, variants={"choices": list(VARIANTS)}, calib_method={"choices": CALIB_METHODS},
                        split={"metavar": "FILE"})
+    search = p.add_argument_group("compression search (--search)",
+                                  "per-block pruning sensitivity, then the widths that lose least under the budget; "
+                                  "the winner and the uniform cut at the same budget are each built as a study "
+                                  "under --out (searched/, uniform/), with search.json")
+    search.add_argument("--search", action="store_true", help="search the pruned widths instead of --prune-ratio")
+    add_config_options(search, SearchConfig, first=())
     p.set_defaults(func=run)
 
 
@@ -29,6 +36,8 @@ def run(args) -> int:
     from nodulekit.optimize.study import StudyConfig, run_study
     from nodulekit.report.render import render_report
 
+    if args.search:
+        return _search(args)
     report = run_study(args.seg, args.data, args.out, config_from_args(StudyConfig, args))
     render_report(args.out)
     for row in report["variants"]:
@@ -39,3 +48,26 @@ def run(args) -> int:
                   f"recall {100 * (row['recall'] or 0):5.1f}%  {row['artifact']}")
     print(f"report: {args.out}/REPORT.md")
     return 1 if all("error" in r for r in report["variants"]) else 0
+
+
+def _search(args) -> int:
+    from nodulekit.cli._config import config_from_args
+    from nodulekit.optimize.search import SearchConfig, run_search
+    from nodulekit.optimize.study import StudyConfig
+
+    doc = run_search(args.seg, args.data, args.out, config_from_args(StudyConfig, args),
+                     config_from_args(SearchConfig, args))
+    print(f"budget {doc['budget_kib']:.2f} KiB (baseline {doc['baseline_memory_kib']:.2f} KiB, estimated)")
+    for name, pick in doc["picks"].items():
+        if pick is None:
+            print(f"{name:<9} nothing fits the budget")
+            continue
+        print(f"{name:<9} widths {pick['choice']}  estimated {pick['memory_kib']:.2f} KiB  ratio {pick['prune_ratio']}")
+        for row in doc["studies"].get(name, {}).get("rows", []):
+            if "error" in row:
+                print(f"  {row['name']:<11} ERROR {row['error']}")
+            else:
+                print(f"  {row['name']:<11} {row['weight_memory_kib']:9.2f} KiB  {row.get('latency_us') or 0:10.0f} us  "
+                      f"recall {100 * (row.get('recall') or 0):5.1f}%")
+    print(f"search: {args.out}/search.json  ({doc['timings_s']['total']:.0f} s)")
+    return 0 if any(doc["picks"].values()) else 1
