@@ -12,7 +12,7 @@ DEMO_OUT := runs/demo
 DEMO_ARGS := $(if $(filter 1,$(QUICK)),--quick,)
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-rknn froc-independent froc-variants test test-fast rknn venv clean
+.PHONY: demo demo-rknn froc-independent froc-variants search test test-fast rknn venv clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,26 @@ froc-variants: $(STAMP)
 	$(VENV)/bin/nodulekit score $(DEMO_OUT)/optimize --also $(DEMO_OUT)/report \
 	  --cls $$($(PY) -c 'import json, sys; print(json.load(open(sys.argv[1]))["cls"])' $(DEPLOYED)) \
 	  --set held_out=$(DEMO_OUT)/data@$(DEMO_OUT)/split.json --set independent=$(INDEP)/data
+
+# the compression search on the demo's model: per-block sensitivity, the widths that lose least
+# within BUDGET KiB of NPU weight memory, and the uniform cut at the same budget, each fine-tuned,
+# quantized and measured with the demo's study settings (and built for the NPU when .venv-rknn
+# exists), then both pruned_qat files and the baseline scored end to end on the independent draw
+BUDGET ?= 29.6
+SEARCH := runs/search
+search: $(STAMP)
+	test -f $(DEMO_OUT)/models/seg.pt || { echo "run make demo first ($(DEMO_OUT)/models/seg.pt is missing)"; exit 1; }
+	test -f $(INDEP)/data/synth.json || $(VENV)/bin/nodulekit synth --out $(INDEP)/data --scans 10 --seed 1 --workers 2
+	$(VENV)/bin/nodulekit optimize --search --budget-kib $(BUDGET) --seg $(DEMO_OUT)/models/seg.pt \
+	  --data $(DEMO_OUT)/data --split $(DEMO_OUT)/split.json --out $(SEARCH) --variants pruned pruned_ptq pruned_qat \
+	  --finetune-epochs 3 --finetune-samples-per-epoch 8192 --qat-epochs 3 --samples-per-epoch 512 \
+	  --calib-slices 32 --bench-runs 10 --no-openvino $(if $(wildcard .venv-rknn/.installed),--rknn,)
+	$(VENV)/bin/nodulekit score $(SEARCH)/searched --variants baseline,pruned_qat \
+	  --cls $$($(PY) -c 'import json, sys; print(json.load(open(sys.argv[1]))["cls"])' $(DEPLOYED)) \
+	  --set independent=$(INDEP)/data
+	$(VENV)/bin/nodulekit score $(SEARCH)/uniform --variants pruned_qat \
+	  --cls $$($(PY) -c 'import json, sys; print(json.load(open(sys.argv[1]))["cls"])' $(DEPLOYED)) \
+	  --set independent=$(INDEP)/data
 
 test: $(STAMP) rknn /usr/bin/chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
