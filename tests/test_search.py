@@ -36,11 +36,12 @@ def test_ratio_spec_prunes_to_the_chosen_widths(choice):
 
 def test_npu_weight_memory_estimate_counts_every_conv():
     params = sum(p.numel() for p in SegModel().parameters())
-    plain = S.npu_weight_kib(BASE, bias_bytes=0)
+    plain = S.npu_weight_kib(BASE, align_in=1, overhead_kib=0)
     assert params / 1024 * 0.95 < plain < params / 1024  # the weights less the norms' and biases' share
-    assert S.npu_weight_kib(BASE, bytes_per_weight=2, bias_bytes=0) == pytest.approx(2 * plain)
+    assert S.npu_weight_kib(BASE, bytes_per_weight=2, align_in=1, overhead_kib=0) == pytest.approx(2 * plain)
     narrow = S.widths_for(BASE, {"down_path.0": 8, "up_path.1": 8})
-    assert S.npu_weight_kib(narrow, align_out=16, align_in=16) > S.npu_weight_kib(narrow)  # packing costs
+    assert S.npu_weight_kib(narrow) > S.npu_weight_kib(narrow, align_in=1)  # packing to 16 costs
+    assert S.npu_weight_kib(narrow, overhead_kib=0) + S.NPU_OVERHEAD_KIB == pytest.approx(S.npu_weight_kib(narrow))
 
 
 def test_choose_takes_the_least_loss_within_the_budget():

@@ -48,7 +48,7 @@ class SearchConfig:
     # the 8x target: the fp16 baseline's 236.81 KiB of NPU weight memory / 8
     budget_kib: float = setting(29.6, "weight-memory budget of the int8 NPU build in KiB (estimated by "
                                       "nodulekit.optimize.search.npu_weight_kib)", check=POSITIVE)
-    fractions: tuple[float, ...] = setting((0.25, 0.5, 0.75), "widths probed per U-Net block, as shares of its "
+    fractions: tuple[float, ...] = setting((0.125, 0.25, 0.5, 0.75), "widths probed per U-Net block, as shares of its "
                                                               "full width (rounded to multiples of 8)")
     probe_steps: int = setting(96, "fine-tuning steps after each probe's cut", check=POSITIVE)
     probe_val_slices: int = setting(48, "validation slices of the proxy, nodule slices first", check=POSITIVE)
@@ -92,17 +92,29 @@ def _conv_shapes(widths: UNetWidths) -> tuple[tuple[int, int, int], ...]:
                  if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)))
 
 
+# rknn-toolkit2's int8 RK3588 build of this U-Net at 1x7x512x512 (scripts/npu_memory_fit.py): each
+# conv's weights take one byte per weight with its input channels packed to multiples of 16, plus a
+# few KiB that do not depend on the widths (biases, quantization parameters, the graph's constants)
+NPU_ALIGN_IN = 16
+NPU_OVERHEAD_KIB = 9.6
+
+
 def npu_weight_kib(widths: UNetWidths, *, bytes_per_weight: int = 1, align_out: int = 1,
-                   align_in: int = 1, bias_bytes: int = 4) -> float:
-    """Estimated weight memory of an int8 build: every conv's weights at ``bytes_per_weight``,
+                   align_in: int = NPU_ALIGN_IN, bias_bytes: int = 0, overhead_kib: float = NPU_OVERHEAD_KIB) -> float:
+    """Estimated weight memory of an int8 NPU build: every conv's weights at ``bytes_per_weight``,
     with output and input channels rounded up to ``align_out`` and ``align_in`` (the compiler's
-    channel packing), plus a ``bias_bytes`` bias per output channel."""
+    channel packing), a ``bias_bytes`` bias per output channel, and ``overhead_kib``.
+
+    The defaults follow the RK3588 compiler's builds; a width that is not a multiple of 16 costs
+    as much input-side memory as the next multiple, which is why narrow layers save less than
+    their parameter count suggests. The search checks its winners with real builds when
+    ``.venv-rknn`` exists (the study's ``--rknn``)."""
     def up(n: int, a: int) -> int:
         return -(-n // a) * a
 
     total = sum(up(o, align_out) * (up(i, align_in) * k * bytes_per_weight + bias_bytes)
                 for o, i, k in _conv_shapes(widths))
-    return total / 1024.0
+    return total / 1024.0 + overhead_kib
 
 
 def choose(full: dict[str, int], loss: dict[str, dict[int, float]], memory, budget_kib: float,
