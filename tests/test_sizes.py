@@ -45,7 +45,7 @@ def phantom(d: float, kind: str, attached: str, seed: int):
     grid = Grid(shape, (0.0, 0.0, 0.0), spacing)
     x, y, z = (grid.axis(k) for k in range(3))
     zz, yy, xx = np.meshgrid(z, y, x, indexing="ij", sparse=True)
-    lo, hi = WALL_MM + AIR_MM, side - WALL_MM - AIR_MM
+    lo = WALL_MM + AIR_MM  # where the lung begins on every side
 
     def inside(margin):
         return ((xx >= margin) & (xx <= side - margin) & (yy >= margin) & (yy <= side - margin)

@@ -7,6 +7,11 @@ The input BatchNorm2d(7) has no producing conv and the final 1x1 conv is ignored
 output are unchanged. The result is still a :class:`SegModel`: its widths are read off its modules
 and it is saved with :func:`save_seg_checkpoint`.
 
+Why Torch-Pruning and not NNCF's pruning: the result must be a smaller plain ``SegModel`` that every
+exporter takes as it is (ONNX Runtime, OpenVINO, TorchScript, and the RKNN compiler, which wants
+widths in multiples of 8); Torch-Pruning edits the modules in place along the dependency graph, while
+NNCF's filter pruning works on its own wrapped graph aimed at OpenVINO.
+
 Ratios count channels, so parameters fall by about ``1 - (1 - r)**2``. A ratio spec is either one
 number (``"0.5"``, every block) or comma-separated ``block=ratio`` pairs naming U-Net blocks
 (``"down_path.0=0.3,up_path.1=0.6"``), optionally led by a default (``"0.5,down_path.0=0.25"``).

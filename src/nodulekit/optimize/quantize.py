@@ -3,6 +3,11 @@
 QAT produces the same deployed form as ONNX Runtime's static PTQ (:mod:`nodulekit.deploy.ptq`), a
 QDQ ONNX file: per-channel symmetric int8 weights and per-tensor uint8 activations at the inputs of
 the convs; here the ranges are learnt while the model trains with fake quantization.
+
+Why torchao and not NNCF's QAT: the QDQ graph must come out as plain ONNX QuantizeLinear /
+DequantizeLinear pairs placed where rknn-toolkit2 reads them (docs/rknn.md), and the PT2E graph
+exports them as such; NNCF's QAT trains its own wrapped model for OpenVINO's FakeQuantize. NNCF
+quantizes where OpenVINO runs the result (:mod:`nodulekit.deploy.openvino`, post-training).
 """
 
 from __future__ import annotations
