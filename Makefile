@@ -53,13 +53,16 @@ froc-variants: $(STAMP)
 # the compression search on the demo's model: per-block sensitivity, the widths that lose least
 # within BUDGET KiB of NPU weight memory, and the uniform cut at the same budget, each fine-tuned,
 # quantized and measured with the demo's study settings (and built for the NPU when .venv-rknn
-# exists), then both pruned_qat files and the baseline scored end to end on the independent draw
+# exists), then both pruned_qat files and the baseline scored end to end on the independent draw;
+# SPEEDUP=3 also asks for a third of the baseline's work per slice (a CPU budget)
 BUDGET ?= 29.6
+SPEEDUP ?=
 SEARCH := runs/search
 search: $(STAMP)
 	test -f $(DEMO_OUT)/models/seg.pt || { echo "run make demo first ($(DEMO_OUT)/models/seg.pt is missing)"; exit 1; }
 	test -f $(INDEP)/data/synth.json || $(VENV)/bin/nodulekit synth --out $(INDEP)/data --scans 10 --seed 1 --workers 2
-	$(VENV)/bin/nodulekit optimize --search --budget-kib $(BUDGET) --seg $(DEMO_OUT)/models/seg.pt \
+	$(VENV)/bin/nodulekit optimize --search --budget-kib $(BUDGET) $(if $(SPEEDUP),--min-speedup $(SPEEDUP),) \
+	  --seg $(DEMO_OUT)/models/seg.pt \
 	  --data $(DEMO_OUT)/data --split $(DEMO_OUT)/split.json --out $(SEARCH) --variants pruned pruned_ptq pruned_qat \
 	  --finetune-epochs 3 --finetune-samples-per-epoch 8192 --qat-epochs 3 --samples-per-epoch 512 \
 	  --calib-slices 32 --bench-runs 10 --no-openvino $(if $(wildcard .venv-rknn/.installed),--rknn,)

@@ -63,6 +63,22 @@ def test_choose_takes_the_least_loss_within_the_budget():
     assert S.choose(FULL, loss, memory, 1.0, BASE) is None
 
 
+def test_slice_macs_and_the_cpu_budget():
+    base = S.slice_macs(BASE)
+    assert base == 6_576_668_672  # counted by hand from the widths: 0.87 + 0.91 + 0.91 G down, 2.0 + 1.9 G up
+    half = S.widths_for(BASE, {b: w // 2 for b, w in FULL.items()})
+    assert 3.2 < base / S.slice_macs(half) < 4.2  # halving every width cuts the work about 4x
+    loss = {"down_path.0": {8: 0.1}, "down_path.1": {16: 0.1}, "down_path.2": {32: 0.01},
+            "up_path.0": {16: 0.05}, "up_path.1": {8: 0.2}}
+    roomy = S.choose(FULL, loss, S.npu_weight_kib, 1e9, BASE)
+    assert roomy["choice"] == FULL and roomy["macs"] == base
+    fast = S.choose(FULL, loss, S.npu_weight_kib, 1e9, BASE, max_macs=base // 2)
+    assert fast["macs"] <= base // 2
+    # the full-resolution blocks hold most of the work: no cut of the others alone halves it
+    assert fast["choice"]["down_path.0"] == 8 or fast["choice"]["up_path.1"] == 8
+    assert S.uniform_at_budget(FULL, S.npu_weight_kib, 1e9, BASE, max_macs=base // 3)["macs"] <= base // 3
+
+
 def test_uniform_cut_is_the_largest_that_fits():
     memory = S.npu_weight_kib
     pick = S.uniform_at_budget(FULL, memory, 30.0, BASE)

@@ -62,7 +62,8 @@ def _search(args) -> int:
         if pick is None:
             print(f"{name:<9} nothing fits the budget")
             continue
-        print(f"{name:<9} widths {pick['choice']}  estimated {pick['memory_kib']:.2f} KiB  ratio {pick['prune_ratio']}")
+        print(f"{name:<9} widths {pick['choice']}  estimated {pick['memory_kib']:.2f} KiB, "
+              f"{pick['macs_speedup']:.2f}x fewer MACs  ratio {pick['prune_ratio']}")
         for row in doc["studies"].get(name, {}).get("rows", []):
             if "error" in row:
                 print(f"  {row['name']:<11} ERROR {row['error']}")

@@ -53,6 +53,11 @@ class SearchConfig:
     probe_steps: int = setting(96, "fine-tuning steps after each probe's cut", check=POSITIVE)
     probe_val_slices: int = setting(48, "validation slices of the proxy, nodule slices first", check=POSITIVE)
     uniform: bool = setting(True, "also build the uniform cut at the same budget, for comparison")
+    # the CPU budget: a slice's convolutions dominate its latency, so MACs rank widths as latency
+    # does; the studies then time the real files
+    min_speedup: float | None = setting(None, "also keep the multiply-accumulates of a 512x512 slice at most "
+                                              "the baseline's / this (a CPU latency budget; 0: none)",
+                                        check=POSITIVE, zero_is_none=True)
 
 
 def blocks(widths: UNetWidths) -> dict[str, int]:
@@ -117,10 +122,44 @@ def npu_weight_kib(widths: UNetWidths, *, bytes_per_weight: int = 1, align_out: 
     return total / 1024.0 + overhead_kib
 
 
+@functools.lru_cache(maxsize=4096)
+def slice_macs(widths: UNetWidths, size: int = 512) -> int:
+    """Multiply-accumulates of the convolutions for one ``size`` x ``size`` slice (shapes traced on
+    the meta device)."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        kernel = module.kernel_size[0] * module.kernel_size[1]
+        if isinstance(module, torch.nn.ConvTranspose2d):  # each input pixel spreads over the kernel
+            total += inputs[0].numel() * module.out_channels * kernel // module.groups
+        else:
+            total += output.numel() * module.in_channels * kernel // module.groups
+
+    with torch.device("meta"):
+        model = SegModel(widths).eval()
+        hooks = [m.register_forward_hook(count) for m in model.modules()
+                 if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+        with torch.no_grad():
+            model(torch.empty(1, widths.in_channels, size, size))
+    for h in hooks:
+        h.remove()
+    return int(total)
+
+
+def _fits(widths: UNetWidths, memory, budget_kib: float, max_macs: int | None) -> float | None:
+    """``memory(widths)`` when it fits the budget (and ``max_macs``), else None."""
+    kib = memory(widths)
+    if kib > budget_kib or (max_macs is not None and slice_macs(widths) > max_macs):
+        return None
+    return kib
+
+
 def choose(full: dict[str, int], loss: dict[str, dict[int, float]], memory, budget_kib: float,
-           base: UNetWidths) -> dict | None:
+           base: UNetWidths, max_macs: int | None = None) -> dict | None:
     """The combination of probed widths with the least summed loss whose ``memory(widths)`` fits
-    ``budget_kib`` (ties: the larger memory); None when none fits.
+    ``budget_kib`` (and whose :func:`slice_macs` fit ``max_macs``; ties: the larger memory); None
+    when none fits.
 
     ``loss[block][width]`` is the proxy loss of that block alone at that width (0 at full width).
     """
@@ -128,8 +167,8 @@ def choose(full: dict[str, int], loss: dict[str, dict[int, float]], memory, budg
     best = None
     for combo in itertools.product(*options):
         choice = {b: w for b, (w, _) in zip(full, combo)}
-        kib = memory(widths_for(base, choice))
-        if kib > budget_kib:
+        kib = _fits(widths_for(base, choice), memory, budget_kib, max_macs)
+        if kib is None:
             continue
         predicted = sum(v for _, v in combo)
         key = (predicted, -kib)
@@ -137,18 +176,23 @@ def choose(full: dict[str, int], loss: dict[str, dict[int, float]], memory, budg
             best = {"key": key, "choice": choice, "predicted_loss": predicted, "memory_kib": kib}
     if best is not None:
         best.pop("key")
+        best["macs"] = slice_macs(widths_for(base, best["choice"]))
     return best
 
 
-def uniform_at_budget(full: dict[str, int], memory, budget_kib: float, base: UNetWidths) -> dict | None:
+def uniform_at_budget(full: dict[str, int], memory, budget_kib: float, base: UNetWidths,
+                      max_macs: int | None = None) -> dict | None:
     """The uniform cut (every block kept at the same share, rounded to multiples of :data:`ALIGN`)
-    with the most memory that fits ``budget_kib``; None when even the narrowest does not."""
+    with the most memory that fits ``budget_kib`` (and ``max_macs``); None when even the narrowest
+    does not."""
     best = None
     for keep in range(100, 0, -1):
         choice = {b: max(ALIGN, ALIGN * round(w * keep / 100 / ALIGN)) for b, w in full.items()}
-        kib = memory(widths_for(base, choice))
-        if kib <= budget_kib and (best is None or kib > best["memory_kib"]):
+        kib = _fits(widths_for(base, choice), memory, budget_kib, max_macs)
+        if kib is not None and (best is None or kib > best["memory_kib"]):
             best = {"choice": choice, "keep": keep / 100, "memory_kib": kib}
+    if best is not None:
+        best["macs"] = slice_macs(widths_for(base, best["choice"]))
     return best
 
 
@@ -249,11 +293,17 @@ def run_search(seg_ckpt, data_dir, out_dir, study_cfg=None, cfg: SearchConfig | 
         torch.set_num_threads(study_cfg.threads)
     sens = sensitivity(baseline, ctx, cfg)
     losses = {b: {w: f["loss"] for w, f in per.items()} for b, per in sens["blocks"].items()}
-    picks = {"searched": choose(full, losses, memory, cfg.budget_kib, base_widths)}
+    base_macs = slice_macs(base_widths)
+    max_macs = int(base_macs / cfg.min_speedup) if cfg.min_speedup else None
+    picks = {"searched": choose(full, losses, memory, cfg.budget_kib, base_widths, max_macs)}
     if cfg.uniform:
-        picks["uniform"] = uniform_at_budget(full, memory, cfg.budget_kib, base_widths)
-    doc = {"budget_kib": cfg.budget_kib, "settings": asdict(cfg), "full_widths": full,
-           "baseline_memory_kib": memory(base_widths), "sensitivity": sens, "picks": {}, "studies": {}}
+        picks["uniform"] = uniform_at_budget(full, memory, cfg.budget_kib, base_widths, max_macs)
+    for pick in picks.values():
+        if pick is not None:
+            pick["macs_speedup"] = round(base_macs / pick["macs"], 2)
+    doc = {"budget_kib": cfg.budget_kib, "max_macs": max_macs, "settings": asdict(cfg), "full_widths": full,
+           "baseline_memory_kib": memory(base_widths), "baseline_macs": base_macs, "sensitivity": sens,
+           "picks": {}, "studies": {}}
     seconds = {"sensitivity": round(time.perf_counter() - t0, 1)}
     for name, pick in picks.items():
         if pick is None:
