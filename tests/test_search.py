@@ -108,9 +108,11 @@ def test_search_cli_runs_sensitivity_and_builds_both_cuts(synth_data, tmp_path, 
     doc = json.loads((tmp_path / "s" / "search.json").read_text())
     sens = doc["sensitivity"]["blocks"]
     assert {b: sorted(map(int, v)) for b, v in sens.items()} == {b: S.probe_widths(w, (0.5,)) for b, w in FULL.items()}
+    assert doc["picks"]["reference"]["prune_ratio"] == "0.5,down_path.2=0.625"  # the study's own cut, scored
+    assert doc["picks"]["reference"]["choice"]["down_path.2"] == 24
     for name in ("searched", "uniform"):
         pick = doc["picks"][name]
-        assert pick["memory_kib"] <= budget
+        assert pick["memory_kib"] <= budget and 0.0 <= pick["proxy"]["matched_recall"] <= 1.0
         rows = {r["name"]: r for r in doc["studies"][name]["rows"]}
         assert set(rows) == {"baseline", "pruned", "pruned_qat"} and not any("error" in r for r in rows.values())
         assert S.widths_for(BASE, pick["choice"]).to_dict() == rows["pruned"]["widths"]

@@ -211,42 +211,57 @@ def proxy(model: torch.nn.Module, val_ds, base_precision: float | None = None) -
             "precision": float(metrics["precision"]), "dice": float(metrics["dice"])}
 
 
-def sensitivity(baseline: SegModel, ctx, cfg: SearchConfig) -> dict:
-    """Prune each block alone to each probed width, fine-tune ``cfg.probe_steps`` steps, and score
-    the proxy on ``cfg.probe_val_slices`` validation slices.
+class _Prober:
+    """Prune the baseline by a ratio spec, fine-tune ``cfg.probe_steps`` steps, and score the proxy
+    on ``cfg.probe_val_slices`` validation slices (the same slices and steps for every probe)."""
+
+    def __init__(self, baseline: SegModel, ctx, cfg: SearchConfig):
+        from nodulekit.data.seg_dataset import SliceSubset, pick_slices
+
+        self.baseline, self.ctx, self.cfg = baseline, ctx, cfg
+        self.val = SliceSubset(ctx.val_ds, pick_slices(ctx.val_ds, cfg.probe_val_slices))
+        self.base = proxy(baseline, self.val)
+
+    def __call__(self, spec) -> dict:
+        from nodulekit.optimize.prune import prune_seg
+        from nodulekit.optimize.study import _fit
+
+        study, train_ds = self.ctx.cfg, self.ctx.train_ds
+        per_epoch = train_ds.samples_per_epoch
+        train_ds.samples_per_epoch = self.cfg.probe_steps * study.batch_size
+        try:
+            torch.manual_seed(study.seed)
+            model = prune_seg(self.baseline, spec)
+            _fit(model, self.ctx, validate=False, epochs=1, lr=study.finetune_lr, fn_weight=study.fn_weight,
+                 channels_last=True)
+        finally:
+            train_ds.samples_per_epoch = per_epoch
+        model.to(memory_format=torch.contiguous_format)
+        figures = proxy(model, self.val, self.base["precision"])
+        figures["loss"] = self.base["matched_recall"] - figures["matched_recall"]
+        figures["widths"] = {b: w for b, w in blocks(model.current_widths()).items()}
+        return figures
+
+
+def sensitivity(prober: _Prober) -> dict:
+    """Each block pruned alone to each probed width, through ``prober``.
 
     Returns:
         ``{"baseline": proxy figures, "blocks": {block: {width: proxy figures + "loss"}}}``.
     """
     from tqdm import tqdm
 
-    from nodulekit.data.seg_dataset import SliceSubset, pick_slices
-    from nodulekit.optimize.prune import prune_seg
-    from nodulekit.optimize.study import _fit
-
-    study = ctx.cfg
-    val = SliceSubset(ctx.val_ds, pick_slices(ctx.val_ds, cfg.probe_val_slices))
-    base = proxy(baseline, val)
-    full = blocks(baseline.current_widths())
-    probes = [(b, w) for b, f in full.items() for w in probe_widths(f, cfg.fractions)]
+    full = blocks(prober.baseline.current_widths())
+    probes = [(b, w) for b, f in full.items() for w in probe_widths(f, prober.cfg.fractions)]
     out: dict[str, dict[int, dict]] = {b: {} for b in full}
-    per_epoch = ctx.train_ds.samples_per_epoch
-    ctx.train_ds.samples_per_epoch = cfg.probe_steps * study.batch_size
-    try:
-        for block, width in tqdm(probes, desc="sensitivity", disable=not study.progress):
-            torch.manual_seed(study.seed)
-            model = prune_seg(baseline, {block: 1 - width / full[block]})
-            _fit(model, ctx, validate=False, epochs=1, lr=study.finetune_lr, fn_weight=study.fn_weight,
-                 channels_last=True)
-            model.to(memory_format=torch.contiguous_format)
-            figures = proxy(model, val, base["precision"])
-            figures["loss"] = base["matched_recall"] - figures["matched_recall"]
-            out[block][width] = figures
-            log.info("%s at %d of %d channels: recall at the baseline's precision %.3f (loss %+.3f)", block,
-                     width, full[block], figures["matched_recall"], figures["loss"])
-    finally:
-        ctx.train_ds.samples_per_epoch = per_epoch
-    return {"baseline": base, "blocks": out, "val_slices": len(val), "probe_steps": cfg.probe_steps}
+    for block, width in tqdm(probes, desc="sensitivity", disable=not prober.ctx.cfg.progress):
+        figures = prober({block: 1 - width / full[block]})
+        figures.pop("widths")
+        out[block][width] = figures
+        log.info("%s at %d of %d channels: recall at the baseline's precision %.3f (loss %+.3f)", block,
+                 width, full[block], figures["matched_recall"], figures["loss"])
+    return {"baseline": prober.base, "blocks": out, "val_slices": len(prober.val),
+            "probe_steps": prober.cfg.probe_steps}
 
 
 def run_search(seg_ckpt, data_dir, out_dir, study_cfg=None, cfg: SearchConfig | None = None, *, memory=None,
@@ -291,7 +306,8 @@ def run_search(seg_ckpt, data_dir, out_dir, study_cfg=None, cfg: SearchConfig | 
     ctx = StudyContext(study_cfg, *datasets, {}, baseline)
     if study_cfg.threads:
         torch.set_num_threads(study_cfg.threads)
-    sens = sensitivity(baseline, ctx, cfg)
+    prober = _Prober(baseline, ctx, cfg)
+    sens = sensitivity(prober)
     losses = {b: {w: f["loss"] for w, f in per.items()} for b, per in sens["blocks"].items()}
     base_macs = slice_macs(base_widths)
     max_macs = int(base_macs / cfg.min_speedup) if cfg.min_speedup else None
@@ -301,10 +317,18 @@ def run_search(seg_ckpt, data_dir, out_dir, study_cfg=None, cfg: SearchConfig | 
     for pick in picks.values():
         if pick is not None:
             pick["macs_speedup"] = round(base_macs / pick["macs"], 2)
+            # the proxy of the whole cut, to check that the proxy ranks cuts as end-to-end CPM does
+            pick["proxy"] = prober(ratio_spec(full, pick["choice"]))
+    # the study's own ratio (the demo's pruned variants), the reference the search should beat
+    ref = prober(study_cfg.prune_ratio)
+    ref_widths = widths_for(base_widths, ref["widths"])
+    picks["reference"] = {"prune_ratio": study_cfg.prune_ratio, "choice": ref["widths"], "proxy": ref,
+                          "memory_kib": memory(ref_widths), "macs_speedup": round(base_macs / slice_macs(ref_widths), 2)}
     doc = {"budget_kib": cfg.budget_kib, "max_macs": max_macs, "settings": asdict(cfg), "full_widths": full,
            "baseline_memory_kib": memory(base_widths), "baseline_macs": base_macs, "sensitivity": sens,
            "picks": {}, "studies": {}}
     seconds = {"sensitivity": round(time.perf_counter() - t0, 1)}
+    doc["picks"]["reference"] = {**picks.pop("reference"), "built": False}
     for name, pick in picks.items():
         if pick is None:
             log.warning("no %s cut fits %.2f KiB", name, cfg.budget_kib)
