@@ -14,6 +14,21 @@ BASE = UNetWidths.default()
 FULL = S.blocks(BASE)
 
 
+def test_average_precision_from_the_histograms_matches_scikit_learn():
+    import numpy as np
+    from sklearn.metrics import average_precision_score
+
+    from nodulekit.evaluate.seg_metrics import average_precision
+
+    rng = np.random.default_rng(0)
+    labels = rng.random(5000) < 0.1
+    probs = np.clip(np.where(labels, rng.normal(0.7, 0.2, 5000), rng.normal(0.3, 0.2, 5000)), 0, 0.999)
+    bins = (probs * 200).astype(int)  # what evaluate_seg bins: 200 probability bins
+    hist = {"pos": np.bincount(bins[labels], minlength=200), "neg": np.bincount(bins[~labels], minlength=200)}
+    assert average_precision(hist) == pytest.approx(average_precision_score(labels, bins), abs=1e-9)
+    assert np.isnan(average_precision({"pos": [0, 0], "neg": [3, 1]}))
+
+
 def test_blocks_and_probed_widths_are_multiples_of_8():
     assert FULL == {"down_path.0": 16, "down_path.1": 32, "down_path.2": 64, "up_path.0": 32, "up_path.1": 16}
     assert S.probe_widths(64, (0.25, 0.5, 0.75)) == [16, 32, 48]
@@ -112,7 +127,7 @@ def test_search_cli_runs_sensitivity_and_builds_both_cuts(synth_data, tmp_path, 
     assert doc["picks"]["reference"]["choice"]["down_path.2"] == 24
     for name in ("searched", "uniform"):
         pick = doc["picks"][name]
-        assert pick["memory_kib"] <= budget and 0.0 <= pick["proxy"]["matched_recall"] <= 1.0
+        assert pick["memory_kib"] <= budget and 0.0 <= pick["proxy"]["ap"] <= 1.0
         rows = {r["name"]: r for r in doc["studies"][name]["rows"]}
         assert set(rows) == {"baseline", "pruned", "pruned_qat"} and not any("error" in r for r in rows.values())
         assert S.widths_for(BASE, pick["choice"]).to_dict() == rows["pruned"]["widths"]

@@ -64,7 +64,7 @@ def _search(args) -> int:
             continue
         print(f"{name:<9} widths {pick['choice']}  estimated {pick['memory_kib']:.2f} KiB, "
               f"{pick['macs_speedup']:.2f}x fewer MACs  ratio {pick['prune_ratio']}  "
-              f"proxy {pick['proxy']['matched_recall']:.3f}" + ("" if pick.get("built", True) else "  (not built)"))
+              f"proxy AP {pick['proxy']['ap']:.3f}" + ("" if pick.get("built", True) else "  (not built)"))
         for row in doc["studies"].get(name, {}).get("rows", []):
             if "error" in row:
                 print(f"  {row['name']:<11} ERROR {row['error']}")

@@ -98,6 +98,25 @@ def evaluate_seg(predict: Callable[[np.ndarray], np.ndarray], val_ds, threshold:
     }
 
 
+def average_precision(pr_hist: dict) -> float:
+    """Pixel average precision (the area under the precision-recall curve, as a step sum over the
+    thresholds from high to low) from :func:`evaluate_seg`'s ``pr_hist``; NaN without nodule pixels.
+
+    Computed from the binned counts rather than with scikit-learn's ``average_precision_score``,
+    which needs every pixel's probability: the histograms are what the evaluation keeps. Unlike
+    recall at one threshold, it does not reward marking more, and unlike recall at a fixed precision
+    it stays defined for a model that never reaches that precision."""
+    pos = np.asarray(pr_hist["pos"], dtype=np.float64)
+    neg = np.asarray(pr_hist["neg"], dtype=np.float64)
+    if not pos.sum():
+        return float("nan")
+    tps, fps = np.cumsum(pos[::-1]), np.cumsum(neg[::-1])  # from the highest threshold down
+    recall = tps / pos.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tps + fps > 0, tps / (tps + fps), 0.0)
+    return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
+
+
 def recall_at_precision(pr_hist: dict, precision: float) -> dict:
     """The highest pixel recall whose precision is at least ``precision``, from :func:`evaluate_seg`'s
     ``pr_hist``: a variant that marks more than the baseline is compared at the baseline's precision.

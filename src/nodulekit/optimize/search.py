@@ -3,8 +3,8 @@ weight-memory budget, compared with uniform pruning at the same budget.
 
 1. **Sensitivity.** Each U-Net block (``down_path.i``, ``up_path.i``) is pruned alone to a few widths
    (multiples of 8, as the NPU compiler wants), fine-tuned briefly, and scored by a cheap proxy:
-   pixel recall at the baseline's pixel precision on validation slices (a variant that marks more
-   pixels cannot buy recall there, unlike recall at a fixed threshold).
+   pixel average precision on validation slices (a variant that marks more pixels cannot buy it,
+   unlike recall at a fixed threshold; see :func:`proxy`).
 2. **Choice.** Every combination of the probed widths is priced by its weight memory
    (:func:`npu_weight_kib`, or any ``memory`` function) and by its predicted loss, the sum of its
    blocks' losses; the least loss within the budget wins. Summing assumes the blocks' losses add up,
@@ -197,9 +197,14 @@ def uniform_at_budget(full: dict[str, int], memory, budget_kib: float, base: UNe
 
 
 def proxy(model: torch.nn.Module, val_ds, base_precision: float | None = None) -> dict:
-    """Pixel recall at ``base_precision`` (default: the model's own precision at 0.5), with recall,
-    precision and Dice at 0.5, of a float model on ``val_ds``."""
-    from nodulekit.evaluate.seg_metrics import evaluate_seg, recall_at_precision
+    """The proxy of a float model on ``val_ds``: pixel average precision (``ap``, the loss is
+    counted on it), with recall at ``base_precision`` (default: its own precision at 0.5), and
+    recall, precision and Dice at 0.5.
+
+    Average precision, not recall at the baseline's precision: a cut fine-tuned for only a few
+    steps rarely reaches the baseline's precision at any threshold, which leaves that recall at
+    zero for every probe and the choice blind."""
+    from nodulekit.evaluate.seg_metrics import average_precision, evaluate_seg, recall_at_precision
     from nodulekit.optimize.study import PR_BINS
     from nodulekit.train.seg import torch_predictor
 
@@ -207,7 +212,8 @@ def proxy(model: torch.nn.Module, val_ds, base_precision: float | None = None) -
     metrics = evaluate_seg(torch_predictor(model, torch.device("cpu")), val_ds, pr_bins=PR_BINS)
     target = metrics["precision"] if base_precision is None else base_precision
     matched = recall_at_precision(metrics["pr_hist"], target)["recall"]
-    return {"matched_recall": 0.0 if math.isnan(matched) else float(matched), "recall": float(metrics["recall"]),
+    return {"ap": average_precision(metrics["pr_hist"]),
+            "matched_recall": 0.0 if math.isnan(matched) else float(matched), "recall": float(metrics["recall"]),
             "precision": float(metrics["precision"]), "dice": float(metrics["dice"])}
 
 
@@ -238,7 +244,7 @@ class _Prober:
             train_ds.samples_per_epoch = per_epoch
         model.to(memory_format=torch.contiguous_format)
         figures = proxy(model, self.val, self.base["precision"])
-        figures["loss"] = self.base["matched_recall"] - figures["matched_recall"]
+        figures["loss"] = self.base["ap"] - figures["ap"]
         figures["widths"] = {b: w for b, w in blocks(model.current_widths()).items()}
         return figures
 
@@ -258,8 +264,8 @@ def sensitivity(prober: _Prober) -> dict:
         figures = prober({block: 1 - width / full[block]})
         figures.pop("widths")
         out[block][width] = figures
-        log.info("%s at %d of %d channels: recall at the baseline's precision %.3f (loss %+.3f)", block,
-                 width, full[block], figures["matched_recall"], figures["loss"])
+        log.info("%s at %d of %d channels: pixel AP %.3f (loss %+.3f), recall at the baseline's precision %.3f",
+                 block, width, full[block], figures["ap"], figures["loss"], figures["matched_recall"])
     return {"baseline": prober.base, "blocks": out, "val_slices": len(prober.val),
             "probe_steps": prober.cfg.probe_steps}
 
