@@ -41,11 +41,7 @@ def run(args) -> int:
     report = run_study(args.seg, args.data, args.out, config_from_args(StudyConfig, args))
     render_report(args.out)
     for row in report["variants"]:
-        if "error" in row:
-            print(f"{row['name']:<12} ERROR {row['error']}")
-        else:
-            print(f"{row['name']:<12} {row['weight_memory_kib']:9.2f} KiB  {row['latency_us'] or 0:10.0f} us  "
-                  f"recall {100 * (row['recall'] or 0):5.1f}%  {row['artifact']}")
+        print(_row_line(row, 12) + ("" if "error" in row else f"  {row['artifact']}"))
     print(f"report: {args.out}/REPORT.md")
     return 1 if all("error" in r for r in report["variants"]) else 0
 
@@ -66,10 +62,14 @@ def _search(args) -> int:
               f"{pick['macs_speedup']:.2f}x fewer MACs  ratio {pick['prune_ratio']}  "
               f"proxy AP {pick['proxy']['ap']:.3f}" + ("" if pick.get("built", True) else "  (not built)"))
         for row in doc["studies"].get(name, {}).get("rows", []):
-            if "error" in row:
-                print(f"  {row['name']:<11} ERROR {row['error']}")
-            else:
-                print(f"  {row['name']:<11} {row['weight_memory_kib']:9.2f} KiB  {row.get('latency_us') or 0:10.0f} us  "
-                      f"recall {100 * (row.get('recall') or 0):5.1f}%")
+            print("  " + _row_line(row, 11))
     print(f"search: {args.out}/search.json  ({doc['timings_s']['total']:.0f} s)")
     return 0 if any(doc["picks"].values()) else 1
+
+
+def _row_line(row: dict, width: int) -> str:
+    """One variant row as the summary prints it."""
+    if "error" in row:
+        return f"{row['name']:<{width}} ERROR {row['error']}"
+    return (f"{row['name']:<{width}} {row['weight_memory_kib']:9.2f} KiB  {row.get('latency_us') or 0:10.0f} us  "
+            f"recall {100 * (row.get('recall') or 0):5.1f}%")
