@@ -127,10 +127,10 @@ def score_study(study_dir: str | Path, cls: str | Path, sets: list[ScanSet], *, 
         raise InputError(study_dir / "report.json", f"no deployed variant named {unknown[0]!r} "
                                                     f"(has {', '.join(rows) or 'none'})")
     if not sets:
-        raise ValueError("give at least one set of scans")
+        raise InputError("--set", "give at least one set of scans")
     names_seen = [s.name for s in sets]
     if len(set(names_seen)) != len(names_seen):
-        raise ValueError(f"each set of scans needs its own name, got {', '.join(names_seen)}")
+        raise InputError("--set", f"each set of scans needs its own name, got {', '.join(names_seen)}")
     uids = {s.name: s.uids() for s in sets}
     for name in names:
         row = rows[name]
