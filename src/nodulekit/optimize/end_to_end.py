@@ -115,8 +115,7 @@ def score_study(study_dir: str | Path, cls: str | Path, sets: list[ScanSet], *, 
     Returns:
         The updated study report.
     """
-    from nodulekit.io import write_json
-    from nodulekit.report.render import load_report, render_report
+    from nodulekit.report.render import load_report, render_report, write_report_json
 
     study_dir = Path(study_dir)
     report = load_report(study_dir / "report.json")
@@ -142,7 +141,7 @@ def score_study(study_dir: str | Path, cls: str | Path, sets: list[ScanSet], *, 
             log.info("%s on %s: CPM %.3f, %s/%s nodules at p >= %g, %.1f FP per scan", name, s.name, entry["cpm"],
                      entry["nodules_found"], entry["n_nodules"], CLS_THRESHOLD, entry["fps_per_scan"] or 0.0)
         add_cpm_changes(report)
-        write_json(study_dir / "report.json", report)
+        write_report_json(report, study_dir / "report.json")
     render_report(study_dir)
     for other in also:
         other = Path(other)
@@ -150,7 +149,7 @@ def score_study(study_dir: str | Path, cls: str | Path, sets: list[ScanSet], *, 
         for row in doc["variants"]:
             if row.get("name") in rows and "froc" in rows[row["name"]]:
                 row["froc"] = rows[row["name"]]["froc"]
-        write_json(other / "report.json", doc)
+        write_report_json(doc, other / "report.json")
         render_report(other)
     return report
 

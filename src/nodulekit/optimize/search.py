@@ -291,6 +291,7 @@ def run_search(seg_ckpt, data_dir, out_dir, study_cfg=None, cfg: SearchConfig | 
     from nodulekit.io import write_json
     from nodulekit.models.checkpoint import load_seg_model
     from nodulekit.optimize.study import StudyConfig, StudyContext, run_study
+    from nodulekit.report.render import render_report
 
     cfg = cfg or SearchConfig()
     study_cfg = study_cfg or StudyConfig()
@@ -348,8 +349,6 @@ def run_search(seg_ckpt, data_dir, out_dir, study_cfg=None, cfg: SearchConfig | 
         seconds[name] = round(time.perf_counter() - t1, 1)
         doc["studies"][name] = {"dir": name, "rows": [_row_summary(r) for r in study["variants"]],
                                 "npu": [_row_summary(r) for r in study.get("npu") or []]}
-        from nodulekit.report.render import render_report
-
         render_report(out_dir / name)
     seconds["total"] = round(time.perf_counter() - t0, 1)
     doc["timings_s"] = seconds

@@ -172,20 +172,22 @@ def predict_cls(model, ds, batch_size: int = 64, device="cpu") -> tuple[np.ndarr
     """``(labels, nodule probabilities)`` of a classifier over a dataset of ``(crop, label)``;
     ``model`` is a torch module or a callable from a crop batch (numpy) to nodule probabilities
     (:func:`fast_scorer`)."""
-    labels, probs = [], []
-    if not isinstance(model, torch.nn.Module):
-        for x, y in DataLoader(ds, batch_size=batch_size):
-            probs.append(np.asarray(model(x.numpy()), dtype=np.float32))
-            labels.append(np.asarray(y))
-        return np.concatenate(labels), np.concatenate(probs)
-    model.eval()
-    if getattr(model, "norm", False):
+    if isinstance(model, torch.nn.Module):
+        model.eval()
         # batch norms merged into the convolutions: the same outputs, a quarter less time
-        model = model.folded().to(memory_format=CHANNELS_LAST)
-    with torch.no_grad():
-        for x, y in DataLoader(ds, batch_size=batch_size):
-            probs.append(model(x.to(device).contiguous(memory_format=CHANNELS_LAST))[1][:, 1].float().cpu().numpy())
-            labels.append(np.asarray(y))
+        net = model.folded().to(memory_format=CHANNELS_LAST) if getattr(model, "norm", False) else model
+
+        def score(x: torch.Tensor) -> np.ndarray:
+            with torch.no_grad():
+                return net(x.to(device).contiguous(memory_format=CHANNELS_LAST))[1][:, 1].float().cpu().numpy()
+    else:
+        def score(x: torch.Tensor) -> np.ndarray:
+            return np.asarray(model(x.numpy()), dtype=np.float32)
+
+    labels, probs = [], []
+    for x, y in DataLoader(ds, batch_size=batch_size):
+        probs.append(score(x))
+        labels.append(np.asarray(y))
     return np.concatenate(labels), np.concatenate(probs)
 
 
