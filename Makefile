@@ -12,7 +12,7 @@ DEMO_OUT := runs/demo
 DEMO_ARGS := $(if $(filter 1,$(QUICK)),--quick,)
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-rknn froc-independent froc-variants search test test-fast rknn venv clean
+.PHONY: demo demo-rknn froc-independent froc-variants search weights test test-fast rknn venv clean
 
 venv: $(STAMP)
 
@@ -72,6 +72,12 @@ search: $(STAMP)
 	$(VENV)/bin/nodulekit score $(SEARCH)/uniform --variants pruned_qat \
 	  --cls $$($(PY) -c 'import json, sys; print(json.load(open(sys.argv[1]))["cls"])' $(DEPLOYED)) \
 	  --set independent=$(INDEP)/data
+
+# the release recipe: the demo's training on a larger synthetic draw (seed 100, 60 scans) for longer,
+# scored on its held-out scans, installed into src/nodulekit/models/weights/ with a manifest of
+# hashes, recipe, time and CPM (`nodulekit detect` uses them when --seg and --cls are not given)
+weights: $(STAMP)
+	$(VENV)/bin/nodulekit weights --out runs/weights
 
 test: $(STAMP) rknn /usr/bin/chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)

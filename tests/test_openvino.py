@@ -164,3 +164,32 @@ def test_runners_freed_out_of_order_leave_signal_handling_intact(model, tmp_path
     run = subprocess.run([sys.executable, "-c", _SIGNAL_SCRIPT, art.path, "pinned"], capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0 and "alive" in run.stdout, run.stderr[-2000:]
+
+
+def test_training_validates_through_openvino_with_the_same_metrics(model, synth_data):
+    """Training validates a plain U-Net in OpenVINO (faster) and a fake-quantized one in PyTorch;
+    the thresholded metrics equal PyTorch's."""
+    from nodulekit.data.seg_dataset import build_seg_datasets
+    from nodulekit.deploy.openvino import OpenVinoRunner
+    from nodulekit.evaluate.seg_metrics import evaluate_seg
+    from nodulekit.train.seg import fast_predictor, torch_predictor
+
+    import copy
+
+    _, val = build_seg_datasets(synth_data, samples_per_epoch=4, val_negative_slices=2, progress=False)
+    model = copy.deepcopy(model)
+    # about a tenth of the pixels above the threshold, so that the counts test something
+    p90 = float(np.quantile(torch_predictor(model.eval())(np.stack([val[i][0] for i in range(2)])), 0.9))
+    with torch.no_grad():
+        model.unet.last.bias -= float(np.log(p90 / (1 - p90)))
+    trained_like = model.to(memory_format=torch.channels_last).train()  # as fit_seg holds it
+    fast = fast_predictor(trained_like.eval(), "cpu", torch.channels_last)
+    assert isinstance(fast, OpenVinoRunner)
+    assert trained_like.unet.last.weight.is_contiguous(memory_format=torch.channels_last)  # left as it was
+    got, want = evaluate_seg(fast, val), evaluate_seg(torch_predictor(model.eval()), val)
+    assert want["slices"] > 0 and want["tp"] + want["fp"] > 0
+    # float rounding moves a few pixels that sit at the threshold: at most 0.1 % of the counted ones
+    for key in ("tp", "fp", "fn", "nodules_found"):
+        assert abs(got[key] - want[key]) <= max(2, 1e-3 * (want["tp"] + want["fp"] + want["fn"])), key
+    graph = torch.fx.symbolic_trace(model)  # not a SegModel: stays in PyTorch
+    assert not isinstance(fast_predictor(graph), OpenVinoRunner)

@@ -34,6 +34,7 @@ COMMANDS = {
     "bench": "bench",
     "report": "report",
     "demo": "demo",
+    "weights": "weights",
 }
 
 

@@ -1,4 +1,5 @@
-"""``nodulekit detect CT... --seg CKPT --cls CKPT --out DIR``: find nodules in CT scans."""
+"""``nodulekit detect CT... [--seg CKPT --cls CKPT] --out DIR``: find nodules in CT scans (with the
+shipped weights when no model is given)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ def add_parser(sub):
                                    "earlier one together at the end; a scan that fails is reported and skipped, "
                                    "and the exit status is 1 if any failed.")
     p.add_argument("inputs", nargs="+", help=".mhd / .nii.gz files, DICOM folders or LUNA16 subset folders")
-    p.add_argument("--seg", required=True, help="segmentation checkpoint (nodulekit or dlwpt) or .onnx file")
-    p.add_argument("--cls", required=True, help="classifier checkpoint (nodulekit or dlwpt) or .onnx file")
+    p.add_argument("--seg", help="segmentation checkpoint (nodulekit or dlwpt) or .onnx file (default: the weights "
+                                 "shipped with nodulekit, see docs/model-card.md)")
+    p.add_argument("--cls", help="classifier checkpoint (nodulekit or dlwpt) or .onnx file (default: the shipped "
+                                 "weights)")
     p.add_argument("--out", required=True, type=output_folder, help="output folder")
     p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
                    help="segmentation runtime: auto (default: the fastest CPU runtime installed, OpenVINO, else "
@@ -62,8 +65,16 @@ def run(args) -> int:
     from nodulekit.detect import run_detection
     from nodulekit.detect.candidates import MIN_VOLUME_MM3
 
+    seg, cls = args.seg, args.cls
+    if seg is None or cls is None:
+        from nodulekit.models.shipped import shipped_model
+
+        # a shipped file stands in only for the model not given, so one of them can be swapped
+        seg = seg or shipped_model("seg")
+        cls = cls or shipped_model("cls")
+        print(f"models: {seg} and {cls}" + (" (shipped with nodulekit)" if not (args.seg or args.cls) else ""))
     summary = run_detection(
-        args.inputs, args.seg, args.cls, args.out,
+        args.inputs, seg, cls, args.out,
         backend=args.backend, cls_backend=args.cls_backend, threshold=args.threshold,
         seg_threshold=args.seg_threshold, batch_size=args.batch_size, threads=args.threads,
         min_volume_mm3=MIN_VOLUME_MM3 if args.min_volume is None else args.min_volume,

@@ -136,14 +136,13 @@ def _baseline_recall(ctx: StudyContext) -> float | None:
     """Pixel recall of the float baseline on the validation slices (PyTorch), computed once: the
     recall a fine-tuned pruned model has to keep."""
     from nodulekit.evaluate.seg_metrics import evaluate_seg
-    from nodulekit.train.seg import torch_predictor
+    from nodulekit.train.seg import fast_predictor
 
     if ctx.baseline is None or ctx.val_ds is None or not len(ctx.val_ds):
         return None
     if ctx.baseline_recall is None:
         ctx.baseline.eval()
-        ctx.baseline_recall = float(evaluate_seg(torch_predictor(ctx.baseline, torch.device("cpu")),
-                                                 ctx.val_ds)["recall"])
+        ctx.baseline_recall = float(evaluate_seg(fast_predictor(ctx.baseline), ctx.val_ds)["recall"])
         log.info("baseline pixel recall on the validation slices: %.3f", ctx.baseline_recall)
     return ctx.baseline_recall
 

@@ -121,6 +121,35 @@ def torch_predictor(model: torch.nn.Module, device: torch.device | str = "cpu",
     return predict
 
 
+def fast_predictor(model: torch.nn.Module, device: torch.device | str = "cpu",
+                   memory_format: torch.memory_format = torch.contiguous_format) -> Callable:
+    """What predicts validation slices fastest for :func:`evaluate_seg`: on a CPU with OpenVINO
+    installed, a plain :class:`SegModel` (baseline or pruned) exported to ONNX and compiled by
+    OpenVINO; else :func:`torch_predictor`.
+
+    Validation runs whole 512x512 slices, where OpenVINO is about 3x faster than PyTorch on a CPU,
+    with the same probabilities to float rounding (the export parity tests), so the thresholded
+    metrics are the same; exporting and compiling cost about a second. Fake-quantized (QAT) models
+    stay in PyTorch: their quantizers are what is being validated.
+    """
+    import copy
+    import tempfile
+
+    from nodulekit.deploy.openvino import openvino_available
+
+    if type(model) is not SegModel or torch.device(device).type != "cpu" or not openvino_available():
+        return torch_predictor(model, device, memory_format)
+    from nodulekit.deploy.export import export_onnx
+    from nodulekit.deploy.openvino import OpenVinoRunner
+
+    # the exporter traces contiguous weights; the training model keeps its layout
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "seg.onnx"
+        export_onnx(plain, path)
+        return OpenVinoRunner(path, threads=torch.get_num_threads())
+
+
 def _overlay(image7: np.ndarray, labels: np.ndarray, prob: np.ndarray) -> np.ndarray:
     # gray CT (centre slice), label in green, prediction above the threshold in red
     gray = (np.clip(image7[image7.shape[0] // 2], -1000, 1000) + 1000) / 2000
@@ -263,7 +292,7 @@ def fit_seg(model: torch.nn.Module, train_ds, val_ds, *, epochs: int, lr: float,
         if ctx.is_main and validate and val_ds is not None and len(val_ds):
             set_eval(model)
             t2 = time.perf_counter()
-            row.update(evaluate_seg(torch_predictor(model, dev, fmt), val_ds, batch_size=val_batch_size))
+            row.update(evaluate_seg(fast_predictor(model, dev, fmt), val_ds, batch_size=val_batch_size))
             row["val_s"] = time.perf_counter() - t2
             _overlays(tb, torch_predictor(model, dev, fmt), val_ds, epoch + 1)
         row["seconds"] = time.perf_counter() - t0
