@@ -12,7 +12,7 @@ DEMO_OUT := runs/demo
 DEMO_ARGS := $(if $(filter 1,$(QUICK)),--quick,)
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-rknn froc-independent froc-variants search weights test test-fast rknn venv clean
+.PHONY: demo demo-rknn froc-independent froc-variants search weights model-card test test-fast rknn venv clean
 
 venv: $(STAMP)
 
@@ -28,12 +28,18 @@ demo: $(STAMP)
 demo-rknn: rknn demo
 
 # FROC on scans the demo never trained or chose anything on: a second synthetic draw (seed 1,
-# 10 scans) through the models the demo deployed, as its models/deployed.json lists them
+# INDEP_SCANS scans, about 3.6 nodules each) through the models the demo deployed, as its
+# models/deployed.json lists them
 DEPLOYED := $(DEMO_OUT)/models/deployed.json
 INDEP := runs/independent
+INDEP_SCANS ?= 30
+# the draw is generated once, and again only when its size or seed differs
+INDEP_DATA = $(PY) -c 'import json, sys; p = json.load(open(sys.argv[1]))["parameters"]; \
+  sys.exit(p["n_scans"] != int(sys.argv[2]) or p["seed"] != 1)' $(INDEP)/data/synth.json $(INDEP_SCANS) 2>/dev/null \
+  || { rm -rf $(INDEP)/data && $(VENV)/bin/nodulekit synth --out $(INDEP)/data --scans $(INDEP_SCANS) --seed 1 --workers 2; }
 froc-independent: $(STAMP)
 	test -f $(DEPLOYED) || { echo "run make demo first ($(DEPLOYED) is missing)"; exit 1; }
-	$(VENV)/bin/nodulekit synth --out $(INDEP)/data --scans 10 --seed 1 --workers 2
+	$(INDEP_DATA)
 	$(VENV)/bin/nodulekit detect $(INDEP)/data/subset0 --out $(INDEP)/detect \
 	  $$($(PY) -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))["detect_args"]))' $(DEPLOYED))
 	$(VENV)/bin/nodulekit evaluate --detections $(INDEP)/detect/nodules.csv \
@@ -45,7 +51,7 @@ froc-independent: $(STAMP)
 # into runs/demo/optimize/report.json and runs/demo/report/report.json, and their reports
 froc-variants: $(STAMP)
 	test -f $(DEPLOYED) || { echo "run make demo first ($(DEPLOYED) is missing)"; exit 1; }
-	test -f $(INDEP)/data/synth.json || $(VENV)/bin/nodulekit synth --out $(INDEP)/data --scans 10 --seed 1 --workers 2
+	$(INDEP_DATA)
 	$(VENV)/bin/nodulekit score $(DEMO_OUT)/optimize --also $(DEMO_OUT)/report \
 	  --cls $$($(PY) -c 'import json, sys; print(json.load(open(sys.argv[1]))["cls"])' $(DEPLOYED)) \
 	  --set held_out=$(DEMO_OUT)/data@$(DEMO_OUT)/split.json --set independent=$(INDEP)/data
@@ -60,7 +66,7 @@ SPEEDUP ?=
 SEARCH := runs/search
 search: $(STAMP)
 	test -f $(DEMO_OUT)/models/seg.pt || { echo "run make demo first ($(DEMO_OUT)/models/seg.pt is missing)"; exit 1; }
-	test -f $(INDEP)/data/synth.json || $(VENV)/bin/nodulekit synth --out $(INDEP)/data --scans 10 --seed 1 --workers 2
+	$(INDEP_DATA)
 	$(VENV)/bin/nodulekit optimize --search --budget-kib $(BUDGET) $(if $(SPEEDUP),--min-speedup $(SPEEDUP),) \
 	  --seg $(DEMO_OUT)/models/seg.pt \
 	  --data $(DEMO_OUT)/data --split $(DEMO_OUT)/split.json --out $(SEARCH) --variants pruned pruned_ptq pruned_qat \
@@ -79,15 +85,34 @@ search: $(STAMP)
 weights: $(STAMP)
 	$(VENV)/bin/nodulekit weights --out runs/weights
 
+# docs/model-card.md: the shipped weights on the independent draw and on the shared real scans
+# (REAL: the folder of the CPTAC and LIDC-IDRI-0002 series), every mark above 0.5 shown; the demo's
+# recipe on the same draw too when `make froc-independent` has scored it
+REAL ?= ../shared/data/real
+CARD := runs/model-card
+model-card: $(STAMP)
+	$(INDEP_DATA)
+	$(VENV)/bin/nodulekit detect $(INDEP)/data/subset0 --out $(CARD)/independent --no-png --no-progress
+	$(VENV)/bin/nodulekit evaluate --detections $(CARD)/independent/nodules.csv \
+	  --annotations $(INDEP)/data/annotations.csv --excluded $(INDEP)/data/annotations_excluded.csv \
+	  --seriesuids $(INDEP)/data/seriesuids.csv --out $(CARD)/independent/evaluate
+	$(VENV)/bin/nodulekit detect $(REAL)/CPTAC-LSCC_C3N-00247 $(REAL)/LIDC-IDRI-0002_dicom --out $(CARD)/real \
+	  --no-progress
+	$(PY) scripts/model_card.py --froc $(CARD)/independent/evaluate/froc.json --real $(CARD)/real/nodules.json \
+	  $(if $(wildcard $(INDEP)/evaluate/froc.json),--demo-froc $(INDEP)/evaluate/froc.json,)
+
+# two workers, a test file each at a time (its module fixtures are built once): most tests use one
+# core, and the two longest ones (the quick demo, the README's commands) then run side by side
+XDIST := -n 2 --dist loadfile
 test: $(STAMP) rknn /usr/bin/chromium
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 # the viewer's browser tests drive Debian's chromium through Playwright (never a downloaded browser)
 /usr/bin/chromium:
 	apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 # rknn-toolkit2 pins clash with the main environment, so it lives in its own venv and
 # nodulekit reaches it only through a subprocess.

@@ -31,12 +31,12 @@ class ReleaseConfig:
     scans: int = 60
     val_scans: int = 4
     seed: int = RELEASE_SEED
-    seg_epochs: int = 16
+    seg_epochs: int = 12
     seg_steps: int = 300
-    cls_epochs: int = 16
+    cls_epochs: int = 12
     cls_steps: int = 120
-    cls_detector_from: int = 6
-    mine_slices: int = 48
+    cls_detector_from: int = 5
+    mine_slices: int = 24
     size: int = 512  # smaller and shorter scans only for trying the recipe out
     max_slices: int | None = None
 
