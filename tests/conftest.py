@@ -44,3 +44,14 @@ def synth_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     generate_dataset(out, progress=False, **SMALL_SYNTH)
     return out
+
+
+# the files with the longest tests (the quick demo, the README's commands, the compression study)
+# run first: under `make test`'s two workers they then overlap with each other and with the many
+# short files, instead of one of them starting last and running alone
+LONGEST_FIRST = ("test_readme.py", "test_demo.py", "test_optimize.py", "test_search.py", "test_train_cls.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
