@@ -82,7 +82,8 @@ def render(manifest: dict, froc: dict, real: dict, img_dir: Path, card: Path, de
     img_dir.mkdir(parents=True, exist_ok=True)
     for scan in real["scans"]:
         marks = [n for n in scan["nodules"] if n["probability"] >= threshold]
-        name = Path(scan["input"]).name
+        src = Path(scan["input"])
+        name = src.parent.name if src.suffix else src.name  # the series' folder, for a file too
         lines.append(f"### {name} ({scan['geometry']['shape_zyx'][0]} slices): {len(marks)} mark(s) above "
                      f"{threshold:g}")
         lines.append("")

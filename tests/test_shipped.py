@@ -1,0 +1,142 @@
+"""The weights that ship with the package: their manifest, their hashes, and ``detect`` without
+``--seg``/``--cls``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from nodulekit.errors import InputError
+from nodulekit.models import shipped
+from nodulekit.models.checkpoint import load_cls_model, load_seg_model, save_cls_checkpoint, save_seg_checkpoint
+from nodulekit.models.classifier import LunaModel
+from nodulekit.models.unet import SegModel
+
+
+def test_the_package_ships_weights_that_match_their_manifest():
+    doc = shipped.read_manifest()
+    for kind, loader in (("seg", load_seg_model), ("cls", load_cls_model)):
+        path = shipped.shipped_model(kind)
+        assert path.parent == shipped.WEIGHTS_DIR
+        entry = doc["files"][kind]
+        assert entry["sha256"] == shipped.sha256(path) and entry["bytes"] == path.stat().st_size
+        model, _ = loader(path)
+        assert sum(p.numel() for p in model.parameters()) == entry["params"]
+        assert entry["bytes"] < 8 * 2 ** 20  # a few MB, inside the wheel
+    # self-describing: the recipe that made them, its time and what it measured
+    assert doc["recipe"]["command"] == "make weights"
+    assert doc["seconds"] > 0 and doc["trained_on"]
+    assert 0.0 <= doc["held_out"]["cpm"] <= 1.0 and doc["held_out"]["n_nodules"] > 0
+    # strict JSON: no NaN slipped in
+    json.loads(json.dumps(doc), parse_constant=lambda c: pytest.fail(f"manifest holds {c}"))
+
+
+@pytest.fixture
+def pair(tmp_path):
+    seg, cls = tmp_path / "seg.pt", tmp_path / "cls.pt"
+    save_seg_checkpoint(seg, SegModel())
+    save_cls_checkpoint(cls, LunaModel())
+    return seg, cls
+
+
+def test_install_writes_hashes_and_a_damaged_file_is_refused(tmp_path, pair):
+    folder = tmp_path / "weights"
+    doc = shipped.install_weights(*pair, {"recipe": {"command": "test"}, "seconds": 1.0}, folder)
+    assert doc["files"]["seg"]["params"] == 118_271
+    for kind in shipped.KINDS:
+        assert shipped.shipped_model(kind, folder) == folder / f"{kind}.pt"
+    # one flipped byte: refused with the file named, never loaded
+    data = bytearray((folder / "cls.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "cls.pt").write_bytes(bytes(data))
+    with pytest.raises(InputError, match="cls.pt: does not match the SHA-256"):
+        shipped.shipped_model("cls", folder)
+    # a seg file given as the classifier is refused before anything is copied
+    with pytest.raises(InputError, match="not a LunaModel"):
+        shipped.install_weights(pair[0], pair[0], {}, tmp_path / "other")
+    assert not (tmp_path / "other" / shipped.MANIFEST).exists()
+
+
+def test_no_or_bad_manifest_is_one_clear_error(tmp_path):
+    with pytest.raises(InputError, match="no shipped weights.*--seg and --cls"):
+        shipped.shipped_model("seg", tmp_path)
+    (tmp_path / shipped.MANIFEST).write_text("{not json")
+    with pytest.raises(InputError, match="unreadable weights manifest"):
+        shipped.shipped_model("seg", tmp_path)
+    (tmp_path / shipped.MANIFEST).write_text(json.dumps({"files": {"seg": {"file": "../seg.pt", "sha256": "0"}}}))
+    with pytest.raises(InputError, match="lists no seg and cls"):
+        shipped.shipped_model("seg", tmp_path)
+    (tmp_path / shipped.MANIFEST).write_text(json.dumps({"files": {k: {"file": "../x.pt"} for k in shipped.KINDS}}))
+    with pytest.raises(InputError, match="missing"):
+        shipped.shipped_model("cls", tmp_path)
+
+
+def test_detect_without_models_uses_the_shipped_weights(tmp_path, synth_data, capsys):
+    from nodulekit.cli import main
+
+    scan = sorted((synth_data / "subset0").glob("*.mhd"))[0]
+    out = tmp_path / "det"
+    assert main(["detect", str(scan), "--out", str(out), "--no-png", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"models: {shipped.WEIGHTS_DIR / 'seg.pt'} and {shipped.WEIGHTS_DIR / 'cls.pt'}" in printed
+    assert "(shipped with nodulekit)" in printed
+    doc = json.loads((out / "nodules.json").read_text())
+    assert doc["settings"]["seg"] == str(shipped.WEIGHTS_DIR / "seg.pt")
+    assert doc["settings"]["cls"] == str(shipped.WEIGHTS_DIR / "cls.pt")
+    assert all(math.isfinite(n["probability"]) for n in doc["scans"][0]["nodules"])
+
+
+def test_the_release_recipe_is_the_demos_training_on_more_scans_for_longer():
+    from nodulekit.demo import DemoConfig
+    from nodulekit.release import RELEASE_SEED, ReleaseConfig
+
+    rel, demo = ReleaseConfig(), DemoConfig.for_mode(quick=False)
+    d = rel.demo()
+    assert d.seed == RELEASE_SEED not in (demo.seed, 1)  # neither the demo's draw nor the independent one
+    assert d.scans >= 2 * demo.scans and round(d.val_fraction * d.scans) == rel.val_scans
+    seg, cls = d.seg_settings(), d.cls_settings()
+    assert seg["epochs"] * seg["steps_per_epoch"] >= 2 * demo.seg_epochs * demo.seg_steps
+    assert cls["epochs"] * cls["steps_per_epoch"] >= 2 * demo.cls_epochs * 60
+    assert not d.rknn
+
+
+def test_weights_cli_refuses_a_split_with_nothing_to_train_on(tmp_path, capsys):
+    from nodulekit.cli import main
+
+    assert main(["weights", "--out", str(tmp_path / "w"), "--scans", "4", "--val-scans", "4"]) != 0
+    err = capsys.readouterr().err
+    assert "--val-scans: 4 held out of 4 scans leaves none to train on" in err and "Traceback" not in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_the_model_card_shows_every_mark_above_the_threshold(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(shipped.WEIGHTS_DIR.parents[3] / "scripts"))
+    try:
+        import model_card
+    finally:
+        sys.path.pop(0)
+    entry = {"params": 1, "bytes": 2, "sha256": "ab" * 32}
+    manifest = {"recipe": {"command": "make weights", "seg_epochs": 1, "seg_steps": 2, "mine_slices": 3,
+                           "cls_epochs": 4, "cls_steps": 5, "cls_detector_from": 2},
+                "trained_on": "synthetic", "seconds": 600.0, "stage_seconds": {"train_seg": 300.0},
+                "created": "2026-12-06", "held_out": {"cpm": 0.9, "n_scans": 4, "n_nodules": 12},
+                "files": {"seg": entry, "cls": entry}}
+    froc = {"cpm": 0.812, "cpm_ci": [0.7, 0.9], "n_scans": 30, "n_nodules": 108,
+            "operating_points": {"at_threshold": {"true_positives": 90, "fps_per_scan": 3.25}}}
+    png = tmp_path / "p.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n")
+    nodule = {"probability": 0.93, "center_xyz": [1.0, 2.0, 3.0], "long_axis_mm": 6.5, "png": str(png)}
+    real = {"scans": [{"input": "/x/LIDC-IDRI-0002_dicom", "seriesuid": "1.2.3.444455556666", "geometry":
+                       {"shape_zyx": [12, 512, 512]}, "nodules": [nodule, {**nodule, "probability": 0.4}]}]}
+    card = tmp_path / "docs" / "model-card.md"
+    text = model_card.render(manifest, froc, real, card.parent / "img" / "mc", card, None, 0.5)
+    assert "CPM **0.812** (95 % CI 0.700-0.900) on 30 scans with 108 nodules" in text
+    assert "90/108 nodules found at 3.2 false marks per scan" in text
+    assert "### LIDC-IDRI-0002_dicom (12 slices): 1 mark(s) above 0.5" in text
+    assert "![mark 0](img/mc/444455556666_0.png)" in text
+    assert (card.parent / "img" / "mc" / "444455556666_0.png").is_file()
+    assert "CC BY 3.0" in text and "Not a medical device" in text and "synthetic CT only" in text
