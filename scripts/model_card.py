@@ -35,7 +35,7 @@ def _froc_line(froc: dict) -> str:
 
 
 def render(manifest: dict, froc: dict, real: dict, img_dir: Path, card: Path, demo_froc: dict | None,
-           threshold: float) -> str:
+           threshold: float, max_pictures: int = 10) -> str:
     recipe = manifest["recipe"]
     files = manifest["files"]
     stage = manifest.get("stage_seconds", {})
@@ -76,9 +76,11 @@ def render(manifest: dict, froc: dict, real: dict, img_dir: Path, card: Path, de
     lines += ["", f"Held-out scans of the training draw: CPM {manifest['held_out']['cpm']:.3f} on "
                   f"{manifest['held_out']['n_scans']} scans with {manifest['held_out']['n_nodules']} nodules.",
               "", "## Marks on real CT", "",
-              f"Every mark above p = {threshold:g} on the two shared real series, each shown so that a reader can "
-              "judge it. LIDC-IDRI-0002's 12 slices hold no nodule that LUNA16 lists: every mark there is false. "
-              "The CPTAC scan has no nodule list.", ""]
+              f"Every mark above p = {threshold:g} on the two shared real series (`make model-card` runs `nodulekit "
+              f"detect` with the shipped weights on them), the {max_pictures} most probable of each series shown so "
+              "that a reader can judge them (all of them are in the series' `nodules.json`). LIDC-IDRI-0002's 12 "
+              "slices hold no nodule that LUNA16 lists: every mark there is false. The CPTAC scan has no nodule "
+              "list.", ""]
     img_dir.mkdir(parents=True, exist_ok=True)
     for scan in real["scans"]:
         marks = [n for n in scan["nodules"] if n["probability"] >= threshold]
@@ -92,8 +94,8 @@ def render(manifest: dict, froc: dict, real: dict, img_dir: Path, card: Path, de
                       "| ---: | ---: | --- | ---: | --- |"]
         for k, n in enumerate(marks):
             png = Path(n["png"]) if n.get("png") else None
-            cell = "(no picture)"
-            if png is not None and png.is_file():
+            cell = "(listed only)" if k >= max_pictures else "(no picture)"
+            if png is not None and png.is_file() and k < max_pictures:
                 dest = img_dir / f"{scan['seriesuid'][-12:]}_{k}.png"
                 shutil.copyfile(png, dest)
                 cell = f"![mark {k}]({dest.relative_to(card.parent).as_posix()})"
@@ -117,12 +119,14 @@ def main() -> None:
     ap.add_argument("--real", required=True, type=Path, help="nodules.json of detect on the real scans")
     ap.add_argument("--demo-froc", type=Path, help="froc.json of the demo's models on the same draw")
     ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--max-pictures", type=int, default=10, help="pictures per real series (the rest are listed)")
     ap.add_argument("--out", type=Path, default=Path("docs/model-card.md"))
     args = ap.parse_args()
     img_dir = args.out.parent / "img" / "model-card"
     shutil.rmtree(img_dir, ignore_errors=True)
     text = render(read_manifest(), json.loads(args.froc.read_text()), json.loads(args.real.read_text()), img_dir,
-                  args.out, json.loads(args.demo_froc.read_text()) if args.demo_froc else None, args.threshold)
+                  args.out, json.loads(args.demo_froc.read_text()) if args.demo_froc else None, args.threshold,
+                  args.max_pictures)
     atomic_write_text(args.out, text)
     print(f"wrote {args.out} and {len(list(img_dir.glob('*.png')))} pictures in {img_dir}")
 
