@@ -86,8 +86,9 @@ weights: $(STAMP)
 	$(VENV)/bin/nodulekit weights --out runs/weights
 
 # docs/model-card.md: the shipped weights on the independent draw and on the shared real scans
-# (REAL: the folder of the CPTAC and LIDC-IDRI-0002 series), every mark above 0.5 shown; the demo's
-# recipe on the same draw too when `make froc-independent` has scored it
+# (REAL: the folder of the CPTAC and LIDC-IDRI-0002 series), every mark above 0.5 listed and the 10
+# most probable per series shown; the demo's recipe on the same draw too when `make froc-independent`
+# has scored it
 REAL ?= ../shared/data/real
 CARD := runs/model-card
 model-card: $(STAMP)
