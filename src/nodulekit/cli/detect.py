@@ -65,16 +65,8 @@ def run(args) -> int:
     from nodulekit.detect import run_detection
     from nodulekit.detect.candidates import MIN_VOLUME_MM3
 
-    seg, cls = args.seg, args.cls
-    if seg is None or cls is None:
-        from nodulekit.models.shipped import shipped_model
-
-        # a shipped file stands in only for the model not given, so one of them can be swapped
-        seg = seg or shipped_model("seg")
-        cls = cls or shipped_model("cls")
-        print(f"models: {seg} and {cls}" + (" (shipped with nodulekit)" if not (args.seg or args.cls) else ""))
     summary = run_detection(
-        args.inputs, seg, cls, args.out,
+        args.inputs, args.seg, args.cls, args.out,
         backend=args.backend, cls_backend=args.cls_backend, threshold=args.threshold,
         seg_threshold=args.seg_threshold, batch_size=args.batch_size, threads=args.threads,
         min_volume_mm3=MIN_VOLUME_MM3 if args.min_volume is None else args.min_volume,
@@ -82,6 +74,10 @@ def run(args) -> int:
         allow_external_data=args.allow_external_data, html=args.html, dicom_seg=args.dicom_seg,
         dicom_sr=args.dicom_sr, nifti=args.nifti,
     )
+    if args.seg is None or args.cls is None:  # say which files stood in
+        used = summary["settings"]
+        print(f"models: {used['seg']} and {used['cls']}"
+              + (" (shipped with nodulekit)" if args.seg is None and args.cls is None else ""))
     for f in summary["failed"]:
         print(f"FAILED {f['error']}")
     per_scan = summary["seconds_per_scan"]

@@ -134,8 +134,8 @@ def _csv_row(uid: str, cand) -> list[str]:
 
 def run_detection(
     inputs: Iterable[str | Path],
-    seg: str | Path,
-    cls: str | Path,
+    seg: str | Path | None,
+    cls: str | Path | None,
     out_dir: str | Path,
     *,
     backend: str = "torch",
@@ -158,8 +158,9 @@ def run_detection(
 
     Args:
         inputs: scan files (``.mhd``, ``.nii.gz``), DICOM folders or LUNA16 subset folders.
-        seg: segmentation checkpoint (nodulekit or dlwpt) or ``.onnx`` file.
-        cls: classifier checkpoint or ``.onnx`` file.
+        seg: segmentation checkpoint (nodulekit or dlwpt) or ``.onnx`` file; None: the weights
+            shipped with the package (:mod:`nodulekit.models.shipped`, hash checked).
+        cls: classifier checkpoint or ``.onnx`` file; None: the shipped one.
         out_dir: output folder (created).
         backend: runtime of the segmentation model (``torch``, ``onnx``).
         cls_backend: runtime of the classifier.
@@ -195,6 +196,12 @@ def run_detection(
     from nodulekit.deploy.runtime import load_cls_runner, load_seg_runner
 
     _check_options(threshold, seg_threshold, batch_size, threads, min_volume_mm3, max_png)
+    if seg is None or cls is None:
+        from nodulekit.models.shipped import shipped_model
+
+        # a shipped file stands in only for the model not given, so one of them can be swapped
+        seg = shipped_model("seg") if seg is None else seg
+        cls = shipped_model("cls") if cls is None else cls
     if progress is None:
         progress = sys.stderr.isatty()
     out_dir = Path(out_dir)
