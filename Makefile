@@ -12,7 +12,7 @@ DEMO_OUT := runs/demo
 DEMO_ARGS := $(if $(filter 1,$(QUICK)),--quick,)
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-rknn froc-independent froc-variants search weights model-card test test-fast rknn venv clean
+.PHONY: demo demo-rknn froc-independent froc-variants search weights seeds model-card test test-fast rknn venv clean
 
 venv: $(STAMP)
 
@@ -84,6 +84,15 @@ search: $(STAMP)
 # hashes, recipe, time and CPM (`nodulekit detect` uses them when --seg and --cls are not given)
 weights: $(STAMP)
 	$(VENV)/bin/nodulekit weights --out runs/weights
+
+# training recipes judged by their mean CPM over SEEDS on the independent draw, every seed trained on
+# the demo's draw (seed 0); RECIPES: NAME or NAME:field=value,... (`nodulekit seeds --help`), e.g.
+# make seeds RECIPES="demo short:cls_epochs=6"; stages are cached under runs/seeds
+SEEDS ?= 0 1 2
+RECIPES ?= demo
+seeds: $(STAMP)
+	$(INDEP_DATA)
+	$(VENV)/bin/nodulekit seeds $(INDEP)/data --seeds $(SEEDS) $(foreach r,$(RECIPES),--recipe $(r)) --out runs/seeds
 
 # docs/model-card.md: the shipped weights on the independent draw and on the shared real scans
 # (REAL: the folder of the CPTAC and LIDC-IDRI-0002 series), every mark above 0.5 listed and the 10

@@ -26,7 +26,7 @@ def test_synthetic_data_is_reused_only_with_the_same_parameters(tmp_path, monkey
     calls = []
 
     def fake_generate(out, n_scans, seed, **kw):
-        calls.append(n_scans)
+        calls.append(n_scans if seed == 0 else (n_scans, seed))
         out.mkdir(parents=True, exist_ok=True)
         summary = {"scans": n_scans}
         params = {"seed": seed, "n_scans": n_scans, "size": kw["size"], "max_slices": kw["max_slices"]}
@@ -41,6 +41,13 @@ def test_synthetic_data_is_reused_only_with_the_same_parameters(tmp_path, monkey
     cfg.scans += 1
     _synth(cfg, data)
     assert calls == [cfg.scans - 1, cfg.scans]
+    # the draw follows data_seed when it is set, whatever the training seed
+    cfg.seed = 5
+    _synth(cfg, data)
+    assert calls[-1] == (cfg.scans, 5)
+    cfg.data_seed = 0
+    _synth(cfg, data)
+    assert calls[-1] == cfg.scans and len(calls) == 4
 
 
 def test_demo_holds_out_the_same_number_of_scans_whatever_its_size():

@@ -46,6 +46,7 @@ class DemoConfig:
     out: str = "runs/demo"
     quick: bool = False
     seed: int = 0
+    data_seed: int | None = None  # seed of the synthetic draw; None: ``seed``, the training's
     scans: int = 20
     val_fraction: float = VAL_FRACTION  # held-out share of the scans (training, compression study, detection)
     size: int = 512
@@ -280,7 +281,8 @@ def _synth(cfg: DemoConfig, data: Path) -> dict:
     from nodulekit.data.synth import generate_dataset
 
     marker = data / "synth.json"
-    wanted = {"n_scans": cfg.scans, "seed": cfg.seed, "size": cfg.size, "max_slices": cfg.max_slices}
+    seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+    wanted = {"n_scans": cfg.scans, "seed": seed, "size": cfg.size, "max_slices": cfg.max_slices}
     if marker.is_file():
         # the generator is deterministic: the same arguments give the same bytes, so reuse them
         doc = json.loads(marker.read_text())
@@ -288,7 +290,7 @@ def _synth(cfg: DemoConfig, data: Path) -> dict:
             log.info("reusing the synthetic dataset in %s", data)
             return doc["summary"]
     shutil.rmtree(data, ignore_errors=True)
-    return generate_dataset(data, cfg.scans, cfg.seed, size=cfg.size, max_slices=cfg.max_slices,
+    return generate_dataset(data, cfg.scans, seed, size=cfg.size, max_slices=cfg.max_slices,
                             workers=cfg.workers)
 
 

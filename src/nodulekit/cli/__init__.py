@@ -35,6 +35,7 @@ COMMANDS = {
     "report": "report",
     "demo": "demo",
     "weights": "weights",
+    "seeds": "seeds",
 }
 
 

@@ -205,3 +205,17 @@ class OpenVinoClsRunner(OpenVinoRunner):
         from nodulekit.deploy.outputs import class1_probability
 
         return class1_probability(self._run(x)[-1])
+
+
+def compile_module(model, export, runner=OpenVinoRunner, threads: int | None = None):
+    """A torch module compiled by OpenVINO for the CPU, for training's validation and scoring:
+    ``export(model, path)`` writes it to a temporary ONNX file, ``runner(path, threads)`` compiles
+    it (the compiled model keeps no reference to the file, which is removed)."""
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export(model, path)
+        return runner(path, threads=torch.get_num_threads() if threads is None else threads)

@@ -149,21 +149,16 @@ def fast_scorer(model: torch.nn.Module, device="cpu"):
     than PyTorch on a CPU, with the same probabilities to float rounding (the export parity tests),
     and compiling costs about a second.
     """
-    import tempfile
-
     from nodulekit.deploy.openvino import openvino_available
 
     if not isinstance(model, LunaModel) or torch.device(device).type != "cpu" or not openvino_available():
         return model
     from nodulekit.deploy.export import export_cls_onnx
-    from nodulekit.deploy.openvino import OpenVinoClsRunner
+    from nodulekit.deploy.openvino import OpenVinoClsRunner, compile_module
 
     was_training = model.training
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "cls.onnx"
-            export_cls_onnx(model.eval().folded(), path)
-            return OpenVinoClsRunner(path, threads=torch.get_num_threads())
+        return compile_module(model.eval().folded(), export_cls_onnx, OpenVinoClsRunner)
     finally:
         model.train(was_training)
 

@@ -133,21 +133,16 @@ def fast_predictor(model: torch.nn.Module, device: torch.device | str = "cpu",
     stay in PyTorch: their quantizers are what is being validated.
     """
     import copy
-    import tempfile
 
     from nodulekit.deploy.openvino import openvino_available
 
     if type(model) is not SegModel or torch.device(device).type != "cpu" or not openvino_available():
         return torch_predictor(model, device, memory_format)
     from nodulekit.deploy.export import export_onnx
-    from nodulekit.deploy.openvino import OpenVinoRunner
+    from nodulekit.deploy.openvino import compile_module
 
     # the exporter traces contiguous weights; the training model keeps its layout
-    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "seg.onnx"
-        export_onnx(plain, path)
-        return OpenVinoRunner(path, threads=torch.get_num_threads())
+    return compile_module(copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval(), export_onnx)
 
 
 def _overlay(image7: np.ndarray, labels: np.ndarray, prob: np.ndarray) -> np.ndarray:

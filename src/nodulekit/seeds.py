@@ -1,0 +1,285 @@
+"""Judging a training recipe over several seeds (``nodulekit seeds``, ``make seeds``).
+
+One training run's CPM moves by up to 0.2 with its seed alone, more than most recipe changes
+gain, so a recipe is judged by the mean CPM of several training seeds and their spread. Each
+recipe is the demo's (or the release recipe's) settings with some overridden
+(:class:`nodulekit.demo.DemoConfig` fields). Every seed trains on the same synthetic draw and is
+scored on a second draw that nothing was trained or chosen on (``make froc-independent``'s), by
+LUNA16's FROC.
+
+Stages are cached by their settings under ``out``: recipes that differ only in the classifier
+share the segmentation and its mined negatives, and the independent scans are segmented once per
+segmentation model, whatever the number of classifiers behind it. Each finished stage leaves a
+``done.json``; a rerun reuses finished stages, so a killed run goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from nodulekit.errors import InputError
+from nodulekit.log import get_logger
+
+log = get_logger("seeds")
+
+BASES = ("demo", "weights")
+DATA_SEED = 0  # the demo's draw: every seed trains on it
+
+
+@dataclass
+class SeedsConfig:
+    """What to train and where to score it.
+
+    Args:
+        independent: LUNA16-layout folder of the scoring draw (``subset*/``, ``annotations.csv``,
+            ``annotations_excluded.csv``, ``seriesuids.csv``).
+        recipes: name -> ``DemoConfig`` fields to override on the base recipe (``{}``: the base).
+        base: ``demo`` (the demo's settings) or ``weights`` (the release recipe's).
+        seeds: training seeds; the training data is the same draw for all of them.
+        data_seed: seed of the training draw.
+    """
+
+    independent: str
+    out: str = "runs/seeds"
+    recipes: dict[str, dict] = field(default_factory=lambda: {"demo": {}})
+    base: str = "demo"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    data_seed: int = DATA_SEED
+    threads: int = 2
+
+
+def parse_recipe(text: str) -> tuple[str, dict]:
+    """``NAME`` or ``NAME:field=value,field=value`` (``DemoConfig`` fields) -> ``(name, overrides)``."""
+    from nodulekit.demo import DemoConfig
+
+    name, _, rest = text.partition(":")
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise InputError("--recipe", f"{text!r}: expected NAME or NAME:field=value,...")
+    types = {f.name: f.type for f in fields(DemoConfig)}
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in RECIPE_FIELDS:
+            raise InputError("--recipe", f"{item!r}: expected field=value with field one of {', '.join(RECIPE_FIELDS)}")
+        kind = float if "float" in str(types[key]) else int
+        try:
+            overrides[key] = kind(value)
+        except ValueError:
+            raise InputError("--recipe", f"{item!r}: {value!r} is not a number") from None
+    return name, overrides
+
+
+# the settings a recipe may change: the training ones (the draw and the held-out scans stay fixed,
+# so that the seeds and the recipes differ in nothing else)
+RECIPE_FIELDS = ("seg_epochs", "seg_steps", "seg_val_every", "cls_epochs", "cls_detector_from", "cls_steps",
+                 "cls_val_negatives", "mine_slices")
+
+
+def base_config(base: str, out: Path):
+    from nodulekit.demo import DemoConfig
+    from nodulekit.release import ReleaseConfig
+
+    if base == "demo":
+        return DemoConfig.for_mode(quick=False, out=str(out))
+    if base == "weights":
+        return ReleaseConfig(out=str(out)).demo()
+    raise InputError("--base", f"{base!r}: expected one of {', '.join(BASES)}")
+
+
+def _key(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _cached(folder: Path, run):
+    """``run(folder)``'s result (a :class:`nodulekit.demo.StageResult`), or the one a finished
+    earlier run left in ``folder/done.json``."""
+    from nodulekit.demo import StageResult
+    from nodulekit.io import json_ready, write_json
+
+    done = folder / "done.json"
+    if done.is_file():
+        doc = json.loads(done.read_text())
+        return StageResult(doc["summary"], {k: Path(v) for k, v in doc["files"].items()})
+    folder.mkdir(parents=True, exist_ok=True)
+    result = run(folder)
+    # a stage summary may hold paths and numpy numbers: kept as their text and Python numbers
+    summary = json.loads(json.dumps(json_ready(result.summary), default=str))
+    write_json(done, {"summary": summary, "files": {k: str(v) for k, v in result.files.items()}})
+    return result
+
+
+@dataclass
+class _Run:
+    recipe: str
+    seed: int
+    cfg: object  # DemoConfig
+    seg_key: str = ""
+    cls_key: str = ""
+    seg: Path | None = None
+    cls: Path | None = None
+    train: dict = field(default_factory=dict)
+
+
+def judge_recipes(cfg: SeedsConfig, *, progress: bool = True) -> dict:
+    """Train every recipe at every seed, score each pair of models on the independent draw and
+    write ``out/seeds.json`` and ``out/seeds.md``. Returns the summary."""
+    from nodulekit import demo as D
+    from nodulekit.io import atomic_write_text, write_json
+
+    indep = Path(cfg.independent)
+    for name in ("annotations.csv", "seriesuids.csv"):
+        if not (indep / name).is_file():
+            raise InputError(indep / name, "missing: the independent draw needs it (make froc-independent writes it)")
+    if not cfg.seeds:
+        raise InputError("--seeds", "no seed given")
+    out = Path(cfg.out)
+    t_all = time.perf_counter()
+    base = base_config(cfg.base, out)
+    base = replace(base, data_seed=cfg.data_seed)
+    data = _cached(out / "data" / _key(cfg.base, cfg.data_seed, base.scans, base.size, base.max_slices),
+                   lambda f: D.data_stage(replace(base, out=str(f)), f))
+
+    runs = []
+    for name, overrides in cfg.recipes.items():
+        for seed in cfg.seeds:
+            dcfg = replace(base, seed=seed, **overrides)
+            run = _Run(name, seed, dcfg)
+            run.seg_key = _key(data.files["data"], dcfg.seg_settings(), dcfg.mine_slices)
+            run.cls_key = _key(run.seg_key, dcfg.cls_settings())
+            runs.append(run)
+    for run in runs:
+        t0 = time.perf_counter()
+        seg = _cached(out / "seg" / run.seg_key,
+                      lambda f, c=run.cfg: D.train_seg_stage(replace(c, out=str(f)), f, data.files))
+        mined = _cached(out / "mine" / run.seg_key,
+                        lambda f, c=run.cfg, s=seg: D.mine_stage(replace(c, out=str(f)), f, data.files,
+                                                                 s.files["checkpoint"]))
+        cls = _cached(out / "cls" / run.cls_key,
+                      lambda f, c=run.cfg, m=mined: D.train_cls_stage(replace(c, out=str(f)), f, data.files,
+                                                                      m.files["candidates"]))
+        run.seg, run.cls = seg.files["checkpoint"], cls.files["checkpoint"]
+        run.train = {"seg": seg.summary.get("best", {}), "cls": cls.summary.get("best", {})}
+        log.info("recipe %s seed %d trained (%.0f s, cached stages included)", run.recipe, run.seed,
+                 time.perf_counter() - t0)
+
+    scores = _score(runs, indep, out / "score", threads=cfg.threads, progress=progress)
+    summary = _summarise(cfg, runs, scores, time.perf_counter() - t_all)
+    write_json(out / "seeds.json", summary)
+    atomic_write_text(out / "seeds.md", render_markdown(summary))
+    return summary
+
+
+def _score(runs: list[_Run], indep: Path, out: Path, *, threads: int, progress: bool) -> dict[str, dict]:
+    """FROC of each run's models on the independent draw, keyed by ``cls_key``: the scans are
+    segmented once per segmentation model and their candidates classified by every classifier
+    trained behind it, as ``nodulekit detect`` does (its all-candidates table)."""
+    from tqdm import tqdm
+
+    from nodulekit.data.ct import iter_ct_inputs
+    from nodulekit.deploy.runtime import load_cls_runner, load_seg_runner
+    from nodulekit.detect.candidates import classify
+    from nodulekit.detect.pipeline import CSV_COLUMNS, MIN_SLICES, _csv_row, detect_scan
+    from nodulekit.evaluate.froc import evaluate_froc
+    from nodulekit.io import atomic_write
+
+    scores: dict[str, dict] = {}
+    by_seg: dict[str, list[_Run]] = {}
+    for run in runs:
+        done = out / run.cls_key / "froc.json"
+        if done.is_file():
+            scores[run.cls_key] = json.loads(done.read_text())
+        elif run.cls_key not in {r.cls_key for r in by_seg.get(run.seg_key, [])}:
+            by_seg.setdefault(run.seg_key, []).append(run)
+    subsets = sorted(p for p in indep.glob("subset*") if p.is_dir())
+    for seg_key, group in by_seg.items():
+        seg_runner = load_seg_runner(group[0].seg, backend="auto", threads=threads)
+        cls_runners = [load_cls_runner(r.cls, backend="auto", threads=threads) for r in group]
+        rows: list[list] = [[] for _ in group]
+        t0 = time.perf_counter()
+        for item, ct in tqdm(iter_ct_inputs(subsets, min_slices=MIN_SLICES), desc=f"score {seg_key}", unit="scan",
+                             disable=not progress):
+            if isinstance(ct, Exception):
+                raise ct
+            found = detect_scan(ct, seg_runner, None)["candidates"]
+            for k, runner in enumerate(cls_runners):
+                cands = [copy.copy(c) for c in found]
+                classify(ct, cands, runner)
+                rows[k].extend(_csv_row(ct.seriesuid, c) for c in sorted(cands, key=lambda c: -c.probability))
+        seconds = time.perf_counter() - t0
+        for run, run_rows in zip(group, rows):
+            folder = out / run.cls_key
+            folder.mkdir(parents=True, exist_ok=True)
+
+            def write(tmp: Path, run_rows=run_rows) -> None:
+                with open(tmp, "w", newline="") as fh:
+                    writer = csv.writer(fh)
+                    writer.writerow(CSV_COLUMNS)
+                    writer.writerows(run_rows)
+
+            atomic_write(folder / "nodules.csv", write)
+            froc = evaluate_froc(folder / "nodules.csv", indep / "annotations.csv",
+                                 excluded_csv=_optional(indep / "annotations_excluded.csv"),
+                                 seriesuids_csv=indep / "seriesuids.csv", out_dir=folder)
+            froc["score_seconds"] = round(seconds, 1)
+            scores[run.cls_key] = froc
+        log.info("scored %d classifier(s) behind segmentation %s in %.0f s", len(group), seg_key, seconds)
+    return scores
+
+
+def _optional(path: Path) -> Path | None:
+    return path if path.is_file() else None
+
+
+def _at_threshold(froc: dict) -> dict:
+    op = (froc.get("operating_points") or {}).get("at_threshold") or {}
+    return {k: op.get(k) for k in ("sensitivity", "fps_per_scan", "n_detected") if k in op}
+
+
+def _summarise(cfg: SeedsConfig, runs: list[_Run], scores: dict, seconds: float) -> dict:
+    recipes = []
+    for name, overrides in cfg.recipes.items():
+        mine = [r for r in runs if r.recipe == name]
+        seeds = [{"seed": r.seed, "cpm": scores[r.cls_key]["cpm"], "cpm_ci": scores[r.cls_key].get("cpm_ci"),
+                  "at_threshold": _at_threshold(scores[r.cls_key]), "seg": str(r.seg), "cls": str(r.cls),
+                  "training": r.train} for r in mine]
+        cpms = [s["cpm"] for s in seeds]
+        recipes.append({"name": name, "overrides": overrides, "settings": _settings(mine[0].cfg),
+                        "seeds": seeds, "cpm_mean": statistics.fmean(cpms),
+                        "cpm_sd": statistics.stdev(cpms) if len(cpms) > 1 else None,
+                        "cpm_min": min(cpms), "cpm_max": max(cpms)})
+    first = next(iter(scores.values()))
+    return {"base": cfg.base, "data_seed": cfg.data_seed, "seeds": list(cfg.seeds),
+            "independent": {"data": str(cfg.independent), "n_scans": first.get("n_scans"),
+                            "n_nodules": first.get("n_nodules")},
+            "recipes": recipes, "seconds": round(seconds, 1)}
+
+
+def _settings(dcfg) -> dict:
+    keep = set(RECIPE_FIELDS) | {"scans", "size", "max_slices"}
+    return {k: v for k, v in asdict(dcfg).items() if k in keep}
+
+
+def render_markdown(summary: dict) -> str:
+    ind = summary["independent"]
+    lines = [f"# Recipes over {len(summary['seeds'])} training seeds",
+             "",
+             f"Base recipe: {summary['base']}; training draw: synthetic seed {summary['data_seed']}; scored on "
+             f"{ind['data']} ({ind['n_scans']} scans, {ind['n_nodules']} nodules), LUNA16 FROC.",
+             "",
+             "| recipe | overrides | CPM mean | SD | min | max | CPM per seed |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in summary["recipes"]:
+        over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(base)"
+        sd = "n/a" if r["cpm_sd"] is None else f"{r['cpm_sd']:.3f}"
+        per = ", ".join(f"{s['seed']}: {s['cpm']:.3f}" for s in r["seeds"])
+        lines.append(f"| {r['name']} | {over} | {r['cpm_mean']:.3f} | {sd} | {r['cpm_min']:.3f} | "
+                     f"{r['cpm_max']:.3f} | {per} |")
+    lines += ["", f"{summary['seconds'] / 60:.1f} min, cached stages included.", ""]
+    return "\n".join(lines)

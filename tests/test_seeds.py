@@ -1,0 +1,105 @@
+"""``nodulekit seeds``: recipes over several training seeds, scored on an independent draw.
+
+The training stages are replaced by stubs that hand back the shipped weights (training is what the
+demo's tests cover); the scoring runs for real on the small synthetic draw."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nodulekit import demo
+from nodulekit.demo import StageResult
+from nodulekit.models.shipped import shipped_model
+from nodulekit.seeds import SeedsConfig, judge_recipes, parse_recipe
+
+
+def _stub_training(monkeypatch, data: Path) -> dict:
+    calls = {"data": 0, "seg": [], "mine": 0, "cls": [], "segmented": 0}
+
+    def data_stage(cfg, out):
+        calls["data"] += 1
+        return StageResult({"scans": 4}, {"data": data, "split": out / "split.json"})
+
+    def seg_stage(cfg, out, files):
+        calls["seg"].append(cfg.seed)
+        return StageResult({"best": {"dice": 0.5}}, {"checkpoint": Path(shipped_model("seg"))})
+
+    def mine_stage(cfg, out, files, ckpt):
+        calls["mine"] += 1
+        return StageResult({}, {"candidates": out / "c.csv"})
+
+    def cls_stage(cfg, out, files, candidates):
+        calls["cls"].append((cfg.seed, cfg.cls_epochs))
+        return StageResult({"best": {"auc": 0.9}}, {"checkpoint": Path(shipped_model("cls"))})
+
+    from nodulekit.detect import pipeline
+
+    real_detect = pipeline.detect_scan
+
+    def counting_detect(*args, **kwargs):
+        calls["segmented"] += 1
+        return real_detect(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "data_stage", data_stage)
+    monkeypatch.setattr(demo, "train_seg_stage", seg_stage)
+    monkeypatch.setattr(demo, "mine_stage", mine_stage)
+    monkeypatch.setattr(demo, "train_cls_stage", cls_stage)
+    monkeypatch.setattr(pipeline, "detect_scan", counting_detect)
+    return calls
+
+
+def test_recipes_share_their_stages_and_report_the_mean_and_spread_of_their_seeds(synth_data, tmp_path,
+                                                                                   monkeypatch):
+    calls = _stub_training(monkeypatch, synth_data)
+    cfg = SeedsConfig(independent=str(synth_data), out=str(tmp_path / "seeds"), seeds=(0, 1),
+                      recipes={"demo": {}, "short": {"cls_epochs": 3}})
+    summary = judge_recipes(cfg, progress=False)
+
+    # one draw; a segmentation and its mining per seed, shared by the two recipes; a classifier per pair
+    assert calls["data"] == 1 and sorted(calls["seg"]) == [0, 1] and calls["mine"] == 2
+    assert sorted(calls["cls"]) == [(0, 3), (0, 8), (1, 3), (1, 8)]
+    n_scans = len((synth_data / "seriesuids.csv").read_text().split())
+    assert calls["segmented"] == 2 * n_scans  # each scan segmented once per segmentation model
+
+    doc = json.loads((tmp_path / "seeds" / "seeds.json").read_text())
+    assert doc == json.loads(json.dumps(summary))
+    assert [r["name"] for r in doc["recipes"]] == ["demo", "short"]
+    assert doc["independent"]["n_scans"] == n_scans
+    for r in doc["recipes"]:
+        cpms = [s["cpm"] for s in r["seeds"]]
+        assert [s["seed"] for s in r["seeds"]] == [0, 1] and all(0 <= c <= 1 for c in cpms)
+        assert r["cpm_mean"] == pytest.approx(sum(cpms) / 2)
+        assert r["cpm_min"] == min(cpms) and r["cpm_max"] == max(cpms)
+        # the stubs hand every seed the same models, so the seeds score alike
+        assert r["cpm_sd"] == pytest.approx(0, abs=1e-12)
+    assert doc["recipes"][1]["overrides"] == {"cls_epochs": 3}
+    assert doc["recipes"][1]["settings"]["cls_epochs"] == 3 and doc["recipes"][0]["settings"]["cls_epochs"] == 8
+    md = (tmp_path / "seeds" / "seeds.md").read_text()
+    assert "| short | cls_epochs=3 |" in md and f"{doc['recipes'][0]['cpm_mean']:.3f}" in md
+
+    # a rerun trains and segments nothing: every stage and score is reused
+    before = {k: (list(v) if isinstance(v, list) else v) for k, v in calls.items()}
+    again = judge_recipes(cfg, progress=False)
+    assert calls == before
+    assert [r["cpm_mean"] for r in again["recipes"]] == [r["cpm_mean"] for r in summary["recipes"]]
+
+
+def test_a_recipe_is_a_name_and_training_overrides():
+    assert parse_recipe("demo") == ("demo", {})
+    assert parse_recipe("short:cls_epochs=6,seg_steps=150") == ("short", {"cls_epochs": 6, "seg_steps": 150})
+    from nodulekit.errors import InputError
+
+    for bad in ("", "a:scans=3", "a:cls_epochs", "a:cls_epochs=x", "a b:cls_epochs=1"):
+        with pytest.raises(InputError):
+            parse_recipe(bad)
+
+
+def test_the_cli_refuses_a_draw_without_annotations_in_one_line(tmp_path, capsys):
+    from nodulekit.cli import main
+
+    assert main(["seeds", str(tmp_path), "--out", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "annotations.csv" in err and "missing" in err
