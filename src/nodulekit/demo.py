@@ -79,6 +79,7 @@ class DemoConfig:
     rknn: bool = True
     workers: int = 2
     max_png: int = 10  # nodule pictures per scan
+    progress: bool = True  # the trainings' progress bars
 
     @classmethod
     def for_mode(cls, *, quick: bool, out: str = "runs/demo", seed: int = 0, scans: int | None = None,
@@ -95,7 +96,7 @@ class DemoConfig:
 
     def seg_settings(self) -> dict:
         """``SegTrainConfig`` arguments of the demo's segmentation training (but ``data`` and ``out``)."""
-        return {"seed": self.seed, "val_fraction": self.val_fraction,
+        return {"seed": self.seed, "val_fraction": self.val_fraction, "progress": self.progress,
                 **_given(epochs=self.seg_epochs, steps_per_epoch=self.seg_steps, val_every=self.seg_val_every)}
 
     def cls_settings(self) -> dict:
@@ -104,7 +105,7 @@ class DemoConfig:
         from nodulekit.train.cls import ClsTrainConfig
 
         epochs = self.cls_epochs or ClsTrainConfig.epochs
-        return {"seed": self.seed, "val_fraction": self.val_fraction, "epochs": epochs,
+        return {"seed": self.seed, "val_fraction": self.val_fraction, "progress": self.progress, "epochs": epochs,
                 "detector_from_epoch": min(self.cls_detector_from, epochs), "keep": "last",
                 # the last epoch is kept whatever an earlier validation says: validate it alone
                 "val_every": epochs,

@@ -97,6 +97,11 @@ def _key(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def _trained(settings: dict) -> dict:
+    # what changes the trained model: the progress bars do not
+    return {k: v for k, v in settings.items() if k != "progress"}
+
+
 def _cached(folder: Path, run):
     """``run(folder)``'s result (a :class:`nodulekit.demo.StageResult`), or the one a finished
     earlier run left in ``folder/done.json``."""
@@ -142,7 +147,7 @@ def judge_recipes(cfg: SeedsConfig, *, progress: bool = True) -> dict:
     out = Path(cfg.out)
     t_all = time.perf_counter()
     base = base_config(cfg.base, out)
-    base = replace(base, data_seed=cfg.data_seed)
+    base = replace(base, data_seed=cfg.data_seed, progress=progress)
     data = _cached(out / "data" / _key(cfg.base, cfg.data_seed, base.scans, base.size, base.max_slices),
                    lambda f: D.data_stage(replace(base, out=str(f)), f))
 
@@ -151,8 +156,8 @@ def judge_recipes(cfg: SeedsConfig, *, progress: bool = True) -> dict:
         for seed in cfg.seeds:
             dcfg = replace(base, seed=seed, **overrides)
             run = _Run(name, seed, dcfg)
-            run.seg_key = _key(data.files["data"], dcfg.seg_settings(), dcfg.mine_slices)
-            run.cls_key = _key(run.seg_key, dcfg.cls_settings())
+            run.seg_key = _key(data.files["data"], _trained(dcfg.seg_settings()), dcfg.mine_slices)
+            run.cls_key = _key(run.seg_key, _trained(dcfg.cls_settings()))
             runs.append(run)
     for run in runs:
         t0 = time.perf_counter()

@@ -23,9 +23,9 @@ def add_parser(sub):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     p.add_argument("--data-seed", type=int, default=DATA_SEED,
                    help="seed of the training draw, the same for every seed (default: %(default)s)")
-    p.add_argument("--threads", type=number_type(int, "positive"), default=2, help="CPU threads (default: 2)")
+    p.add_argument("--threads", type=number_type(int, "positive"), default=2, help="threads of the scoring runtimes; training uses every core (default: 2)")
     p.add_argument("--out", default="runs/seeds", type=output_folder, help="working folder (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (training's and scoring's)")
     p.set_defaults(func=run)
 
 
