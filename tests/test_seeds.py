@@ -71,6 +71,8 @@ def test_recipes_share_their_stages_and_report_the_mean_and_spread_of_their_seed
     for r in doc["recipes"]:
         cpms = [s["cpm"] for s in r["seeds"]]
         assert [s["seed"] for s in r["seeds"]] == [0, 1] and all(0 <= c <= 1 for c in cpms)
+        assert all(set(s["at_threshold"]) == {"threshold", "sensitivity", "fps_per_scan", "true_positives"}
+                   for s in r["seeds"])
         assert r["cpm_mean"] == pytest.approx(sum(cpms) / 2)
         assert r["cpm_min"] == min(cpms) and r["cpm_max"] == max(cpms)
         # the stubs hand every seed the same models, so the seeds score alike

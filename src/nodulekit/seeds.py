@@ -244,7 +244,7 @@ def _optional(path: Path) -> Path | None:
 
 def _at_threshold(froc: dict) -> dict:
     op = (froc.get("operating_points") or {}).get("at_threshold") or {}
-    return {k: op.get(k) for k in ("sensitivity", "fps_per_scan", "n_detected") if k in op}
+    return {k: op.get(k) for k in ("threshold", "sensitivity", "fps_per_scan", "true_positives") if k in op}
 
 
 def _summarise(cfg: SeedsConfig, runs: list[_Run], scores: dict, seconds: float) -> dict:
@@ -271,6 +271,12 @@ def _settings(dcfg) -> dict:
     return {k: v for k, v in asdict(dcfg).items() if k in keep}
 
 
+def _mean_at(recipe: dict, key: str, spec: str) -> str:
+    """The seeds' mean of an ``at_threshold`` figure (the classifier's operating point)."""
+    values = [s["at_threshold"][key] for s in recipe["seeds"] if s["at_threshold"].get(key) is not None]
+    return format(statistics.fmean(values), spec) if values else "n/a"
+
+
 def render_markdown(summary: dict) -> str:
     ind = summary["independent"]
     lines = [f"# Recipes over {len(summary['seeds'])} training seeds",
@@ -278,13 +284,14 @@ def render_markdown(summary: dict) -> str:
              f"Base recipe: {summary['base']}; training draw: synthetic seed {summary['data_seed']}; scored on "
              f"{ind['data']} ({ind['n_scans']} scans, {ind['n_nodules']} nodules), LUNA16 FROC.",
              "",
-             "| recipe | overrides | CPM mean | SD | min | max | CPM per seed |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+             "| recipe | overrides | CPM mean | SD | min | max | CPM per seed | sensitivity at 0.5 | FP/scan at 0.5 |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for r in summary["recipes"]:
         over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(base)"
         sd = "n/a" if r["cpm_sd"] is None else f"{r['cpm_sd']:.3f}"
         per = ", ".join(f"{s['seed']}: {s['cpm']:.3f}" for s in r["seeds"])
         lines.append(f"| {r['name']} | {over} | {r['cpm_mean']:.3f} | {sd} | {r['cpm_min']:.3f} | "
-                     f"{r['cpm_max']:.3f} | {per} |")
+                     f"{r['cpm_max']:.3f} | {per} | {_mean_at(r, 'sensitivity', '.2f')} | "
+                     f"{_mean_at(r, 'fps_per_scan', '.1f')} |")
     lines += ["", f"{summary['seconds'] / 60:.1f} min, cached stages included.", ""]
     return "\n".join(lines)
