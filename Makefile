@@ -111,7 +111,8 @@ model-card: $(STAMP)
 	$(VENV)/bin/nodulekit detect $(REAL)/CPTAC-LSCC_C3N-00247 $(REAL)/LIDC-IDRI-0002_dicom --out $(CARD)/real \
 	  --no-progress
 	$(PY) scripts/model_card.py --froc $(CARD)/independent/evaluate/froc.json --real $(CARD)/real/nodules.json \
-	  $(if $(wildcard $(INDEP)/evaluate/froc.json),--demo-froc $(INDEP)/evaluate/froc.json,)
+	  $(if $(wildcard $(INDEP)/evaluate/froc.json),--demo-froc $(INDEP)/evaluate/froc.json,) \
+	  $(if $(wildcard runs/seeds/seeds.json),--seeds runs/seeds/seeds.json,)
 
 # two workers, a test file each at a time (its module fixtures are built once): most tests use one
 # core, and the two longest ones (the quick demo, the README's commands) then run side by side

@@ -1,12 +1,14 @@
 """Render docs/model-card.md from what `make model-card` measured with the shipped weights.
 
 Reads the package's weights manifest, the FROC of the shipped weights on the independent synthetic
-draw (and, when given, the demo recipe's FROC on the same draw), and the detections on the shared
+draw (and, when given, the demo recipe's FROC on the same draw and the recipes `make seeds` judged
+over several training seeds there), and the detections on the shared
 real scans; copies the PNG of every mark above the threshold on the real scans next to the card,
 so that a reader can judge each one. Every figure in the card comes from those files.
 
     python scripts/model_card.py --froc runs/model-card/independent/evaluate/froc.json \
-        --real runs/model-card/real/nodules.json [--demo-froc runs/independent/evaluate/froc.json]
+        --real runs/model-card/real/nodules.json [--demo-froc runs/independent/evaluate/froc.json] \
+        [--seeds runs/seeds/seeds.json]
 """
 
 from __future__ import annotations
@@ -34,8 +36,25 @@ def _froc_line(froc: dict) -> str:
             f"{at.get('fps_per_scan', float('nan')):.1f} false marks per scan")
 
 
+def _seeds_lines(seeds: dict) -> list[str]:
+    """The recipes `make seeds` judged on the same draw: mean CPM over the training seeds, spread."""
+    lines = ["", f"Recipes judged over training seeds on the same draw (`make seeds`, {_draw(seeds)}):", "",
+             "| recipe | settings changed | seeds | CPM mean | SD | CPM per seed |", "| --- | --- | ---: | ---: | ---: | --- |"]
+    for r in seeds["recipes"]:
+        over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or f"none (the {seeds['base']}'s)"
+        sd = "n/a" if r["cpm_sd"] is None else f"{r['cpm_sd']:.3f}"
+        lines.append(f"| {r['name']} | {over} | {len(r['seeds'])} | {r['cpm_mean']:.3f} | {sd} | "
+                     + " / ".join(f"{s['cpm']:.3f}" for s in r["seeds"]) + " |")
+    return lines
+
+
+def _draw(seeds: dict) -> str:
+    ind = seeds["independent"]
+    return f"{ind['n_scans']} scans, {ind['n_nodules']} nodules, each seed trained on synthetic seed {seeds['data_seed']}"
+
+
 def render(manifest: dict, froc: dict, real: dict, img_dir: Path, card: Path, demo_froc: dict | None,
-           threshold: float, max_pictures: int = 10) -> str:
+           threshold: float, max_pictures: int = 10, seeds: dict | None = None) -> str:
     recipe = manifest["recipe"]
     files = manifest["files"]
     stage = manifest.get("stage_seconds", {})
@@ -73,6 +92,8 @@ def render(manifest: dict, froc: dict, real: dict, img_dir: Path, card: Path, de
     if demo_froc is not None:
         lines += ["", f"The demo's recipe (`make demo`, then `make froc-independent`) on the same draw: "
                       f"{_froc_line(demo_froc)}."]
+    if seeds is not None:
+        lines += _seeds_lines(seeds)
     lines += ["", f"Held-out scans of the training draw: CPM {manifest['held_out']['cpm']:.3f} on "
                   f"{manifest['held_out']['n_scans']} scans with {manifest['held_out']['n_nodules']} nodules.",
               "", "## Marks on real CT", "",
@@ -118,6 +139,7 @@ def main() -> None:
     ap.add_argument("--froc", required=True, type=Path, help="froc.json of the shipped weights, independent draw")
     ap.add_argument("--real", required=True, type=Path, help="nodules.json of detect on the real scans")
     ap.add_argument("--demo-froc", type=Path, help="froc.json of the demo's models on the same draw")
+    ap.add_argument("--seeds", type=Path, help="seeds.json of `make seeds` on the same draw")
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--max-pictures", type=int, default=10, help="pictures per real series (the rest are listed)")
     ap.add_argument("--out", type=Path, default=Path("docs/model-card.md"))
@@ -126,7 +148,7 @@ def main() -> None:
     shutil.rmtree(img_dir, ignore_errors=True)
     text = render(read_manifest(), json.loads(args.froc.read_text()), json.loads(args.real.read_text()), img_dir,
                   args.out, json.loads(args.demo_froc.read_text()) if args.demo_froc else None, args.threshold,
-                  args.max_pictures)
+                  args.max_pictures, json.loads(args.seeds.read_text()) if args.seeds else None)
     atomic_write_text(args.out, text)
     print(f"wrote {args.out} and {len(list(img_dir.glob('*.png')))} pictures in {img_dir}")
 

@@ -140,3 +140,9 @@ def test_the_model_card_shows_every_mark_above_the_threshold(tmp_path):
     assert "![mark 0](img/mc/444455556666_0.png)" in text
     assert (card.parent / "img" / "mc" / "444455556666_0.png").is_file()
     assert "CC BY 3.0" in text and "Not a medical device" in text and "synthetic CT only" in text
+    assert "make seeds" not in text
+    seeds = {"base": "demo", "data_seed": 0, "independent": {"n_scans": 30, "n_nodules": 100},
+             "recipes": [{"name": "demo", "overrides": {}, "cpm_mean": 0.558, "cpm_sd": 0.0172,
+                          "seeds": [{"cpm": 0.561}, {"cpm": 0.573}, {"cpm": 0.539}]}]}
+    text = model_card.render(manifest, froc, real, card.parent / "img" / "mc", card, None, 0.5, seeds=seeds)
+    assert "| demo | none (the demo's) | 3 | 0.558 | 0.017 | 0.561 / 0.573 / 0.539 |" in text

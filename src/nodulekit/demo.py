@@ -56,7 +56,8 @@ class DemoConfig:
     seg_steps: int | None = 200
     # SegTrainConfig.val_every: after the last epoch only, the best one nearly always (cosine decay)
     seg_val_every: int | None = 8
-    # ClsTrainConfig.epochs: 6 epochs cost the held-out and the independent CPM several points
+    # ClsTrainConfig.epochs: shorter schedules lose independent CPM at every training seed
+    # (`make seeds`; docs/experiments.md)
     cls_epochs: int | None = 8
     # ClsTrainConfig.detector_from_epoch (its default): the epochs from this one on also meet the
     # detector's own false positives on the training scans, which the validation candidates do not
