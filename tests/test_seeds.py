@@ -21,6 +21,7 @@ def _stub_training(monkeypatch, data: Path) -> dict:
 
     def data_stage(cfg, out):
         calls["data"] += 1
+        (out / "split.json").write_text("{}")
         return StageResult({"scans": 4}, {"data": data, "split": out / "split.json"})
 
     def seg_stage(cfg, out, files):
@@ -29,6 +30,7 @@ def _stub_training(monkeypatch, data: Path) -> dict:
 
     def mine_stage(cfg, out, files, ckpt):
         calls["mine"] += 1
+        (out / "c.csv").write_text("seriesuid\n")
         return StageResult({}, {"candidates": out / "c.csv"})
 
     def cls_stage(cfg, out, files, candidates):
@@ -87,6 +89,11 @@ def test_recipes_share_their_stages_and_report_the_mean_and_spread_of_their_seed
     again = judge_recipes(cfg, progress=False)
     assert calls == before
     assert [r["cpm_mean"] for r in again["recipes"]] == [r["cpm_mean"] for r in summary["recipes"]]
+
+    # a finished stage whose file is gone runs again; the stages after it keep their results
+    next(iter((tmp_path / "seeds" / "mine").glob("*/c.csv"))).unlink()
+    judge_recipes(cfg, progress=False)
+    assert calls["mine"] == before["mine"] + 1 and calls["cls"] == before["cls"]
 
 
 def test_a_recipe_is_a_name_and_training_overrides():

@@ -104,14 +104,17 @@ def _trained(settings: dict) -> dict:
 
 def _cached(folder: Path, run):
     """``run(folder)``'s result (a :class:`nodulekit.demo.StageResult`), or the one a finished
-    earlier run left in ``folder/done.json``."""
+    earlier run left in ``folder/done.json`` while the files it lists are still there."""
     from nodulekit.demo import StageResult
     from nodulekit.io import json_ready, write_json
 
     done = folder / "done.json"
     if done.is_file():
         doc = json.loads(done.read_text())
-        return StageResult(doc["summary"], {k: Path(v) for k, v in doc["files"].items()})
+        files = {k: Path(v) for k, v in doc["files"].items()}
+        if all(p.exists() for p in files.values()):
+            return StageResult(doc["summary"], files)
+        log.info("%s: a file of the finished stage is gone; running it again", folder)
     folder.mkdir(parents=True, exist_ok=True)
     result = run(folder)
     # a stage summary may hold paths and numpy numbers: kept as their text and Python numbers
