@@ -94,6 +94,12 @@ def test_recipes_share_their_stages_and_report_the_mean_and_spread_of_their_seed
     next(iter((tmp_path / "seeds" / "mine").glob("*/c.csv"))).unlink()
     judge_recipes(cfg, progress=False)
     assert calls["mine"] == before["mine"] + 1 and calls["cls"] == before["cls"]
+    assert calls["segmented"] == before["segmented"]  # the models are the same: their scores stand
+    # a model trained anew is scored anew
+    next(iter((tmp_path / "seeds" / "seg").glob("*/done.json"))).unlink()
+    judge_recipes(cfg, progress=False)
+    assert len(calls["seg"]) == len(before["seg"]) + 1 and calls["segmented"] == before["segmented"] + n_scans
+    assert len(calls["cls"]) == len(before["cls"])  # both recipes' classifiers rescored behind it, not retrained
 
 
 def test_a_recipe_is_a_name_and_training_overrides():

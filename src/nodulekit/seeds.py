@@ -10,7 +10,8 @@ LUNA16's FROC.
 Stages are cached by their settings under ``out``: recipes that differ only in the classifier
 share the segmentation and its mined negatives, and the independent scans are segmented once per
 segmentation model, whatever the number of classifiers behind it. Each finished stage leaves a
-``done.json``; a rerun reuses finished stages, so a killed run goes on where it stopped.
+``done.json``; a rerun reuses finished stages whose files are still there, so a killed run goes on
+where it stopped, and scores again the classifiers behind any model it had to train anew.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _trained(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k != "progress"}
 
 
-def _cached(folder: Path, run):
+def _cached(folder: Path, run, ran: list[Path] | None = None):
     """``run(folder)``'s result (a :class:`nodulekit.demo.StageResult`), or the one a finished
     earlier run left in ``folder/done.json`` while the files it lists are still there."""
     from nodulekit.demo import StageResult
@@ -117,6 +118,8 @@ def _cached(folder: Path, run):
         log.info("%s: a file of the finished stage is gone; running it again", folder)
     folder.mkdir(parents=True, exist_ok=True)
     result = run(folder)
+    if ran is not None:
+        ran.append(folder)
     # a stage summary may hold paths and numpy numbers: kept as their text and Python numbers
     summary = json.loads(json.dumps(json_ready(result.summary), default=str))
     write_json(done, {"summary": summary, "files": {k: str(v) for k, v in result.files.items()}})
@@ -162,16 +165,21 @@ def judge_recipes(cfg: SeedsConfig, *, progress: bool = True) -> dict:
             run.seg_key = _key(data.files["data"], _trained(dcfg.seg_settings()), dcfg.mine_slices)
             run.cls_key = _key(run.seg_key, _trained(dcfg.cls_settings()))
             runs.append(run)
+    retrained: set[str] = set()  # segmentations trained anew in this call
     for run in runs:
-        t0 = time.perf_counter()
+        t0, ran = time.perf_counter(), []
         seg = _cached(out / "seg" / run.seg_key,
-                      lambda f, c=run.cfg: D.train_seg_stage(replace(c, out=str(f)), f, data.files))
+                      lambda f, c=run.cfg: D.train_seg_stage(replace(c, out=str(f)), f, data.files), ran)
         mined = _cached(out / "mine" / run.seg_key,
                         lambda f, c=run.cfg, s=seg: D.mine_stage(replace(c, out=str(f)), f, data.files,
                                                                  s.files["checkpoint"]))
         cls = _cached(out / "cls" / run.cls_key,
                       lambda f, c=run.cfg, m=mined: D.train_cls_stage(replace(c, out=str(f)), f, data.files,
-                                                                      m.files["candidates"]))
+                                                                      m.files["candidates"]), ran)
+        if out / "seg" / run.seg_key in ran:
+            retrained.add(run.seg_key)
+        if ran or run.seg_key in retrained:  # a model trained anew: its earlier score no longer stands
+            (out / "score" / run.cls_key / "froc.json").unlink(missing_ok=True)
         run.seg, run.cls = seg.files["checkpoint"], cls.files["checkpoint"]
         run.train = {"seg": seg.summary.get("best", {}), "cls": cls.summary.get("best", {})}
         log.info("recipe %s seed %d trained (%.0f s, cached stages included)", run.recipe, run.seed,
