@@ -1,7 +1,8 @@
 """Judging a training recipe over several seeds (``nodulekit seeds``, ``make seeds``).
 
-One training run's CPM moves by up to 0.2 with its seed alone, more than most recipe changes
-gain, so a recipe is judged by the mean CPM of several training seeds and their spread. Each
+One training run's CPM carries the noise of its training seed, so a recipe is judged by the mean
+CPM of several training seeds and their spread; recipes scored on the same draw with the same
+seeds are compared seed by seed. Each
 recipe is the demo's (or the release recipe's) settings with some overridden
 (:class:`nodulekit.demo.DemoConfig` fields). Every seed trains on the same synthetic draw and is
 scored on a second draw that nothing was trained or chosen on (``make froc-independent``'s), by
@@ -17,12 +18,11 @@ where it stopped, and scores again the classifiers behind any model it had to tr
 from __future__ import annotations
 
 import copy
-import csv
 import hashlib
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from nodulekit.errors import InputError
@@ -57,23 +57,20 @@ class SeedsConfig:
 
 
 def parse_recipe(text: str) -> tuple[str, dict]:
-    """``NAME`` or ``NAME:field=value,field=value`` (``DemoConfig`` fields) -> ``(name, overrides)``."""
-    from nodulekit.demo import DemoConfig
-
+    """``NAME`` or ``NAME:field=value,field=value`` (``DemoConfig`` fields of :data:`RECIPE_FIELDS`,
+    all whole numbers) -> ``(name, overrides)``."""
     name, _, rest = text.partition(":")
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise InputError("--recipe", f"{text!r}: expected NAME or NAME:field=value,...")
-    types = {f.name: f.type for f in fields(DemoConfig)}
     overrides = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq or key not in RECIPE_FIELDS:
             raise InputError("--recipe", f"{item!r}: expected field=value with field one of {', '.join(RECIPE_FIELDS)}")
-        kind = float if "float" in str(types[key]) else int
         try:
-            overrides[key] = kind(value)
+            overrides[key] = int(value)
         except ValueError:
-            raise InputError("--recipe", f"{item!r}: {value!r} is not a number") from None
+            raise InputError("--recipe", f"{item!r}: {value!r} is not a whole number") from None
     return name, overrides
 
 
@@ -201,9 +198,8 @@ def _score(runs: list[_Run], indep: Path, out: Path, *, threads: int, progress: 
     from nodulekit.data.ct import iter_ct_inputs
     from nodulekit.deploy.runtime import load_cls_runner, load_seg_runner
     from nodulekit.detect.candidates import classify
-    from nodulekit.detect.pipeline import CSV_COLUMNS, MIN_SLICES, _csv_row, detect_scan
+    from nodulekit.detect.pipeline import MIN_SLICES, csv_row, detect_scan, write_nodules_csv
     from nodulekit.evaluate.froc import evaluate_froc
-    from nodulekit.io import atomic_write
 
     scores: dict[str, dict] = {}
     by_seg: dict[str, list[_Run]] = {}
@@ -227,19 +223,12 @@ def _score(runs: list[_Run], indep: Path, out: Path, *, threads: int, progress: 
             for k, runner in enumerate(cls_runners):
                 cands = [copy.copy(c) for c in found]
                 classify(ct, cands, runner)
-                rows[k].extend(_csv_row(ct.seriesuid, c) for c in sorted(cands, key=lambda c: -c.probability))
+                rows[k].extend(csv_row(ct.seriesuid, c) for c in sorted(cands, key=lambda c: -c.probability))
         seconds = time.perf_counter() - t0
         for run, run_rows in zip(group, rows):
             folder = out / run.cls_key
             folder.mkdir(parents=True, exist_ok=True)
-
-            def write(tmp: Path, run_rows=run_rows) -> None:
-                with open(tmp, "w", newline="") as fh:
-                    writer = csv.writer(fh)
-                    writer.writerow(CSV_COLUMNS)
-                    writer.writerows(run_rows)
-
-            atomic_write(folder / "nodules.csv", write)
+            write_nodules_csv(folder / "nodules.csv", run_rows)
             froc = evaluate_froc(folder / "nodules.csv", indep / "annotations.csv",
                                  excluded_csv=_optional(indep / "annotations_excluded.csv"),
                                  seriesuids_csv=indep / "seriesuids.csv", out_dir=folder)

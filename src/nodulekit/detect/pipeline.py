@@ -127,9 +127,23 @@ def _geometry(ct) -> dict:
     }
 
 
-def _csv_row(uid: str, cand) -> list[str]:
+def csv_row(uid: str, cand) -> list[str]:
+    """A finding as a row of ``nodules.csv`` (:data:`CSV_COLUMNS`)."""
     x, y, z = cand.center_xyz
     return [uid, f"{x:.3f}", f"{y:.3f}", f"{z:.3f}", f"{cand.probability:.6f}", f"{cand.diameter_mm:.2f}"]
+
+
+def write_nodules_csv(path: Path, rows: list) -> None:
+    """``nodules.csv``: the header and ``rows`` (:func:`csv_row`), written atomically."""
+    from nodulekit.io import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(CSV_COLUMNS)
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def run_detection(
@@ -243,7 +257,7 @@ def run_detection(
                 t_read = time.perf_counter()
                 continue
             cands = sorted(res["candidates"], key=lambda c: -c.probability)
-            rows.extend(_csv_row(ct.seriesuid, c) for c in cands)
+            rows.extend(csv_row(ct.seriesuid, c) for c in cands)
             nodules = [c for c in cands if c.probability >= threshold]
             t_png = time.perf_counter()
             pngs = []
@@ -356,13 +370,7 @@ def _commit(out_dir: Path, staging: Path, rows: list, report: dict) -> None:
     """Move this run's outputs into ``out_dir`` in place of the earlier ones: each file through
     :func:`nodulekit.io.atomic_write`, the PNG folder by rename, ``.incomplete`` marking the few
     renames in between."""
-    from nodulekit.io import atomic_write, atomic_write_text
-
-    def write_csv(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(CSV_COLUMNS)
-            writer.writerows(rows)
+    from nodulekit.io import atomic_write_text
 
     marker = out_dir / INCOMPLETE
     atomic_write_text(marker, "a detect run was replacing nodules.csv, nodules.json and its folders here\n")
@@ -372,7 +380,7 @@ def _commit(out_dir: Path, staging: Path, rows: list, report: dict) -> None:
             old.rename(staging / f"{name}.old")
         if new.exists():
             new.rename(old)
-    atomic_write(out_dir / "nodules.csv", write_csv)
+    write_nodules_csv(out_dir / "nodules.csv", rows)
     atomic_write_text(out_dir / "nodules.json", json.dumps(report, indent=1))
     marker.unlink()
 
