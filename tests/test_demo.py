@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,9 @@ def test_stages_time_each_stage_and_name_the_one_that_failed():
         pass
     with stages.stage("optional", optional=True):
         raise RuntimeError("first line\nsecond line")
-    assert set(stages.timings) == {"ok", "optional"}
+    with stages.stage("beside") as own:  # work done in a child process reports its own time
+        own["seconds"] = 81.96
+    assert set(stages.timings) == {"ok", "optional", "beside"} and stages.timings["beside"] == 82.0
     assert stages.failed == {"optional": "RuntimeError: first line"}
     with pytest.raises(DemoStageError) as err:
         with stages.stage("needed"):
@@ -131,9 +134,18 @@ def _stub_stages(monkeypatch, tmp_path, *, classifier_fails: bool) -> dict:
     monkeypatch.setattr(demo, "data_stage", lambda cfg, out: StageResult({}, files))
     monkeypatch.setattr(demo, "train_seg_stage", lambda cfg, out, data: StageResult({}, {"checkpoint": out / "seg.pt"}))
     monkeypatch.setattr(demo, "mine_stage", lambda *a: StageResult({"failed": []}, {"candidates": tmp_path / "c.csv"}))
-    monkeypatch.setattr(demo, "train_cls_stage", lambda *a: StageResult({}, {"checkpoint": tmp_path / "cls.pt"}))
-    monkeypatch.setattr(demo, "optimize_stage", lambda cfg, out, data, seg_ckpt, rknn: StageResult(
-        {"baseline": "baseline", "variants": []}, {"onnx": out / "optimize" / "baseline" / "model.onnx"}))
+    monkeypatch.setattr(demo, "Beside", demo.Inline)  # a stub does not cross to a child process
+
+    def train_cls(cfg, out, data, candidates, threads=None):
+        seen["cls_threads"] = threads
+        return StageResult({}, {"checkpoint": tmp_path / "cls.pt"})
+
+    def optimize(cfg, out, data, seg_ckpt, rknn, before_timing=None):
+        before_timing()
+        return StageResult({"baseline": "baseline", "variants": []}, {"onnx": out / "optimize" / "baseline" / "model.onnx"})
+
+    monkeypatch.setattr(demo, "train_cls_stage", train_cls)
+    monkeypatch.setattr(demo, "optimize_stage", optimize)
     monkeypatch.setattr(demo, "classifier_stage", classifier)
     monkeypatch.setattr(demo, "detect_stage", detect)
     monkeypatch.setattr(demo, "evaluate_stage", lambda *a: StageResult({}, {}))
@@ -150,6 +162,28 @@ def test_run_demo_hands_each_stage_the_files_of_the_earlier_ones(tmp_path, monke
     assert seen["deployed"]["cls"] == str(out / "classifier" / "cls3d.onnx")
     assert json.loads((out / "models" / "deployed.json").read_text()) == seen["deployed"]
     assert report["classifier"] == [{"name": "cls3d_onnx_fp32"}] and "failed_stages" not in report
+    assert seen["cls_threads"] == 1  # the study has the other core
+
+
+def test_a_stage_beside_returns_its_value_and_time_or_its_failure_in_one_line():
+    import math
+
+    for runner in (demo.Beside, demo.Inline):
+        value, seconds = runner(math.factorial, 5).result()
+        assert value == 120 and seconds >= 0
+        failed = runner(math.factorial, -1)
+        failed.wait()
+        with pytest.raises(Exception) as err:
+            failed.result()
+        assert demo._one_line(err.value) == "ValueError: factorial() not defined for negative values"
+        failed.stop()
+    died = demo.Beside(os._exit, 3)  # no exception comes back from a process that vanished
+    with pytest.raises(demo.ChildStageError, match=r"died \(exit code 3\)$"):
+        died.result()
+    slow = demo.Beside(time.sleep, 60)
+    t0 = time.perf_counter()
+    slow.stop()  # after a failure beside it, the demo does not wait for the rest of the training
+    assert time.perf_counter() - t0 < 30 and not slow._proc.is_alive()
 
 
 def test_a_failed_classifier_study_is_reported_and_fails_the_demo(tmp_path, monkeypatch):

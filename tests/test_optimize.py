@@ -29,17 +29,34 @@ def study(datasets, synth_data, tmp_path_factory):
     from nodulekit.optimize.study import StudyConfig, run_study
     from nodulekit.report.render import render_report
 
+    import nodulekit.deploy.measure as M
+
     out = tmp_path_factory.mktemp("study")
+    events = []
+
+    def timed(paths, **kwargs):
+        events.append(("bench", len(paths)))
+        return bench(paths, **kwargs)
+
+    def before_timing():
+        # every file the study times is written by now
+        events.append(("wait", sorted(p.relative_to(out).as_posix() for p in out.rglob("*.onnx"))
+                       + sorted(p.relative_to(out).as_posix() for p in out.rglob("*.xml"))))
+
+    bench = M.bench
     torch.manual_seed(0)
-    report = run_study(SegModel(), synth_data, out, StudyConfig(**TINY), datasets=datasets)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(M, "bench", timed)
+        report = run_study(SegModel(), synth_data, out, StudyConfig(**TINY), datasets=datasets,
+                           before_timing=before_timing)
     assert not (out / "REPORT.md").exists()  # rendering is the caller's step
     render_report(out)
-    return out, report
+    return out, report, events
 
 
 @pytest.mark.parametrize("name", list(V.VARIANTS))
 def test_every_variant_is_built_exported_and_measured(study, name):
-    out, report = study
+    out, report, _ = study
     row = next(r for r in report["variants"] if r["name"] == name)
     assert "error" not in row, row.get("error")
     assert (out / row["artifact"]).is_file()
@@ -55,7 +72,7 @@ def test_every_variant_is_built_exported_and_measured(study, name):
 
 
 def test_study_ratios_and_files(study):
-    out, report = study
+    out, report, _ = study
     rows = {r["name"]: r for r in report["variants"]}
     assert rows["pruned_qat"]["weight_memory_ratio"] > 5.84
     assert rows["ptq"]["weight_memory_kib"] < rows["baseline"]["weight_memory_kib"] / 3
@@ -78,7 +95,7 @@ def test_cpu_table_measures_the_float_variants_in_every_cpu_runtime(study):
     """The CPU table: baseline and pruned in ONNX Runtime fp32, OpenVINO fp32 and OpenVINO int8, each
     row a deployed file with its size, latency and recall, ratios against ONNX Runtime's baseline."""
     pytest.importorskip("openvino")
-    out, report = study
+    out, report, _ = study
     rows = {r["name"]: r for r in report["cpu"]}
     assert set(rows) == {f"{v} {rt}" for v in ("baseline", "pruned")
                          for rt in ("onnxruntime fp32", "openvino fp32", "openvino int8")}
@@ -99,6 +116,20 @@ def test_cpu_table_measures_the_float_variants_in_every_cpu_runtime(study):
     text = (out / "REPORT.md").read_text()
     assert "CPU runtimes" in text and "baseline openvino int8" in text
     assert "CPU 运行时" in (out / "REPORT.zh.md").read_text()
+
+
+def test_latencies_are_timed_only_after_every_file_is_built_and_evaluated(study):
+    """``before_timing`` (where the demo waits for the classifier's training) comes after every
+    export and evaluation and before the first timed run; both tables are timed after it."""
+    out, report, events = study
+    assert [e[0] for e in events][0] == "wait" and [e[0] for e in events].count("wait") == 1
+    written = events[0][1]
+    for row in report["variants"]:
+        assert row["artifact"] in written and "recall" in row and row["latency_us"] > 0
+    assert [n for kind, n in events[1:]] == [len(report["variants"])] + ([len(report["cpu"])] if "cpu" in report else [])
+    for row in report.get("cpu", []):
+        assert row["artifact"] in written
+    assert report["timings_s"]["wait"] >= 0
 
 
 def test_variants_table_resolution():

@@ -2,8 +2,10 @@
 
 Stages, each timed into ``report.json["timings_s"]``:
 synthetic data (and the split, ``<out>/split.json``) -> train seg -> the segmentation's false
-positives on the training scans -> train cls -> six compression variants (+ RKNN builds when
+positives on the training scans -> train cls, beside six compression variants (+ RKNN builds when
 ``.venv-rknn`` exists) -> classifier on the NPU -> detection on the held-out scans -> FROC -> report.
+The classifier trains in a child process while the study builds its variants, so those two
+stages' times overlap; ``total`` is the wall time.
 
 Every stage reads the scans it works on from ``split.json`` and returns the files it wrote
 (:class:`StageResult`); the next stages take their inputs from those, and the models detection runs
@@ -19,7 +21,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from nodulekit import CLS_THRESHOLD, VAL_FRACTION
@@ -171,10 +173,13 @@ class _Stages:
 
     @contextmanager
     def stage(self, name: str, *, optional: bool = False):
+        """Time the block as stage ``name``; the block may set the yielded dict's ``seconds`` to
+        the stage's own time instead (work that ran in a child process beside other stages)."""
         log.info("== %s ==", name)
         t0 = time.perf_counter()
+        own: dict = {}
         try:
-            yield
+            yield own
         except DemoStageError:
             raise
         except Exception as exc:
@@ -182,7 +187,7 @@ class _Stages:
             self.failed[name] = _one_line(exc)
             if not optional:
                 raise DemoStageError(self.failed) from exc
-        self.timings[name] = round(time.perf_counter() - t0, 1)
+        self.timings[name] = round(own.get("seconds", time.perf_counter() - t0), 1)
         log.info("== %s done in %.1f s ==", name, self.timings[name])
 
     def check_scans(self, name: str, failed: list[dict]) -> None:
@@ -193,7 +198,7 @@ class _Stages:
 
 
 def _one_line(exc: BaseException) -> str:
-    lines = f"{type(exc).__name__}: {exc}".splitlines()
+    lines = (str(exc) if isinstance(exc, ChildStageError) else f"{type(exc).__name__}: {exc}").splitlines()
     return lines[0] if lines else type(exc).__name__
 
 
@@ -211,6 +216,88 @@ def _fast(backend: str) -> str:
     # an ONNX file runs in the fastest CPU runtime installed (OpenVINO reads it: the same
     # probabilities as ONNX Runtime to float rounding, faster on x86), else ONNX Runtime
     return "auto" if backend == "onnx" else backend
+
+
+class Beside:
+    """``fn(*args, **kwargs)`` run in a child process while this one goes on.
+
+    :meth:`result` waits for it and returns ``(value, seconds)``, or raises the child's exception;
+    :meth:`stop` ends the child if it still runs (after a failure of the work beside it). The child
+    starts fresh (``spawn``): it shares no threads or open runtimes with this process, and its
+    DataLoader may start workers of its own. Its log lines go to the same console.
+    """
+
+    def __init__(self, fn, *args, **kwargs):
+        import logging
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child_end = ctx.Pipe(duplex=False)
+        verbose = logging.getLogger("nodulekit").getEffectiveLevel() <= logging.DEBUG
+        self._proc = ctx.Process(target=_run_beside, args=(child_end, verbose, fn, args, kwargs),
+                                 name=f"nodulekit-{getattr(fn, '__name__', 'stage')}")
+        self._proc.start()
+        child_end.close()
+        self._outcome = None
+
+    def wait(self) -> None:
+        """Block until the child has finished (at once if it has)."""
+        if self._outcome is None:
+            try:
+                self._outcome = self._conn.recv()
+            except EOFError:  # killed, or out of memory: no exception came back
+                self._proc.join()
+                self._outcome = ("error", f"the process {self._proc.name} died (exit code {self._proc.exitcode})")
+            self._proc.join()
+
+    def result(self):
+        self.wait()
+        kind, value = self._outcome
+        if kind == "error":
+            raise value if isinstance(value, BaseException) else ChildStageError(value)
+        return value
+
+    def stop(self) -> None:
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join()
+
+
+class Inline(Beside):
+    """:class:`Beside`'s interface, run at once in this process (one core gains nothing from a
+    child)."""
+
+    def __init__(self, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            self._outcome = ("ok", (fn(*args, **kwargs), round(time.perf_counter() - t0, 1)))
+        except Exception as exc:
+            self._outcome = ("error", exc)
+
+    def wait(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class ChildStageError(NodulekitError):
+    """A stage run in a child process failed; ``str(err)`` is its exception, type and message."""
+
+
+def _run_beside(conn, verbose: bool, fn, args, kwargs) -> None:
+    from nodulekit.log import setup_logging
+
+    setup_logging(verbose)
+    t0 = time.perf_counter()
+    try:
+        # only plain data crosses back: an exception whose constructor differs from its arguments
+        # would fail to unpickle in the parent
+        conn.send(("ok", (fn(*args, **kwargs), round(time.perf_counter() - t0, 1))))
+    except BaseException as exc:
+        log.error("%s failed", getattr(fn, "__name__", "the stage"), exc_info=True)
+        conn.send(("error", _one_line(exc)))
+    conn.close()
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -236,10 +323,30 @@ def run_demo(cfg: DemoConfig) -> dict:
     with stages.stage("mine"):
         mined = mine_stage(cfg, out, data.files, seg.files["checkpoint"])
     stages.check_scans("mine", mined.summary.get("failed", []))
-    with stages.stage("train_cls"):
-        cls = train_cls_stage(cfg, out, data.files, mined.files["candidates"])
-    with stages.stage("optimize"):
-        study = optimize_stage(cfg, out, data.files, seg.files["checkpoint"], rknn)
+    # the classifier trains in a child process on one core while the study builds, exports and
+    # evaluates on the other; the study times its latencies only once the training is done
+    # (neither slows the other much on one core each, and together they took a third longer in turn);
+    # the child logs its epochs without a progress bar, which would garble the study's
+    import torch
+
+    threads = torch.get_num_threads()
+    training = (Beside if (os.cpu_count() or 1) >= 2 else Inline)(
+        train_cls_stage, replace(cfg, progress=False), out, data.files, mined.files["candidates"], threads=1)
+
+    def before_timing() -> None:
+        log.info("waiting for the classifier's training before timing the variants")
+        training.wait()
+        torch.set_num_threads(threads)
+
+    torch.set_num_threads(1)
+    try:
+        with stages.stage("optimize"):
+            study = optimize_stage(cfg, out, data.files, seg.files["checkpoint"], rknn, before_timing=before_timing)
+        with stages.stage("train_cls") as own:  # its own time, beside the study's
+            cls, own["seconds"] = training.result()
+    finally:
+        torch.set_num_threads(threads)
+        training.stop()
     classifier = StageResult({"rows": []})
     with stages.stage("classifier_npu", optional=True):
         classifier = classifier_stage(cfg, out, data.files, cls.files["checkpoint"], rknn)
@@ -324,28 +431,35 @@ def mine_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], seg_ckpt: Path
     return StageResult(mined, {"onnx": Path(onnx), "candidates": Path(mined["csv"])})
 
 
-def train_cls_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], detector_candidates: Path) -> StageResult:
-    """The classifier, trained on the split's training scans and the mined candidates; its last
-    checkpoint is copied to ``<out>/models/cls.pt``."""
+def train_cls_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], detector_candidates: Path,
+                    threads: int | None = None) -> StageResult:
+    """The classifier, trained on the split's training scans and the mined candidates (on
+    ``threads`` CPU threads, default all cores); its last checkpoint is copied to
+    ``<out>/models/cls.pt``."""
     from nodulekit.train.cls import ClsTrainConfig, train_cls
 
+    settings = cfg.cls_settings()
+    if threads is not None:
+        settings["threads"] = threads
     run = train_cls(ClsTrainConfig(data=str(data["data"]), out=str(_fresh(out / "train" / "cls")),
                                    detector_candidates=str(detector_candidates), split=str(data["split"]),
-                                   **cfg.cls_settings()))
+                                   **settings))
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
     return StageResult(run, {"checkpoint": Path(shutil.copy2(run["checkpoint"], models / "cls.pt"))})
 
 
-def optimize_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], seg_ckpt: Path, rknn: bool) -> StageResult:
+def optimize_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], seg_ckpt: Path, rknn: bool,
+                   before_timing=None) -> StageResult:
     """The six segmentation variants (and their RKNN builds) under ``<out>/optimize/``; ``onnx``
-    is the baseline's deployed fp32 ONNX, when it was exported."""
+    is the baseline's deployed fp32 ONNX, when it was exported. ``before_timing`` is
+    :func:`nodulekit.optimize.study.run_study`'s."""
     from nodulekit.optimize.study import StudyConfig, run_study
     from nodulekit.report.render import render_report
 
     study_dir = _fresh(out / "optimize")
     study_cfg = StudyConfig(rknn=rknn, split=str(data["split"]), **cfg.study_settings())
-    report = run_study(seg_ckpt, data["data"], study_dir, study_cfg)
+    report = run_study(seg_ckpt, data["data"], study_dir, study_cfg, before_timing=before_timing)
     render_report(study_dir)
     files = {"report": study_dir / "report.json"}
     base = next((r for r in report["variants"] if r["name"] == report["baseline"] and r.get("artifact")), None)

@@ -23,22 +23,28 @@ log = get_logger("deploy")
 def measure(rows: list[dict], *, quality: Callable[[dict], dict], x: np.ndarray | None = None,
             shape=None, runs: int = 20, warmup: int = 3, threads: int = 2, baseline: str | None = None,
             weight_memory: Callable[[dict], float] | None = None, timings: dict | None = None) -> None:
-    """Fill every row with an ``artifact`` and no ``error``, in place.
-
-    One loop per row: ``size_kib``, ``weight_memory_kib`` (``weight_memory(row)``, else counted from
-    the ONNX file) and the quality metrics ``quality(row)`` returns; a failure becomes the row's
-    ``error``. Then one interleaved :func:`bench` run times every row's CPU artifact on ``x`` (or a
-    random input of ``shape``), and :func:`add_ratios` compares each row with ``baseline``.
+    """Fill every row with an ``artifact`` and no ``error``, in place: :func:`fill_quality`, then
+    :func:`fill_latency`, then :func:`add_ratios` against ``baseline``.
 
     Args:
         timings: gets ``evaluate`` and ``bench`` seconds.
     """
+    fill_quality(rows, quality=quality, weight_memory=weight_memory, timings=timings)
+    fill_latency(rows, x=x, shape=shape, runs=runs, warmup=warmup, threads=threads, timings=timings)
+    if baseline is not None:
+        add_ratios(rows, baseline)
+
+
+def fill_quality(rows: list[dict], *, quality: Callable[[dict], dict],
+                 weight_memory: Callable[[dict], float] | None = None, timings: dict | None = None) -> None:
+    """One loop per row with an ``artifact`` and no ``error``: ``size_kib``, ``weight_memory_kib``
+    (``weight_memory(row)``, else counted from the ONNX file) and the quality metrics
+    ``quality(row)`` returns; a failure becomes the row's ``error``. ``timings`` gets ``evaluate``."""
     from nodulekit.deploy.onnx_utils import weight_memory_bytes
 
     timings = {} if timings is None else timings
-    todo = [r for r in rows if "error" not in r and r.get("artifact")]
     t0 = time.perf_counter()
-    for row in todo:
+    for row in _todo(rows):
         try:
             path = row["artifact"]
             row["size_kib"] = os.path.getsize(path) / 1024
@@ -48,9 +54,19 @@ def measure(rows: list[dict], *, quality: Callable[[dict], dict], x: np.ndarray 
             log.exception("measuring %s failed", row["name"])
             row["error"] = f"{type(exc).__name__}: {exc}"
     timings["evaluate"] = round(time.perf_counter() - t0, 2)
+
+
+def fill_latency(rows: list[dict], *, x: np.ndarray | None = None, shape=None, runs: int = 20, warmup: int = 3,
+                 threads: int = 2, timings: dict | None = None) -> None:
+    """One interleaved :func:`bench` run times every row's CPU artifact on ``x`` (or a random input
+    of ``shape``): ``latency_us`` and its 10th and 90th percentiles. NPU files are timed on the
+    board (their rows keep ``latency_us`` None here). ``timings`` gets ``bench``.
+
+    Kept apart from :func:`fill_quality` so that a caller can build and evaluate while other work
+    shares the CPU, and time only once the CPU is its own."""
+    timings = {} if timings is None else timings
     t0 = time.perf_counter()
-    # NPU files are timed on the board (their rows keep latency_us None here)
-    ok = [r for r in todo if "error" not in r and Path(r["artifact"]).suffix in BENCH_SUFFIXES]
+    ok = [r for r in _todo(rows) if Path(r["artifact"]).suffix in BENCH_SUFFIXES]
     kind = ok[0]["kind"] if ok else "seg"
     kwargs = {"shape": shape} if shape is not None else {}
     results = {b["artifact"]: b for b in bench([r["artifact"] for r in ok], runs=runs, warmup=warmup,
@@ -62,8 +78,10 @@ def measure(rows: list[dict], *, quality: Callable[[dict], dict], x: np.ndarray 
         if "error" in b:
             r["error"] = b["error"]
     timings["bench"] = round(time.perf_counter() - t0, 2)
-    if baseline is not None:
-        add_ratios(rows, baseline)
+
+
+def _todo(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "error" not in r and r.get("artifact")]
 
 
 # how each compression variant is built: fp16 (no quantization), toolkit int8, or the QDQ graph's int8

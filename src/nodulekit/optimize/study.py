@@ -13,6 +13,7 @@ import copy
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -258,13 +259,13 @@ def npu_section(rows: list[dict], out_dir: Path, train_ds, val_ds, cfg: StudyCon
     for name, r in by_name.items():
         stages = V.VARIANTS[name]
         if "qat" in stages:
-            triples.append((name, out_dir / r["artifact"], "qat"))
+            triples.append((name, Path(r["artifact"]), "qat"))
         elif "ptq" in stages:
             source = "pruned" if "prune" in stages else V.BASELINE
             if source in by_name:
-                triples.append((name, out_dir / by_name[source]["artifact"], "ptq"))
+                triples.append((name, Path(by_name[source]["artifact"]), "ptq"))
         else:
-            triples.append((name, out_dir / r["artifact"], "fp16"))
+            triples.append((name, Path(r["artifact"]), "fp16"))
     scans = train_ds.scans
     calibration = [scans[s].context(z)[None] for s, z in calibration_items(scans, cfg.calib_slices, seed=cfg.seed)]
     rows = npu_rows(triples, out_dir / "npu", calibration=calibration, val_ds=val_ds)
@@ -278,16 +279,16 @@ CPU_SOURCES = (V.BASELINE, "pruned")
 CPU_BASELINE = f"{V.BASELINE} onnxruntime fp32"
 
 
-def cpu_section(rows: list[dict], out_dir: Path, train_ds, val_ds, cfg: StudyConfig) -> list[dict]:
-    """``report.json["cpu"]``: the float variants (baseline, pruned) as ONNX Runtime fp32, OpenVINO
-    fp32 and OpenVINO int8 (NNCF on the ONNX Runtime PTQ's calibration slices), measured by one
-    loop with one interleaved timer, ratios against the baseline in ONNX Runtime. The int8 rows of
-    the main table are ONNX Runtime QDQ graphs; OpenVINO's int8 is the CPU runtime's own."""
+def cpu_rows(rows: list[dict], out_dir: Path, train_ds, val_ds, cfg: StudyConfig) -> list[dict]:
+    """``report.json["cpu"]`` before its timing: the float variants (baseline, pruned) as ONNX
+    Runtime fp32, OpenVINO fp32 and OpenVINO int8 (NNCF on the ONNX Runtime PTQ's calibration
+    slices), exported and evaluated; :func:`cpu_latency` times them. The int8 rows of the main table
+    are ONNX Runtime QDQ graphs; OpenVINO's int8 is the CPU runtime's own."""
     from nodulekit.deploy.export import export_openvino, export_openvino_int8
-    from nodulekit.deploy.measure import measure as measure_rows
+    from nodulekit.deploy.measure import fill_quality
     from nodulekit.deploy.onnx_utils import weight_memory_bytes
     from nodulekit.deploy.ptq import SliceReader, calibration_items
-    from nodulekit.deploy.rows import add_ratios, new_row
+    from nodulekit.deploy.rows import new_row
     from nodulekit.deploy.runtime import load_runner
     from nodulekit.evaluate.seg_metrics import evaluate_seg
 
@@ -297,7 +298,7 @@ def cpu_section(rows: list[dict], out_dir: Path, train_ds, val_ds, cfg: StudyCon
     out: list[dict] = []
     for name in (n for n in CPU_SOURCES if n in by_name):
         src = by_name[name]
-        onnx_path = out_dir / src["artifact"]
+        onnx_path = Path(src["artifact"])
         out.append(new_row(f"{name} onnxruntime fp32", "seg", "onnx", "fp32", str(onnx_path), variant=name,
                            runtime="onnxruntime", **{k: src.get(k) for k in ("recall", "precision", "dice",
                                                                             "nodule_recall")}))
@@ -328,18 +329,24 @@ def cpu_section(rows: list[dict], out_dir: Path, train_ds, val_ds, cfg: StudyCon
             return path.with_suffix(".bin").stat().st_size / 1024
         return weight_memory_bytes(path) / 1024
 
-    size = cfg.bench_size
-    measure_rows(out, quality=quality, weight_memory=weight_memory, shape=(1, SEG_CHANNELS, size, size),
-                 runs=cfg.bench_runs, warmup=cfg.bench_warmup, threads=cfg.threads)
+    fill_quality(out, quality=quality, weight_memory=weight_memory)
     for row in out:
         path = Path(row["artifact"])
         if "error" not in row and path.suffix == ".xml":  # the deployed IR is both files
             row["size_kib"] = (path.stat().st_size + path.with_suffix(".bin").stat().st_size) / 1024
-    add_ratios(out, CPU_BASELINE)
-    for row in out:
-        if row.get("artifact"):
-            row["artifact"] = os.path.relpath(row["artifact"], out_dir)
     return out
+
+
+def cpu_latency(rows: list[dict], cfg: StudyConfig) -> None:
+    """Time :func:`cpu_rows`' rows in one interleaved run and compare each with ONNX Runtime's
+    fp32 baseline, in place."""
+    from nodulekit.deploy.measure import fill_latency
+    from nodulekit.deploy.rows import add_ratios
+
+    size = cfg.bench_size
+    fill_latency(rows, shape=(1, SEG_CHANNELS, size, size), runs=cfg.bench_runs, warmup=cfg.bench_warmup,
+                 threads=cfg.threads)
+    add_ratios(rows, CPU_BASELINE)
 
 
 def _hist(model: torch.nn.Module, bins: int = 40) -> dict:
@@ -352,23 +359,34 @@ def _hist(model: torch.nn.Module, bins: int = 40) -> dict:
     return out
 
 
-def measure(rows: list[dict], val_ds, cfg: StudyConfig, timings: dict) -> None:
-    """Fill size, weight memory, accuracy (ONNX Runtime on the deployed file), latency and the
-    ratios against the baseline in place (:func:`nodulekit.deploy.measure.measure`); then each
-    variant's recall at the baseline's precision."""
-    from nodulekit.deploy.measure import measure as measure_rows
+def evaluate_rows(rows: list[dict], val_ds, cfg: StudyConfig, timings: dict) -> None:
+    """Fill size, weight memory and accuracy (ONNX Runtime on the deployed file) in place
+    (:func:`nodulekit.deploy.measure.fill_quality`)."""
+    from nodulekit.deploy.measure import fill_quality
     from nodulekit.deploy.onnx_utils import param_count
     from nodulekit.deploy.runtime import OnnxRunner
-    from nodulekit.evaluate.seg_metrics import evaluate_seg, recall_at_precision
+    from nodulekit.evaluate.seg_metrics import evaluate_seg
 
     def quality(row: dict) -> dict:
         metrics = evaluate_seg(OnnxRunner(row["artifact"], threads=cfg.threads), val_ds, pr_bins=PR_BINS)
         return {"onnx_params": param_count(row["artifact"]),
                 **{k: metrics[k] for k in ("recall", "precision", "dice", "nodule_recall", "pr_hist") if k in metrics}}
 
+    fill_quality(rows, quality=quality, timings=timings)
+
+
+def time_rows(rows: list[dict], cfg: StudyConfig, timings: dict) -> None:
+    """Latency of every deployed file in one interleaved run
+    (:func:`nodulekit.deploy.measure.fill_latency`), the ratios against the baseline, and each
+    variant's recall at the baseline's precision, in place."""
+    from nodulekit.deploy.measure import fill_latency
+    from nodulekit.deploy.rows import add_ratios
+    from nodulekit.evaluate.seg_metrics import recall_at_precision
+
     size = cfg.bench_size
-    measure_rows(rows, quality=quality, shape=(1, SEG_CHANNELS, size, size), runs=cfg.bench_runs,
-                 warmup=cfg.bench_warmup, threads=cfg.threads, baseline=V.BASELINE, timings=timings)
+    fill_latency(rows, shape=(1, SEG_CHANNELS, size, size), runs=cfg.bench_runs, warmup=cfg.bench_warmup,
+                 threads=cfg.threads, timings=timings)
+    add_ratios(rows, V.BASELINE)
     base = next((r for r in rows if r["name"] == V.BASELINE and "error" not in r), None)
     if base and np.isfinite(base.get("precision", np.nan)):
         for r in rows:
@@ -391,7 +409,8 @@ def machine_info(threads: int) -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
 
 
-def run_study(seg_ckpt, data_dir, out_dir, cfg: StudyConfig | None = None, *, datasets=None) -> dict:
+def run_study(seg_ckpt, data_dir, out_dir, cfg: StudyConfig | None = None, *, datasets=None,
+              before_timing: Callable[[], None] | None = None) -> dict:
     """Build, export and measure every requested variant of a segmentation checkpoint.
 
     Args:
@@ -401,6 +420,9 @@ def run_study(seg_ckpt, data_dir, out_dir, cfg: StudyConfig | None = None, *, da
             :func:`nodulekit.report.render.render_report`).
         cfg: settings (defaults: :class:`StudyConfig`).
         datasets: ``(train_ds, val_ds)`` already built (skips reading ``data_dir``).
+        before_timing: called once every variant is built, exported and evaluated, before the
+            first latency is timed: a caller that runs other work beside the study waits for it
+            there, so that the latencies are timed on a CPU that is the study's alone.
 
     Returns:
         The report dict written to ``report.json``.
@@ -455,12 +477,9 @@ def run_study(seg_ckpt, data_dir, out_dir, cfg: StudyConfig | None = None, *, da
             log.exception("export of %s failed", name)
             row["error"] = f"{type(exc).__name__}: {exc}"
         rows.append(row)
-    measure(rows, val_ds, cfg, timings)
-    for row in rows:
-        if row.get("artifact"):
-            row["artifact"] = os.path.relpath(row["artifact"], out_dir)
+    evaluate_rows(rows, val_ds, cfg, timings)
     npu = None
-    if cfg.rknn:
+    if cfg.rknn:  # built by the toolkit and timed on a board, never on this CPU
         t0 = time.perf_counter()
         npu = npu_section(rows, out_dir, train_ds, val_ds, cfg)
         timings["npu"] = round(time.perf_counter() - t0, 2)
@@ -470,10 +489,22 @@ def run_study(seg_ckpt, data_dir, out_dir, cfg: StudyConfig | None = None, *, da
 
         if openvino_available():
             t0 = time.perf_counter()
-            cpu = cpu_section(rows, out_dir, train_ds, val_ds, cfg)
+            cpu = cpu_rows(rows, out_dir, train_ds, val_ds, cfg)
             timings["cpu"] = round(time.perf_counter() - t0, 2)
         else:
             log.info("CPU table skipped: openvino is not installed")
+    if before_timing is not None:
+        t0 = time.perf_counter()
+        before_timing()
+        timings["wait"] = round(time.perf_counter() - t0, 2)
+    time_rows(rows, cfg, timings)
+    if cpu is not None:
+        t0 = time.perf_counter()
+        cpu_latency(cpu, cfg)
+        timings["cpu"] += round(time.perf_counter() - t0, 2)
+    for row in [*rows, *(cpu or [])]:
+        if row.get("artifact"):
+            row["artifact"] = os.path.relpath(row["artifact"], out_dir)
     timings["total"] = round(time.perf_counter() - t_all, 2)
 
     report = {
