@@ -253,3 +253,31 @@ def test_quick_demo_end_to_end(tmp_path):
     deployed = json.loads((out / "models" / "deployed.json").read_text())
     assert deployed["backend"] == deployed["cls_backend"] == "onnx"
     assert Path(deployed["seg"]).is_file() and Path(deployed["cls"]).is_file()
+
+
+def test_a_training_follows_the_thread_budget_its_parent_sets():
+    import multiprocessing
+
+    import torch
+
+    from nodulekit.train import threads
+
+    before = torch.get_num_threads()
+    budget = multiprocessing.get_context("spawn").Value("i", 0)
+    threads.attach(budget)
+    try:
+        threads.follow()  # no budget set yet: the count stays
+        assert torch.get_num_threads() == before
+        budget.value = 1
+        threads.follow()
+        assert torch.get_num_threads() == 1
+        budget.value = 2
+        threads.follow()
+        assert torch.get_num_threads() == 2
+    finally:
+        threads.attach(None)
+        torch.set_num_threads(before)
+    child = demo.Beside(time.sleep, 0)
+    child.set_threads(2)  # what the child's training loop reads
+    assert child._threads.value == 2
+    child.result()

@@ -222,9 +222,10 @@ class Beside:
     """``fn(*args, **kwargs)`` run in a child process while this one goes on.
 
     :meth:`result` waits for it and returns ``(value, seconds)``, or raises the child's exception;
-    :meth:`stop` ends the child if it still runs (after a failure of the work beside it). The child
-    starts fresh (``spawn``): it shares no threads or open runtimes with this process, and its
-    DataLoader may start workers of its own. Its log lines go to the same console.
+    :meth:`stop` ends the child if it still runs (after a failure of the work beside it);
+    :meth:`set_threads` changes the child's thread budget (:mod:`nodulekit.train.threads`). The
+    child starts fresh (``spawn``): it shares no threads or open runtimes with this process, and
+    its DataLoader may start workers of its own. Its log lines go to the same console.
     """
 
     def __init__(self, fn, *args, **kwargs):
@@ -233,8 +234,9 @@ class Beside:
 
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_end = ctx.Pipe(duplex=False)
+        self._threads = ctx.Value("i", 0)
         verbose = logging.getLogger("nodulekit").getEffectiveLevel() <= logging.DEBUG
-        self._proc = ctx.Process(target=_run_beside, args=(child_end, verbose, fn, args, kwargs),
+        self._proc = ctx.Process(target=_run_beside, args=(child_end, self._threads, verbose, fn, args, kwargs),
                                  name=f"nodulekit-{getattr(fn, '__name__', 'stage')}")
         self._proc.start()
         child_end.close()
@@ -249,6 +251,10 @@ class Beside:
                 self._proc.join()
                 self._outcome = ("error", f"the process {self._proc.name} died (exit code {self._proc.exitcode})")
             self._proc.join()
+
+    def set_threads(self, n: int) -> None:
+        """Let the child's training use ``n`` threads from its next step on."""
+        self._threads.value = int(n)
 
     def result(self):
         self.wait()
@@ -277,6 +283,9 @@ class Inline(Beside):
     def wait(self) -> None:
         pass
 
+    def set_threads(self, n: int) -> None:
+        pass
+
     def stop(self) -> None:
         pass
 
@@ -285,10 +294,12 @@ class ChildStageError(NodulekitError):
     """A stage run in a child process failed; ``str(err)`` is its exception, type and message."""
 
 
-def _run_beside(conn, verbose: bool, fn, args, kwargs) -> None:
+def _run_beside(conn, threads, verbose: bool, fn, args, kwargs) -> None:
     from nodulekit.log import setup_logging
+    from nodulekit.train import threads as budget
 
     setup_logging(verbose)
+    budget.attach(threads)
     t0 = time.perf_counter()
     try:
         # only plain data crosses back: an exception whose constructor differs from its arguments
@@ -334,7 +345,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         train_cls_stage, replace(cfg, progress=False), out, data.files, mined.files["candidates"], threads=1)
 
     def before_timing() -> None:
+        # this process only waits from here on: the training may have both cores
         log.info("waiting for the classifier's training before timing the variants")
+        training.set_threads(threads)
         training.wait()
         torch.set_num_threads(threads)
 

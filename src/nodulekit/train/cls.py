@@ -22,7 +22,7 @@ from nodulekit.data.crops import DEFAULT_CROP_SPACING
 from nodulekit.log import get_logger
 from nodulekit.models.checkpoint import read_checkpoint, save_cls_checkpoint
 from nodulekit.models.classifier import LunaModel
-from nodulekit.train import _runlog
+from nodulekit.train import _runlog, threads
 from nodulekit.train.config import FRACTION, POSITIVE, SHARE, TrainConfig, setting
 from nodulekit.train.ddp import barrier, cleanup, init_distributed, mean_across, wrap_model
 from nodulekit.train.seg import lr_factor
@@ -284,6 +284,7 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
 
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
+            threads.follow()  # the scorers below compile for the current thread count
             train_ds.set_epoch(epoch)
             share = cfg.detector_share if epoch + 1 >= cfg.detector_from_epoch else 0.0
             pick = None
@@ -303,6 +304,7 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
             loss_sum = 0.0
             for i, (x, y) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                                             disable=not (cfg.progress and ctx.is_main))):
+                threads.follow()
                 if aug is not None:
                     x = aug(x, generator=gen)
                 for group in opt.param_groups:
