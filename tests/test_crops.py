@@ -55,6 +55,39 @@ def test_resampled_crops_show_a_nodule_at_the_same_size_whatever_the_slice_spaci
     assert abs(counts[0] - counts[1]) / expected < 0.2
 
 
+def _map_coordinates_crop(hu, spacing_irc, center_irc, shape, crop_spacing):
+    """The same crop by ``scipy.ndimage.map_coordinates``: eight weights per output voxel."""
+    from scipy import ndimage
+
+    shape = np.asarray(shape, dtype=int)
+    step = np.asarray(crop_spacing, dtype=np.float64) / np.asarray(spacing_irc, dtype=np.float64)
+    first = np.asarray(center_irc, dtype=np.float64) - (shape // 2) * step
+    lo = np.floor(first).astype(int) - 1
+    box_shape = np.ceil(first + (shape - 1) * step).astype(int) + 2 - lo
+    box = crop_hu(hu, lo + box_shape // 2, box_shape).astype(np.float32)
+    axes = [first[k] - lo[k] + step[k] * np.arange(shape[k]) for k in range(3)]
+    coords = np.stack(np.meshgrid(*axes, indexing="ij")).reshape(3, -1)
+    out = ndimage.map_coordinates(box, coords, order=1, mode="nearest").reshape(tuple(shape))
+    return np.clip(out, -1000, 1000)
+
+
+@pytest.mark.parametrize("center", [(30.3, 60.7, 64.1), (1.2, 3.3, 125.9), (58.9, 118.0, 2.0), (-40, 5, 5)])
+def test_resampled_crops_equal_map_coordinates(center):
+    """Training's and detection's crops (axis by axis) against ``map_coordinates``' trilinear ones,
+    inside the volume, across its edges and outside it, to float32 rounding of HU."""
+    from nodulekit.detect.crops import cls_crops
+
+    hu = np.random.default_rng(0).integers(-1100, 1500, (60, 120, 130)).astype(np.int16)
+    spacing_xyz = (0.56, 0.56, 1.0)
+    want = _map_coordinates_crop(hu, spacing_xyz[::-1], center, (32, 48, 48), (1.25, 0.8, 0.8))
+    got = resampled_crop(hu, spacing_xyz[::-1], center, (32, 48, 48), (1.25, 0.8, 0.8))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-2)
+    batch = cls_crops(hu, spacing_xyz, [center, center], (32, 48, 48), (1.25, 0.8, 0.8))
+    assert batch.shape == (2, 1, 32, 48, 48)
+    np.testing.assert_array_equal(batch[1, 0], got)
+
+
 def test_resampled_crop_outside_the_volume_is_air():
     hu = np.full((10, 20, 20), 300, dtype=np.int16)
     crop = resampled_crop(hu, (1.0, 1.0, 1.0), (5, 10, 10), (16, 16, 16), (2.0, 2.0, 2.0))

@@ -289,21 +289,6 @@ def test_the_default_path_finds_what_the_float_path_finds(tmp_path, monkeypatch)
         assert a.probability == pytest.approx(b.probability, abs=1e-4)
 
 
-@pytest.mark.parametrize("center", [(30.3, 60.7, 64.1), (1.2, 3.3, 125.9), (58.9, 118.0, 2.0)])
-def test_separable_crops_equal_map_coordinates(center):
-    """Detection's crops (axis by axis) against training's (``map_coordinates``), inside the volume
-    and across its edges, to float32 rounding of HU."""
-    from nodulekit.data.crops import resampled_crop
-    from nodulekit.detect.crops import cls_crops
-
-    hu = np.random.default_rng(0).integers(-1100, 1500, (60, 120, 130)).astype(np.int16)
-    spacing_xyz = (0.56, 0.56, 1.0)
-    got = cls_crops(hu, spacing_xyz, [center], (32, 48, 48), (1.25, 0.8, 0.8))
-    want = resampled_crop(hu, spacing_xyz[::-1], center, (32, 48, 48), (1.25, 0.8, 0.8))
-    assert got.shape == (1, 1, 32, 48, 48)
-    np.testing.assert_allclose(got[0, 0], want, atol=1e-2)
-
-
 @pytest.mark.parametrize("center", [(5, 10, 12), (0, 0, 0), (19, 29, 39), (2, 25, 3)])
 def test_png_planes_cut_the_findings_own_voxels(center):
     """A nodule's PNG outlines its own voxels (``region``): each plane equals the same plane of the

@@ -305,6 +305,8 @@ def _run_beside(conn, threads, verbose: bool, fn, args, kwargs) -> None:
         # only plain data crosses back: an exception whose constructor differs from its arguments
         # would fail to unpickle in the parent
         conn.send(("ok", (fn(*args, **kwargs), round(time.perf_counter() - t0, 1))))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it
+        conn.send(("error", "interrupted"))
     except BaseException as exc:
         log.error("%s failed", getattr(fn, "__name__", "the stage"), exc_info=True)
         conn.send(("error", _one_line(exc)))

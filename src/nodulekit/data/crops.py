@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from nodulekit import HU_MAX, HU_MIN
 
@@ -48,9 +47,27 @@ def crop_hu(hu: np.ndarray, center_irc, shape, pad: float = PAD_HU) -> np.ndarra
     return out
 
 
+def _interp_axis(a: np.ndarray, pos: np.ndarray, axis: int) -> np.ndarray:
+    """Linear interpolation of ``a`` at fractional indices ``pos`` along ``axis`` (indices clamped)."""
+    n = a.shape[axis]
+    i0 = np.floor(pos).astype(np.intp)
+    frac = (pos - i0).astype(np.float32)
+    lo = np.take(a, np.clip(i0, 0, n - 1), axis=axis)
+    hi = np.take(a, np.clip(i0 + 1, 0, n - 1), axis=axis)
+    shape = [1] * a.ndim
+    shape[axis] = len(pos)
+    return lo + (hi - lo) * frac.reshape(shape)
+
+
 def resampled_crop(hu: np.ndarray, spacing_irc: Sequence[float], center_irc, shape,
                    crop_spacing: Sequence[float]) -> np.ndarray:
     """A ``shape`` crop with voxels of ``crop_spacing`` mm (index, row, col), trilinear.
+
+    The crop samples an axis-aligned regular grid, so trilinear interpolation splits into three 1D
+    linear interpolations, one axis after the other, on a shrinking array: a tenth of the work of
+    ``scipy.ndimage.map_coordinates(order=1, mode="nearest")``, which computes eight weights for
+    every output voxel, with the same values to float32 rounding (tests/test_crops.py checks it).
+    Training cuts tens of thousands of these and detection one per candidate.
 
     Args:
         hu: volume (index, row, col).
@@ -59,19 +76,20 @@ def resampled_crop(hu: np.ndarray, spacing_irc: Sequence[float], center_irc, sha
         shape: crop size in voxels.
         crop_spacing: crop voxel size in mm.
     """
-    shape = np.asarray(shape, dtype=int)
-    step = np.asarray(crop_spacing, dtype=np.float64) / np.asarray(spacing_irc, dtype=np.float64)
-    center = np.asarray(center_irc, dtype=np.float64)
-    # native coordinates of the crop's first and last voxel, and a native box around them
-    first = center - (shape // 2) * step
-    last = first + (shape - 1) * step
-    lo = np.floor(first).astype(int) - 1
-    box_shape = np.ceil(last).astype(int) + 2 - lo
-    box = crop_hu(hu, lo + box_shape // 2, box_shape).astype(np.float32, copy=False)
-    axes = [first[k] - lo[k] + step[k] * np.arange(shape[k]) for k in range(3)]
-    coords = np.stack(np.meshgrid(*axes, indexing="ij")).reshape(3, -1)
-    out = ndimage.map_coordinates(box, coords, order=1, mode="nearest").reshape(tuple(shape))
-    return np.clip(out, HU_MIN, HU_MAX).astype(np.float32, copy=False)
+    # native coordinates of each axis's samples, and a native box around them (one voxel of margin)
+    lo, size, positions = [], [], []
+    for c, n, native, wanted in zip(center_irc, shape, spacing_irc, crop_spacing):
+        step = float(wanted) / float(native)
+        first = float(c) - (int(n) // 2) * step
+        start = int(np.floor(first)) - 1
+        lo.append(start)
+        size.append(int(np.ceil(first + (int(n) - 1) * step)) + 2 - start)
+        positions.append(first - start + step * np.arange(int(n)))
+    lo, size = np.asarray(lo), np.asarray(size)
+    out = crop_hu(hu, lo + size // 2, size).astype(np.float32, copy=False)
+    for axis, pos in enumerate(positions):
+        out = _interp_axis(out, pos, axis)
+    return np.clip(out, HU_MIN, HU_MAX, out=out)
 
 
 def cls_crop(hu: np.ndarray, spacing_xyz: Sequence[float], center_irc, shape,
