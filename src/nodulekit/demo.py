@@ -291,7 +291,8 @@ class Inline(Beside):
 
 
 class ChildStageError(NodulekitError):
-    """A stage run in a child process failed; ``str(err)`` is its exception, type and message."""
+    """A stage run in a child process failed; ``str(err)`` is the child's exception in one line,
+    its type and message."""
 
 
 def _run_beside(conn, threads, verbose: bool, fn, args, kwargs) -> None:
@@ -337,9 +338,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         mined = mine_stage(cfg, out, data.files, seg.files["checkpoint"])
     stages.check_scans("mine", mined.summary.get("failed", []))
     # the classifier trains in a child process on one core while the study builds, exports and
-    # evaluates on the other; the study times its latencies only once the training is done
-    # (neither slows the other much on one core each, and together they took a third longer in turn);
-    # the child logs its epochs without a progress bar, which would garble the study's
+    # evaluates on the other, and on both once the study only waits; the study times its
+    # latencies after the training. Each slows the other, but the study's small-crop training
+    # leaves most of a second core idle, so the two end sooner together than in turn. The child
+    # logs its epochs without a progress bar, which would garble the study's.
     import torch
 
     threads = torch.get_num_threads()

@@ -1,8 +1,9 @@
 """The compression study: build every variant from the stage table, export, measure, report.
 
 ``run_study`` reads top to bottom: data, baseline, variants (stage by stage, prefixes cached),
-exports, one measurement loop over the deployed artifacts (weight memory, size, accuracy with ONNX
-Runtime, interleaved latency, ratios against the baseline), then ``report.json``. Rendering it is
+exports, the measurement of the deployed artifacts (weight memory, size, accuracy with ONNX
+Runtime; then, after the caller's ``before_timing``, interleaved latency and ratios against the
+baseline), then ``report.json``. Rendering it is
 the caller's step (:func:`nodulekit.report.render.render_report`), so that this layer does not
 depend on the report's. A variant that fails becomes a row with an ``error``.
 """
