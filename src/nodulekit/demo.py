@@ -274,9 +274,8 @@ class Inline(Beside):
     child)."""
 
     def __init__(self, fn, *args, **kwargs):
-        t0 = time.perf_counter()
         try:
-            self._outcome = ("ok", (fn(*args, **kwargs), round(time.perf_counter() - t0, 1)))
+            self._outcome = ("ok", _timed(fn, args, kwargs))
         except Exception as exc:
             self._outcome = ("error", exc)
 
@@ -295,17 +294,22 @@ class ChildStageError(NodulekitError):
     its type and message."""
 
 
+def _timed(fn, args, kwargs) -> tuple:
+    """``(fn(*args, **kwargs), its seconds)``: what :meth:`Beside.result` returns."""
+    t0 = time.perf_counter()
+    return fn(*args, **kwargs), round(time.perf_counter() - t0, 1)
+
+
 def _run_beside(conn, threads, verbose: bool, fn, args, kwargs) -> None:
     from nodulekit.log import setup_logging
     from nodulekit.train import threads as budget
 
     setup_logging(verbose)
     budget.attach(threads)
-    t0 = time.perf_counter()
     try:
         # only plain data crosses back: an exception whose constructor differs from its arguments
         # would fail to unpickle in the parent
-        conn.send(("ok", (fn(*args, **kwargs), round(time.perf_counter() - t0, 1))))
+        conn.send(("ok", _timed(fn, args, kwargs)))
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it
         conn.send(("error", "interrupted"))
     except BaseException as exc:
