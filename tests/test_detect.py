@@ -305,3 +305,27 @@ def test_png_planes_cut_the_findings_own_voxels(center):
     zs, ys, xs = _window(zc, 4, shape[0]), _window(yc, 6, shape[1]), _window(xc, 6, shape[2])
     for view in ((zc, ys, xs), (zs, yc, xs), (zs, ys, xc)):
         assert np.array_equal(_region_plane(region, view, shape), full[view])
+
+
+def test_a_reused_renderer_draws_what_a_fresh_one_draws(tmp_path):
+    """The run's one figure, reused from nodule to nodule, gives each PNG the pixels a figure of its
+    own gives: a big field in the middle first, then a nodule at the volume's corner (a smaller,
+    clipped field) and one whose outline lies outside its planes."""
+    from PIL import Image
+
+    from nodulekit.detect.candidates import find_candidates
+    from nodulekit.detect.render import NoduleRenderer, render_nodule
+
+    ct = phantom_ct(depth=40)
+    labels = np.zeros(ct.hu.shape, dtype=np.int32)
+    labels[18:23, 60:70, 60:70] = 1
+    labels[0:3, 0:4, 0:4] = 2
+    labels[30:33, 100:104, 20:24] = 3
+    found = sorted(find_candidates(ct.hu, labels, 3, ct), key=lambda c: c.label)
+    assert [c.label for c in found] == [1, 2, 3]
+    found[2].center_irc = (10.0, 30.0, 80.0)  # its planes miss its voxels: no outline
+    with NoduleRenderer() as renderer:
+        reused = [renderer.render(ct, labels, c, tmp_path / f"reused{c.label}.png") for c in found]
+    for c, path in zip(found, reused):
+        fresh = render_nodule(ct, labels, c, tmp_path / f"fresh{c.label}.png")
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(fresh))), c.label

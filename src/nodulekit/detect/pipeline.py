@@ -102,6 +102,7 @@ def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = SEG_THRESH
     labels, n = clean_mask(mask, lung, ct.spacing, min_volume_mm3=min_volume_mm3)
     del mask
     timings["clean_up"] = time.perf_counter() - t
+    t = time.perf_counter()
     candidates = find_candidates(ct.hu, labels, n, ct)
     timings["candidates"] = time.perf_counter() - t
 
@@ -233,6 +234,7 @@ def run_detection(
     used: dict[str, str] = {}  # seriesuid -> the input that has it
     t_all = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-", dir=out_dir))
+    renderer = None
     try:
         items = iter_ct_inputs(inputs, min_slices=MIN_SLICES, allow_external_data=allow_external_data)
         t_read = time.perf_counter()
@@ -261,12 +263,14 @@ def run_detection(
             nodules = [c for c in cands if c.probability >= threshold]
             t_png = time.perf_counter()
             pngs = []
-            if png:
-                from nodulekit.detect.render import render_nodule
+            if png and nodules and max_png != 0:
+                if renderer is None:
+                    from nodulekit.detect.render import NoduleRenderer
 
+                    renderer = NoduleRenderer()  # one figure for every scan's pictures
                 for k, cand in enumerate(nodules[:max_png]):
                     name = f"{ct.seriesuid}_{k}.png"
-                    render_nodule(ct, res["labels"], cand, staging / "png" / name)
+                    renderer.render(ct, res["labels"], cand, staging / "png" / name)
                     pngs.append(str(out_dir / "png" / name))
             timings = {"read": read_s, **res["timings_s"], "png": time.perf_counter() - t_png}
             t_out = time.perf_counter()
@@ -304,6 +308,8 @@ def run_detection(
             log.info("%s: every input failed; the earlier results there (%s) are left as they were",
                         out_dir, ", ".join(earlier))
     finally:
+        if renderer is not None:
+            renderer.close()
         shutil.rmtree(staging, ignore_errors=True)
     log.info("%d scans ok, %d failed, %d candidates, %d nodules >= %.2f, %s s per scan -> %s",
              summary["scans_ok"], summary["scans_failed"], summary["n_candidates"], summary["n_nodules"],

@@ -130,15 +130,15 @@ def prepare_rows(seg: str | Path, cls: str | Path, ct, lung, work: Path, *, rows
 
 def _run_once(ct, seg_runner, cls_runner, png_dir: Path, threshold: float, max_png: int | None) -> dict:
     from nodulekit.detect.pipeline import detect_scan
-    from nodulekit.detect.render import render_nodule
+    from nodulekit.detect.render import NoduleRenderer
 
     res = detect_scan(ct, seg_runner, cls_runner)
     t = time.perf_counter()
     nodules = sorted((c for c in res["candidates"] if c.probability >= threshold), key=lambda c: -c.probability)
-    for k, cand in enumerate(nodules[:max_png]):
-        render_nodule(ct, res["labels"], cand, png_dir / f"{k}.png")
+    with NoduleRenderer() as renderer:
+        for k, cand in enumerate(nodules[:max_png]):
+            renderer.render(ct, res["labels"], cand, png_dir / f"{k}.png")
     timings = {**res["timings_s"], "png": time.perf_counter() - t}
-    timings["candidates"] -= timings.get("clean_up", 0.0)  # components alone
     timings["total"] = sum(v for k, v in timings.items() if k not in ("crops", "cls_network"))
     return {"timings_s": timings, "n_candidates": len(res["candidates"]), "n_nodules": len(nodules),
             "candidates": [(tuple(round(v, 2) for v in c.center_irc), c.probability) for c in res["candidates"]]}
