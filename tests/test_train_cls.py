@@ -181,3 +181,50 @@ def test_init_keeps_the_checkpoints_widths(synth_data, tmp_path):
                              init=str(tmp_path / "small.pt")))
     model, _ = load_cls_model(tmp_path / "run" / "cls.pt")
     assert model.widths == widths and not model.norm
+
+
+def test_detector_negatives_scored_every_few_epochs(synth_data, tmp_path, monkeypatch):
+    """``detector_every=2`` scores the detector's negatives before epochs 2 and 4 of 5, and epochs 3
+    and 5 draw from the picks before them; a resumed run scores at once (its picks were not saved)."""
+    import nodulekit.train.cls as cls_module
+    from nodulekit.data.cls_dataset import ClsTrainDataset
+    from nodulekit.data.luna import candidates_table, read_candidates, write_candidates
+    from nodulekit.train.cls import ClsTrainConfig, train_cls
+
+    scored, drawn = [], []
+    highest_scoring, set_share = cls_module.highest_scoring, ClsTrainDataset.set_detector_share
+
+    def recording(model, samples, crops, keep, *args, **kwargs):
+        out = highest_scoring(model, samples, crops, keep, *args, **kwargs)
+        if kwargs.get("what") == "detector negatives":
+            scored.append(out)
+        return out
+
+    def share(self, share, pick=None):
+        drawn.append((self.epoch + 1, share, None if pick is None else tuple(pick)))
+        set_share(self, share, pick)
+
+    monkeypatch.setattr(cls_module, "highest_scoring", recording)
+    monkeypatch.setattr(ClsTrainDataset, "set_detector_share", share)
+    detector = tmp_path / "detector.csv"
+    negatives = [c for c in read_candidates(candidates_table(synth_data)) if not c.is_nodule]
+    write_candidates(detector, [type(c)(c.seriesuid, tuple(v + 3.0 for v in c.center_xyz), False)
+                                for c in negatives[:: max(1, len(negatives) // 100)]])
+
+    def run(out: str, epochs: int, **kw):
+        return train_cls(ClsTrainConfig(
+            data=str(synth_data), out=str(tmp_path / out), epochs=epochs, steps_per_epoch=1, batch_size=4,
+            val_max_negatives=10, val_every=10, progress=False, cache_dir=str(tmp_path / "cache"), keep="last",
+            hard_pool=0, detector_candidates=str(detector), detector_from_epoch=2, detector_hard=20,
+            detector_every=2, **kw))
+
+    run("every2", 5)
+    assert len(scored) == 2  # before epochs 2 and 4
+    first, second = (tuple(p) for p in scored)
+    assert [d[0] for d in drawn] == [1, 2, 3, 4, 5] and drawn[0][1] == 0.0
+    assert [d[2] for d in drawn[1:]] == [first, first, second, second]
+    scored.clear()
+    drawn.clear()
+    run("resumed", 2)  # 2 epochs, then resumed for epoch 3, which lies between two scorings
+    run("resumed", 3, resume=True)
+    assert len(scored) == 2 and drawn[-1] == (3, 0.5, tuple(scored[-1]))

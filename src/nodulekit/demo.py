@@ -65,6 +65,8 @@ class DemoConfig:
     # detector's own false positives on the training scans, which the validation candidates do not
     # hold, so the last epoch is kept, not the best validation AUC
     cls_detector_from: int = 4
+    cls_detector_every: int = 1  # ClsTrainConfig.detector_every
+    cls_hard_pool: int | None = None  # ClsTrainConfig.hard_pool
     cls_steps: int | None = None  # ClsTrainConfig.steps_per_epoch
     cls_val_negatives: int | None = 1000  # ClsTrainConfig.val_max_negatives: half, for a faster validation
     mine_slices: int | None = 24  # middle slices of each training scan the segmentation mines
@@ -109,13 +111,15 @@ class DemoConfig:
 
         epochs = self.cls_epochs or ClsTrainConfig.epochs
         return {"seed": self.seed, "val_fraction": self.val_fraction, "progress": self.progress, "epochs": epochs,
-                "detector_from_epoch": min(self.cls_detector_from, epochs), "keep": "last",
+                "detector_from_epoch": min(self.cls_detector_from, epochs), "detector_every": self.cls_detector_every,
+                "keep": "last",
                 # the last epoch is kept whatever an earlier validation says: validate it alone
                 "val_every": epochs,
                 # one loader process draws the inserted nodules while the model trains (the same
                 # batches as without it)
                 "workers": 1,
-                **_given(steps_per_epoch=self.cls_steps, val_max_negatives=self.cls_val_negatives)}
+                **_given(steps_per_epoch=self.cls_steps, val_max_negatives=self.cls_val_negatives,
+                         hard_pool=self.cls_hard_pool)}
 
     def study_settings(self) -> dict:
         """``StudyConfig`` arguments of the demo's compression study (but ``rknn``, which depends on

@@ -76,8 +76,8 @@ def parse_recipe(text: str) -> tuple[str, dict]:
 
 # the settings a recipe may change: the training ones (the draw and the held-out scans stay fixed,
 # so that the seeds and the recipes differ in nothing else)
-RECIPE_FIELDS = ("seg_epochs", "seg_steps", "seg_val_every", "cls_epochs", "cls_detector_from", "cls_steps",
-                 "cls_val_negatives", "mine_slices")
+RECIPE_FIELDS = ("seg_epochs", "seg_steps", "seg_val_every", "cls_epochs", "cls_detector_from",
+                 "cls_detector_every", "cls_hard_pool", "cls_steps", "cls_val_negatives", "mine_slices")
 
 
 def base_config(base: str, out: Path):

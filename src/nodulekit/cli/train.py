@@ -47,7 +47,7 @@ def add_parser(sub):
                                       "balanced 1:1, validating on held-out candidates after each epoch. Options left out keep "
                                       "the defaults of nodulekit.train.cls.ClsTrainConfig.")
     add_config_options(cls, ClsTrainConfig, **common, detector_candidates={"metavar": "CSV"},
-                       detector_hard={"metavar": "K"}, insert_share={"metavar": "P"},
+                       detector_hard={"metavar": "K"}, detector_every={"metavar": "N"}, insert_share={"metavar": "P"},
                        crop_spacing={"type": _crop_spacing, "metavar": "MM",
                                      "help": "mm per crop voxel 'index,row,col' (every scan's crops at one voxel "
                                              "size), or 'native' for the scan's own voxels as dlwpt-code"})

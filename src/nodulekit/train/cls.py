@@ -68,6 +68,11 @@ class ClsTrainConfig(TrainConfig):
     # the detector's false positives the classifier already rejects teach it little
     detector_hard: int = setting(600, "before each epoch that draws detector negatives, score them all and draw "
                                       "only from this many highest-scoring ones (0: from all of them)")
+    # scoring every detector negative costs a 3D forward pass each: on a CPU, as much as a third of
+    # an epoch's training
+    detector_every: int = setting(1, "score the detector negatives before every this many epochs from "
+                                     "detector_from_epoch; the epochs in between draw from the last picks",
+                                  check=POSITIVE)
     # a few dozen listed nodules show too few small ones on vessels and at the pleura to learn them
     insert_share: float = setting(0.5, "share of the positives that are synthetic nodules inserted at non-nodule "
                                        "candidates (nodulekit.data.insert; 0: listed nodules only)", check=SHARE)
@@ -282,13 +287,15 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
             log.info("resuming %s at epoch %d of %d", out / "cls_last.pt", start + 1, cfg.epochs)
         tb = _runlog.TensorBoard(out if writes else None)
 
+        pick = None  # the detector negatives drawn from, while scored ones are
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
             threads.follow()  # the scorers below compile for the current thread count
             train_ds.set_epoch(epoch)
             share = cfg.detector_share if epoch + 1 >= cfg.detector_from_epoch else 0.0
-            pick = None
-            mine_detector = bool(share and cfg.detector_hard > 0 and train_ds.detector_neg)
+            # a resumed run scores at once: its last picks were not saved
+            mine_detector = bool(share and cfg.detector_hard > 0 and train_ds.detector_neg) and (
+                pick is None or (epoch + 1 - cfg.detector_from_epoch) % cfg.detector_every == 0)
             mine_hard = epoch > 0 and cfg.hard_pool > 0 and cfg.hard_share > 0
             scorer = fast_scorer(model, dev) if mine_detector or mine_hard else None
             if mine_detector:
