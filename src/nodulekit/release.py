@@ -36,6 +36,11 @@ class ReleaseConfig:
     cls_epochs: int = 12
     cls_steps: int = 120
     cls_detector_from: int = 5
+    # the classifier scores the detector's negatives before each of its epochs from
+    # cls_detector_from, and a 1,024-candidate hard pool before each after the first: set here, so
+    # that the shipped weights' recipe does not follow what the demo does to save time
+    cls_detector_every: int = 1
+    cls_hard_pool: int = 1024
     mine_slices: int = 24
     size: int = 512  # smaller and shorter scans only for trying the recipe out
     max_slices: int | None = None
@@ -46,7 +51,8 @@ class ReleaseConfig:
                        val_fraction=_held_out_share(self.scans, self.val_scans), seg_epochs=self.seg_epochs,
                        seg_steps=self.seg_steps, seg_val_every=max(1, self.seg_epochs // 4),
                        cls_epochs=self.cls_epochs, cls_steps=self.cls_steps,
-                       cls_detector_from=self.cls_detector_from, mine_slices=self.mine_slices, rknn=False)
+                       cls_detector_from=self.cls_detector_from, cls_detector_every=self.cls_detector_every,
+                       cls_hard_pool=self.cls_hard_pool, mine_slices=self.mine_slices, rknn=False)
 
 
 def _finite(row: dict) -> dict:

@@ -68,8 +68,8 @@ class ClsTrainConfig(TrainConfig):
     # the detector's false positives the classifier already rejects teach it little
     detector_hard: int = setting(600, "before each epoch that draws detector negatives, score them all and draw "
                                       "only from this many highest-scoring ones (0: from all of them)")
-    # scoring every detector negative costs a 3D forward pass each: on a CPU, as much as a third of
-    # an epoch's training
+    # scoring costs a 3D forward pass per detector negative, a few thousand of them: on a CPU up to
+    # 40 % of the epoch that scores them
     detector_every: int = setting(1, "score the detector negatives before every this many epochs from "
                                      "detector_from_epoch; the epochs in between draw from the last picks",
                                   check=POSITIVE)
@@ -287,7 +287,7 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
             log.info("resuming %s at epoch %d of %d", out / "cls_last.pt", start + 1, cfg.epochs)
         tb = _runlog.TensorBoard(out if writes else None)
 
-        pick = None  # the detector negatives drawn from, while scored ones are
+        pick = None  # the detector negatives the last scoring picked (None: none scored yet)
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
             threads.follow()  # the scorers below compile for the current thread count
