@@ -168,3 +168,58 @@ def test_exported_classifier_carries_its_crop_spacing(tmp_path):
     assert crop_spacing_of(rk) == (1.0, 0.7, 0.7)
     native = export_cls_onnx(_model(), tmp_path / "native.onnx")
     assert load_cls_runner(native, backend="onnx").crop_spacing is None
+
+
+def _context_model(crop=(16, 32, 32), widths=((4, 4), (8, 8), (8, 16), (16, 16))) -> LunaModel:
+    torch.manual_seed(0)
+    m = LunaModel(widths=list(widths), crop=crop, crop_spacing=(1.25, 0.8, 0.8), context=2.5).eval()
+    torch.nn.init.normal_(m.head_linear.weight, std=0.05)
+    bn = m.tail_batchnorm
+    bn.running_mean.copy_(torch.tensor([-350.0, -600.0]))
+    bn.running_var.copy_(torch.tensor([420.0, 300.0]) ** 2)
+    bn.weight.data.copy_(torch.tensor([1.7, 0.8]))
+    bn.bias.data.copy_(torch.tensor([-0.3, 0.2]))
+    return m
+
+
+def test_a_context_classifier_takes_two_channels_through_every_form(tmp_path):
+    """The rewrite folds the two channels with a plain reshape and stays exact; the exported file
+    says which crops to cut, and the ONNX runners of both forms give the model's probabilities."""
+    import onnx
+
+    from nodulekit.deploy.model_meta import context_of
+    from nodulekit.deploy.runtime import load_cls_runner
+    from nodulekit.models.checkpoint import load_cls_model, save_cls_checkpoint
+
+    m = _context_model()
+    x = torch.from_numpy(np.random.default_rng(1).uniform(-1000, 1000, (3, 2, *m.crop)).astype(np.float32))
+    c = to_conv2d(m)
+    with torch.no_grad():
+        (a, pa), (b, _) = m(x), c(x)
+    assert (a - b).abs().max().item() <= 1e-4
+    # the channels matter: swapping them changes the logits
+    with torch.no_grad():
+        assert (m(x.flip(1))[0] - a).abs().max().item() > 1e-3
+    p2 = export_cls_onnx(c, tmp_path / "c2d.onnx")
+    ops = Counter(n.op_type for n in onnx.load(str(p2)).graph.node)
+    assert set(ops) <= NPU_OPS and ops["Reshape"] == 1, ops
+    for path in (export_cls_onnx(m, tmp_path / "c3d.onnx"), p2):
+        runner = load_cls_runner(path, backend="onnx")
+        assert (runner.context, runner.crop_spacing, context_of(path)) == (2.5, (1.25, 0.8, 0.8), 2.5)
+        probs = np.concatenate([runner(x[i:i + 1].numpy()) for i in range(3)])
+        assert np.allclose(probs, pa[:, 1].numpy(), atol=1e-4)
+    back, ckpt = load_cls_model(save_cls_checkpoint(tmp_path / "cls.pt", m))
+    assert (back.context, back.in_channels, ckpt["context"]) == (2.5, 2, 2.5)
+    assert conv_macs(m, (1, 2, *m.crop)) > conv_macs(_model(m.crop, [(4, 4), (8, 8), (8, 16), (16, 16)]), (1, 1, *m.crop))
+
+
+def test_a_checkpoint_whose_context_disagrees_with_its_weights_is_refused(tmp_path):
+    from nodulekit.errors import InputError
+    from nodulekit.models.checkpoint import load_cls_model, save_cls_checkpoint
+
+    path = save_cls_checkpoint(tmp_path / "cls.pt", _context_model())
+    ckpt = torch.load(path, weights_only=True)
+    for context, message in ((None, "2 channel"), (0.5, "context field")):
+        torch.save({**ckpt, "context": context}, tmp_path / "bad.pt")
+        with pytest.raises(InputError, match=message):
+            load_cls_model(tmp_path / "bad.pt")

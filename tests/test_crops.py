@@ -105,3 +105,30 @@ def test_parse_crop_spacing(text, expected):
 def test_parse_crop_spacing_rejects(text):
     with pytest.raises(ValueError, match="crop spacing"):
         parse_crop_spacing(text)
+
+
+def test_a_context_channel_is_the_same_candidate_over_a_wider_field_of_view():
+    from nodulekit.data.crops import channel_spacings, cls_input
+    from nodulekit.detect.crops import cls_crops
+
+    spacing_irc = (1.0, 0.7, 0.7)
+    hu = _ball((120, 200, 200), spacing_irc, (60, 100, 100), 5.0)
+    x = cls_input(hu, spacing_irc[::-1], (60, 100, 100), (16, 32, 32), (1.25, 0.8, 0.8), context=2.5)
+    assert x.shape == (2, 16, 32, 32) and x.dtype == np.float32
+    assert np.array_equal(x[0], cls_crop(hu, spacing_irc[::-1], (60, 100, 100), (16, 32, 32), (1.25, 0.8, 0.8)))
+    assert np.array_equal(x[1], cls_crop(hu, spacing_irc[::-1], (60, 100, 100), (16, 32, 32), (3.125, 2.0, 2.0)))
+    # the 10 mm ball spans 12.5 columns at 0.8 mm and 5 at 2 mm: the wider channel shows more around it
+    assert abs((x[0][8, 16] > 0).sum() - 12.5) <= 1 and abs((x[1][8, 16] > 0).sum() - 5) <= 1
+    batch = cls_crops(hu, spacing_irc[::-1], [(60, 100, 100), (50, 90, 90)], (16, 32, 32), (1.25, 0.8, 0.8), 2.5)
+    assert batch.shape == (2, 2, 16, 32, 32) and np.array_equal(batch[0], x)
+    assert channel_spacings((1.25, 0.8, 0.8)) == [(1.25, 0.8, 0.8)] and channel_spacings(None) == [None]
+
+
+@pytest.mark.parametrize("spacing, context", [
+    (None, 2.0), ((1.25, 0.8, 0.8), 1.0), ((1.25, 0.8, 0.8), 0.5), ((1.25, 0.8, 0.8), float("nan")),
+    ((1.25, 0.8, 0.8), 20.0), ((1.25, 0.8, 0.8), True)])
+def test_a_context_needs_resampled_crops_and_a_factor_above_one(spacing, context):
+    from nodulekit.data.crops import channel_spacings
+
+    with pytest.raises(ValueError, match="context"):
+        channel_spacings(spacing, context)

@@ -60,16 +60,19 @@ def test_no_nodule_outside_the_lung():
     assert np.array_equal(hu, before)
 
 
-@pytest.mark.parametrize("crop_spacing", [None, (1.25, 0.8, 0.8)])
-def test_inserted_crop_is_centred_on_the_new_nodule(crop_spacing):
+@pytest.mark.parametrize("crop_spacing, context", [(None, None), ((1.25, 0.8, 0.8), None), ((1.25, 0.8, 0.8), 2.5)])
+def test_inserted_crop_is_centred_on_the_new_nodule(crop_spacing, context):
     hu = _chest().astype(np.int16)
     found = 0
     for seed in range(6):
         crop = inserted_crop(hu, SPACING, (20, 48, 30), (32, 48, 48), crop_spacing, np.random.default_rng(seed),
-                             offset_radii=0.7)
-        assert crop is not None and crop.shape == (32, 48, 48) and crop.dtype == np.float32
+                             offset_radii=0.7, context=context)
+        channels = 1 if context is None else 2
+        assert crop is not None and crop.shape == (channels, 32, 48, 48) and crop.dtype == np.float32
         assert -1000 <= crop.min() and crop.max() <= 1000
-        centre = crop[15:18, 22:27, 22:27].mean()
+        if context:  # the wider channel is the same scene, nodule included: both sample its centre
+            assert crop[1][16, 24, 24] == pytest.approx(crop[0][16, 24, 24], abs=0.01)
+        centre = crop[0, 15:18, 22:27, 22:27].mean()
         found += centre > -700  # denser than the lung (-850 HU) at the centre: ground glass is -650 to -420
     assert found == 6
     assert inserted_crop(hu, SPACING, (20, 48, 80), (32, 48, 48), crop_spacing, np.random.default_rng(0)) is None

@@ -118,3 +118,12 @@ def test_the_cli_refuses_a_draw_without_annotations_in_one_line(tmp_path, capsys
     assert main(["seeds", str(tmp_path), "--out", str(tmp_path / "out")]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "annotations.csv" in err and "missing" in err
+
+
+def test_a_recipe_may_give_the_classifier_a_context_channel():
+    assert parse_recipe("wide:cls_context=2.5,cls_epochs=6") == ("wide", {"cls_context": 2.5, "cls_epochs": 6})
+    from nodulekit.errors import InputError
+
+    for bad in ("a:cls_context=x", "a:cls_context=nan", "a:cls_epochs=2.5"):
+        with pytest.raises(InputError):
+            parse_recipe(bad)

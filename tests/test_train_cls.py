@@ -228,3 +228,44 @@ def test_detector_negatives_scored_every_few_epochs(synth_data, tmp_path, monkey
     run("resumed", 2)  # 2 epochs, then resumed for epoch 3, which lies between two scorings
     run("resumed", 3, resume=True)
     assert len(scored) == 2 and drawn[-1] == (3, 0.5, tuple(scored[-1]))
+
+
+def test_a_context_classifier_trains_saves_and_classifies_a_scan(synth_data, tmp_path):
+    """``--context``: two-channel crops from the dataset, inserted nodules included; the checkpoint
+    and its deployed form carry the factor, and detection cuts both channels for it."""
+    import copy
+
+    from nodulekit.cli import main
+    from nodulekit.data.cache import VolumeCache
+    from nodulekit.data.luna import find_series
+    from nodulekit.deploy.runtime import load_cls_runner
+    from nodulekit.detect.candidates import Finding, classify
+    from nodulekit.errors import InputError
+    from nodulekit.train.cls import ClsTrainConfig, train_cls
+
+    out = tmp_path / "run"
+    assert main(["train", "cls", "--data", str(synth_data), "--out", str(out), "--epochs", "1", "--steps-per-epoch",
+                 "2", "--batch-size", "4", "--val-max-negatives", "20", "--no-progress", "--cache-dir",
+                 str(tmp_path / "cache"), "--context", "2.5", "--insert-share", "1"]) == 0
+    model, ckpt = load_cls_model(out / "cls.pt")
+    assert (model.context, model.in_channels, ckpt["config"]["context"]) == (2.5, 2, 2.5)
+    ct = VolumeCache(tmp_path / "cache").get(next(iter(find_series(synth_data).values())))
+    found = [Finding(center_irc=tuple(float(n // 2) for n in ct.hu.shape), center_xyz=(0.0, 0.0, 0.0),
+                     diameter_mm=5.0, volume_mm3=65.0, n_voxels=100, bbox=(slice(0, 1),) * 3, label=1)]
+    probs = []
+    for backend in ("torch", "openvino"):
+        runner = load_cls_runner(out / "cls.pt", backend=backend, threads=2)
+        assert runner.context == 2.5
+        cands = copy.deepcopy(found)
+        classify(ct, cands, runner)
+        probs.append(cands[0].probability)
+    assert 0 <= probs[0] <= 1 and abs(probs[0] - probs[1]) <= 1e-4
+    # a run that starts from it keeps its context; one that asks for another is refused in one line
+    with pytest.raises(InputError, match="context"):
+        train_cls(ClsTrainConfig(data=str(synth_data), out=str(tmp_path / "again"), epochs=1, steps_per_epoch=1,
+                                 batch_size=4, progress=False, cache_dir=str(tmp_path / "cache"),
+                                 init=str(out / "cls.pt"), context=3.0))
+    with pytest.raises(InputError, match="native voxels"):
+        train_cls(ClsTrainConfig(data=str(synth_data), out=str(tmp_path / "native"), epochs=1, steps_per_epoch=1,
+                                 batch_size=4, progress=False, cache_dir=str(tmp_path / "cache"), crop_spacing=None,
+                                 context=2.0))

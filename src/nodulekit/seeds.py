@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -58,7 +59,7 @@ class SeedsConfig:
 
 def parse_recipe(text: str) -> tuple[str, dict]:
     """``NAME`` or ``NAME:field=value,field=value`` (``DemoConfig`` fields of :data:`RECIPE_FIELDS`,
-    all whole numbers) -> ``(name, overrides)``."""
+    whole numbers but for :data:`REAL_FIELDS`) -> ``(name, overrides)``."""
     name, _, rest = text.partition(":")
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise InputError("--recipe", f"{text!r}: expected NAME or NAME:field=value,...")
@@ -67,17 +68,21 @@ def parse_recipe(text: str) -> tuple[str, dict]:
         key, eq, value = item.partition("=")
         if not eq or key not in RECIPE_FIELDS:
             raise InputError("--recipe", f"{item!r}: expected field=value with field one of {', '.join(RECIPE_FIELDS)}")
+        real = key in REAL_FIELDS
         try:
-            overrides[key] = int(value)
+            overrides[key] = float(value) if real else int(value)
         except ValueError:
-            raise InputError("--recipe", f"{item!r}: {value!r} is not a whole number") from None
+            raise InputError("--recipe", f"{item!r}: {value!r} is not a {'number' if real else 'whole number'}") from None
+        if real and not math.isfinite(overrides[key]):
+            raise InputError("--recipe", f"{item!r}: {value!r} is not a finite number")
     return name, overrides
 
 
 # the settings a recipe may change: the training ones (the draw and the held-out scans stay fixed,
 # so that the seeds and the recipes differ in nothing else)
 RECIPE_FIELDS = ("seg_epochs", "seg_steps", "seg_val_every", "cls_epochs", "cls_detector_from",
-                 "cls_detector_every", "cls_hard_pool", "cls_steps", "cls_val_negatives", "mine_slices")
+                 "cls_detector_every", "cls_hard_pool", "cls_steps", "cls_val_negatives", "mine_slices", "cls_context")
+REAL_FIELDS = ("cls_context",)
 
 
 def base_config(base: str, out: Path):

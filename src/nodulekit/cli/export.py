@@ -85,7 +85,7 @@ def _calibration(args, kind: str, model, fmt: str):
     if kind == "cls":
         from nodulekit.optimize.classifier import calibration_crops, held_out_crops
 
-        return calibration_crops(held_out_crops(args.data, model.crop_spacing)[0])
+        return calibration_crops(held_out_crops(args.data, model.crop_spacing, context=model.context)[0])
     from nodulekit.data.luna import find_series
     from nodulekit.data.seg_dataset import load_seg_scans
     from nodulekit.data.split import train_val_split

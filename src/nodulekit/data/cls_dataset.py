@@ -1,4 +1,5 @@
-"""Classifier datasets: ``(1, 32, 48, 48)`` crops around candidates, balanced for training.
+"""Classifier datasets: ``(C, 32, 48, 48)`` crops around candidates (C = 2 with a context channel,
+see :func:`nodulekit.data.crops.cls_input`), balanced for training.
 
 Candidates come from ``candidates.csv`` merged with ``annotations.csv``
 (:func:`nodulekit.data.luna.merge_candidates`); crops are cut by the VolumeCache (cached on disk,
@@ -38,19 +39,24 @@ class ClsSample:
 
 
 class _Crops:
-    def __init__(self, cache, crop=CLS_CROP, crop_spacing=None):
+    def __init__(self, cache, crop=CLS_CROP, crop_spacing=None, context=None):
+        from nodulekit.data.crops import channel_spacings
+
         self.cache, self.crop = cache, tuple(crop)
         self.crop_spacing = None if crop_spacing is None else tuple(float(v) for v in crop_spacing)
+        self.context = None if context is None else float(context)
+        self.spacings = channel_spacings(self.crop_spacing, self.context)
 
     def __call__(self, s: ClsSample) -> torch.Tensor:
-        hu = np.asarray(self.cache.crop(s.path, s.center_irc, self.crop, self.crop_spacing), dtype=np.float32)
-        return torch.from_numpy(np.clip(hu, HU_MIN, HU_MAX, out=hu)[None])
+        hu = np.stack([np.asarray(self.cache.crop(s.path, s.center_irc, self.crop, sp), dtype=np.float32)
+                       for sp in self.spacings])
+        return torch.from_numpy(np.clip(hu, HU_MIN, HU_MAX, out=hu))
 
 
 class ClsTrainDataset(Dataset):
     """Balanced training crops: even indices are nodules, odd ones non-nodules.
 
-    Items are ``(crop (1, 32, 48, 48) float32, label int64)``. Positives are few, so each epoch
+    Items are ``(crop (C, 32, 48, 48) float32, label int64)``. Positives are few, so each epoch
     walks a fresh permutation of them (repeating as needed); negatives are drawn at random, a
     ``hard_share`` of them from the hard negatives set by :meth:`set_hard_negatives` (the ones the
     classifier currently scores highest, see :func:`nodulekit.train.cls.mine_hard_negatives`), and,
@@ -64,7 +70,8 @@ class ClsTrainDataset(Dataset):
         samples_per_epoch: ``len(dataset)``.
         seed: base seed; call :meth:`set_epoch` before each epoch.
         crop, crop_spacing: crop size in voxels and mm per voxel (``None``: native voxels), see
-            :mod:`nodulekit.data.crops`.
+            :mod:`nodulekit.data.crops`; ``context``: the context channel's field-of-view factor
+            (``None``: one channel).
         detector_negatives: more non-nodules, kept apart from ``samples``.
         insert_share: share of the positives that are a synthetic nodule inserted at a random
             non-nodule candidate (:mod:`nodulekit.data.insert`) instead of a listed nodule.
@@ -72,7 +79,7 @@ class ClsTrainDataset(Dataset):
 
     def __init__(self, samples: Sequence[ClsSample], cache, samples_per_epoch: int, seed: int = 0,
                  crop=CLS_CROP, crop_spacing=None, detector_negatives: Sequence[ClsSample] = (),
-                 insert_share: float = 0.0):
+                 insert_share: float = 0.0, context=None):
         if not 0.0 <= insert_share <= 1.0:
             raise ValueError(f"inserted-nodule share must be in [0, 1], got {insert_share}")
         self.pos = [s for s in samples if s.is_nodule]
@@ -80,7 +87,7 @@ class ClsTrainDataset(Dataset):
         if not self.pos or not self.neg:
             raise ValueError(f"classifier training needs both classes: {len(self.pos)} nodules, "
                              f"{len(self.neg)} non-nodules")
-        self.crops = _Crops(cache, crop, crop_spacing)
+        self.crops = _Crops(cache, crop, crop_spacing, context)
         self.samples_per_epoch, self.seed, self.epoch = int(samples_per_epoch), seed, 0
         self.hard: np.ndarray = np.zeros(0, np.int64)  # indices into self.neg
         self.hard_share = 0.0
@@ -138,9 +145,9 @@ class ClsTrainDataset(Dataset):
             s = self.neg[rng.integers(len(self.neg))]
             vol = self.crops.cache.get(s.path)
             crop = inserted_crop(vol.hu, vol.spacing, s.center_irc, self.crops.crop, self.crops.crop_spacing,
-                                 rng, offset_radii=INSERT_OFFSET)
+                                 rng, offset_radii=INSERT_OFFSET, context=self.crops.context)
             if crop is not None:
-                return torch.from_numpy(crop[None])
+                return torch.from_numpy(crop)
         return None
 
 
@@ -151,14 +158,14 @@ class ClsValDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[ClsSample], cache, max_negatives: int | None = 2000, seed: int = 0,
-                 crop=CLS_CROP, crop_spacing=None):
+                 crop=CLS_CROP, crop_spacing=None, context=None):
         pos = [s for s in samples if s.is_nodule]
         neg = [s for s in samples if not s.is_nodule]
         if max_negatives is not None and len(neg) > max_negatives:
             keep = np.sort(np.random.default_rng(seed).choice(len(neg), max_negatives, replace=False))
             neg = [neg[i] for i in keep]
         self.samples = pos + neg
-        self.crops = _Crops(cache, crop, crop_spacing)
+        self.crops = _Crops(cache, crop, crop_spacing, context)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -203,13 +210,14 @@ def load_cls_samples(data_dir: str | Path, uids: Sequence[str] | None = None, ca
 def build_cls_datasets(data_dir: str | Path, *, val_fraction: float = VAL_FRACTION, split_file: str | Path | None = None,
                        samples_per_epoch: int = 2048, val_max_negatives: int | None = 2000, seed: int = 0, cache=None,
                        crop_spacing=None, detector_candidates: str | Path | None = None,
-                       insert_share: float = 0.0) -> tuple[ClsTrainDataset, ClsValDataset]:
+                       insert_share: float = 0.0, context=None) -> tuple[ClsTrainDataset, ClsValDataset]:
     """Balanced training and held-out validation datasets, split by seriesuid like segmentation
     (:func:`nodulekit.data.split.resolve_split`: ``split_file``'s scans when one is given, else
     ``val_fraction`` of them); crops of ``crop_spacing`` mm per voxel (``None``: native voxels). The
     non-nodules of ``detector_candidates`` (a candidates table) that lie on training scans become the
     training set's ``detector_negatives``; validation never sees them. ``insert_share`` of the training
-    positives are inserted nodules (see :class:`ClsTrainDataset`); validation has only real ones."""
+    positives are inserted nodules (see :class:`ClsTrainDataset`); validation has only real ones.
+    ``context``: a second, coarser channel (:func:`nodulekit.data.crops.cls_input`)."""
     from nodulekit.data.cache import VolumeCache
     from nodulekit.data.luna import find_series
     from nodulekit.data.split import resolve_split
@@ -229,9 +237,9 @@ def build_cls_datasets(data_dir: str | Path, *, val_fraction: float = VAL_FRACTI
     if detector_candidates is not None:
         detector = load_cls_samples(data_dir, train_uids, cache, table=detector_candidates)
     train_ds = ClsTrainDataset(train, cache, samples_per_epoch, seed, crop_spacing=crop_spacing,
-                               detector_negatives=detector, insert_share=insert_share)
+                               detector_negatives=detector, insert_share=insert_share, context=context)
     if detector_candidates is not None:
         log.info("detector negatives: %d on %d training scans from %s", len(train_ds.detector_neg),
                  len({s.seriesuid for s in train_ds.detector_neg}), detector_candidates)
     return (train_ds,
-            ClsValDataset(val, cache, val_max_negatives, seed, crop_spacing=crop_spacing))
+            ClsValDataset(val, cache, val_max_negatives, seed, crop_spacing=crop_spacing, context=context))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from nodulekit.data.crops import cls_crop, crop_hu
+from nodulekit.data.crops import channel_spacings, cls_input, crop_hu
 from nodulekit.data.synth.nodules import draw_nodule, nodule_field
 
 LUNG_HU = -400.0  # smoothed HU below which the tissue counts as lung
@@ -71,9 +71,9 @@ def insert_nodule(hu: np.ndarray, spacing_xyz, center_irc, diameter_mm: float, k
 
 
 def inserted_crop(hu: np.ndarray, spacing_xyz, center_irc, shape, crop_spacing, rng: np.random.Generator,
-                  offset_radii: float = 0.0) -> np.ndarray | None:
-    """A classifier crop (see :func:`nodulekit.data.crops.cls_crop`) of a nodule inserted near
-    ``center_irc``.
+                  offset_radii: float = 0.0, context: float | None = None) -> np.ndarray | None:
+    """A classifier input ``(C, *shape)`` (see :func:`nodulekit.data.crops.cls_input`) of a nodule
+    inserted near ``center_irc``.
 
     The nodule's diameter and kind come from :func:`~nodulekit.data.synth.nodules.draw_nodule`; its
     centre lies up to ``offset_radii`` of its radii away from ``center_irc`` in a random direction
@@ -87,12 +87,13 @@ def inserted_crop(hu: np.ndarray, spacing_xyz, center_irc, shape, crop_spacing, 
     u /= max(float(np.linalg.norm(u)), 1e-6)
     center = np.asarray(center_irc, dtype=np.float64) + u * rng.uniform(0, offset_radii) * d / 2 / spacing_irc
     shape = np.asarray(shape, dtype=int)
-    step = np.ones(3) if crop_spacing is None else np.asarray(crop_spacing, dtype=np.float64) / spacing_irc
-    # a native box around the crop's extent, with room for the resampling and the nodule's blur
+    widest = channel_spacings(crop_spacing, context)[-1]
+    step = np.ones(3) if widest is None else np.asarray(widest, dtype=np.float64) / spacing_irc
+    # a native box around the widest channel's extent, with room for the resampling and the nodule's blur
     box_shape = np.ceil(shape * step).astype(int) + 6
     origin = np.rint(center).astype(int) - box_shape // 2
     box = crop_hu(np.asarray(hu), origin + box_shape // 2, box_shape).astype(np.float32)
     local = center - origin
     if not insert_nodule(box, spacing_xyz, local, d, kind, rng):
         return None
-    return cls_crop(box, spacing_xyz, local, shape, crop_spacing)
+    return cls_input(box, spacing_xyz, local, shape, crop_spacing, context)

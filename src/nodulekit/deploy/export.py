@@ -195,10 +195,10 @@ def _rknn(write_onnx, out: Path, onnx_path, input_shape, *, quantize: bool, **bu
 
 
 def cls_meta(model) -> dict:
-    """The metadata a deployed classifier carries: its crop and crop spacing."""
+    """The metadata a deployed classifier carries: its crop, crop spacing and context channel."""
     cs = getattr(model, "crop_spacing", None)
     return {"kind": "classifier", "crop": list(getattr(model, "crop", CLS_CROP)),
-            "crop_spacing_mm": None if cs is None else list(cs)}
+            "crop_spacing_mm": None if cs is None else list(cs), "context": getattr(model, "context", None)}
 
 
 def _cls_form(model, conv2d: bool):
@@ -211,7 +211,7 @@ def _cls_form(model, conv2d: bool):
 
 
 def _cls_shape(model) -> tuple[int, ...]:
-    return (1, 1, *getattr(model, "crop", CLS_CROP))
+    return (1, getattr(model, "in_channels", 1), *getattr(model, "crop", CLS_CROP))
 
 
 def export_cls_onnx(model, out: Path, *, conv2d: bool = False) -> dict:

@@ -1,7 +1,8 @@
 """What a deployed model needs to be fed right, stored with the file.
 
 A classifier trained on resampled crops must be fed crops of the same voxel size
-(``crop_spacing_mm``, see :mod:`nodulekit.data.crops`). The ONNX file keeps that in its
+(``crop_spacing_mm``, see :mod:`nodulekit.data.crops`), and one with a context channel its second,
+coarser crop (``context``). The ONNX file keeps that in its
 ``metadata_props`` (key ``nodulekit``, a JSON object); an ``.rknn`` file cannot carry metadata,
 so it gets a sidecar ``<file>.json``. A file without either is taken as dlwpt's native-voxel
 classifier.
@@ -56,3 +57,14 @@ def crop_spacing_of(path: str | Path) -> tuple[float, float, float] | None:
     """The crop voxel size a deployed classifier expects; ``None`` for native voxels."""
     cs = read_model_meta(path).get("crop_spacing_mm")
     return None if cs is None else tuple(float(v) for v in cs)
+
+
+def context_of(path: str | Path) -> float | None:
+    """The context channel's field-of-view factor a deployed classifier expects; ``None``: one channel."""
+    from nodulekit.data.crops import check_context
+    from nodulekit.errors import InputError
+
+    try:
+        return check_context(read_model_meta(path).get("context"))
+    except ValueError as exc:
+        raise InputError(path, str(exc)) from None

@@ -196,10 +196,11 @@ class OpenVinoClsRunner(OpenVinoRunner):
     file's metadata (a sidecar of the IR, the ONNX metadata of an ``.onnx``)."""
 
     def __init__(self, path: str | Path, threads: int | None = 2, precision: str = "f32"):
-        from nodulekit.deploy.model_meta import crop_spacing_of
+        from nodulekit.deploy.model_meta import context_of, crop_spacing_of
 
         super().__init__(path, threads, precision)
         self.crop_spacing = crop_spacing_of(self.path)
+        self.context = context_of(self.path)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         from nodulekit.deploy.outputs import class1_probability

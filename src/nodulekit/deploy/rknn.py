@@ -255,10 +255,11 @@ class RknnLiteClsRunner(RknnLiteRunner):
     """
 
     def __init__(self, path: str | Path, core_mask: str = "AUTO"):
-        from nodulekit.deploy.model_meta import crop_spacing_of
+        from nodulekit.deploy.model_meta import context_of, crop_spacing_of
 
         super().__init__(path, core_mask=core_mask)
         self.crop_spacing = crop_spacing_of(path)
+        self.context = context_of(path)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return class1_probability(self.run_all(x)[-1])

@@ -93,12 +93,14 @@ class TorchClsRunner(TorchSegRunner):
     """A ``LunaModel`` (or any module returning ``(logits, probabilities)``) as a classifier runner.
 
     ``crop_spacing`` is the crop voxel size (mm, index/row/col) the model wants, ``None`` for native
-    voxels; every classifier runner has it.
+    voxels, and ``context`` its context channel's field-of-view factor (``None``: one channel); every
+    classifier runner has both.
     """
 
     def __init__(self, model, threads: int | None = None):
         super().__init__(model, threads)
         self.crop_spacing = getattr(model, "crop_spacing", None)
+        self.context = getattr(model, "context", None)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         out = self._forward(x)
@@ -113,10 +115,11 @@ class OnnxClsRunner(OnnxRunner):
     metadata (:mod:`nodulekit.deploy.model_meta`)."""
 
     def __init__(self, path: str | Path, threads: int | None = 2):
-        from nodulekit.deploy.model_meta import crop_spacing_of
+        from nodulekit.deploy.model_meta import context_of, crop_spacing_of
 
         super().__init__(path, threads)
         self.crop_spacing = crop_spacing_of(self.path)
+        self.context = context_of(self.path)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return class1_probability(self._run(x)[-1])

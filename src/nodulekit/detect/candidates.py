@@ -481,7 +481,8 @@ def classify(ct, candidates: list[Finding], runner: Callable[[np.ndarray], np.nd
     """Set ``probability`` of each candidate from the classifier runner (in place).
 
     Crops are cut at the runner's ``crop_spacing`` (mm per voxel; ``None``: native voxels), the
-    voxel size its model was trained on, by :func:`nodulekit.detect.crops.cls_crops`. The
+    voxel size its model was trained on, with a context channel when the runner has ``context``,
+    by :func:`nodulekit.detect.crops.cls_crops`. The
     runner gets ``batch_size`` crops a call (a runtime with a fixed batch splits them itself).
     ``timings`` (a dict) gets ``crops`` and ``cls_network``, seconds spent cutting and running.
 
@@ -492,12 +493,12 @@ def classify(ct, candidates: list[Finding], runner: Callable[[np.ndarray], np.nd
 
     from nodulekit.detect.crops import cls_crops
 
-    spacing = getattr(runner, "crop_spacing", None)
+    spacing, context = getattr(runner, "crop_spacing", None), getattr(runner, "context", None)
     t_crop = t_net = 0.0
     for start in range(0, len(candidates), batch_size):
         chunk = candidates[start: start + batch_size]
         t0 = time.perf_counter()
-        x = cls_crops(ct.hu, ct.spacing, [c.center_irc for c in chunk], size, spacing)
+        x = cls_crops(ct.hu, ct.spacing, [c.center_irc for c in chunk], size, spacing, context)
         t1 = time.perf_counter()
         probs = np.asarray(runner(x), dtype=np.float64).reshape(-1)
         t_crop, t_net = t_crop + t1 - t0, t_net + time.perf_counter() - t1

@@ -7,14 +7,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from nodulekit.data.crops import cls_crop
+from nodulekit.data.crops import channel_spacings, cls_crop
 
 
 def cls_crops(hu: np.ndarray, spacing_xyz: Sequence[float], centers_irc, shape,
-              crop_spacing: Sequence[float] | None = None) -> np.ndarray:
-    """``(N, 1, *shape)`` float32 classifier inputs around ``centers_irc`` (see
-    :func:`nodulekit.data.crops.cls_crop`)."""
-    out = np.empty((len(centers_irc), 1, *shape), dtype=np.float32)
+              crop_spacing: Sequence[float] | None = None, context: float | None = None) -> np.ndarray:
+    """``(N, C, *shape)`` float32 classifier inputs around ``centers_irc`` (see
+    :func:`nodulekit.data.crops.cls_input`; C = 2 with ``context``)."""
+    spacings = channel_spacings(crop_spacing, context)
+    out = np.empty((len(centers_irc), len(spacings), *shape), dtype=np.float32)
     for i, c in enumerate(centers_irc):
-        out[i, 0] = cls_crop(hu, spacing_xyz, c, shape, crop_spacing)
+        for k, s in enumerate(spacings):
+            out[i, k] = cls_crop(hu, spacing_xyz, c, shape, s)
     return out

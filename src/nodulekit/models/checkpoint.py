@@ -83,6 +83,7 @@ def save_cls_checkpoint(path, model: LunaModel, **extra) -> Path:
         "widths": [list(w) for w in model.widths],
         "crop": list(model.crop),
         "crop_spacing_mm": None if model.crop_spacing is None else list(model.crop_spacing),
+        "context": getattr(model, "context", None),
         "model_state": model.state_dict(),
         **extra,
     }
@@ -127,11 +128,12 @@ def load_cls_model(path: str | Path) -> tuple[LunaModel, dict]:
     except KeyError as exc:
         raise InputError(path, f"not a LunaModel classifier checkpoint ({exc})") from None
     crop, crop_spacing = _checked_crop(path, ckpt, state, widths)
+    context = _checked_context(path, ckpt, state, crop_spacing)
     if "widths" in ckpt and not _same_widths(ckpt["widths"], widths):
         raise InputError(path, f"its widths field ({ckpt['widths']!r:.120}) does not match its tensors ({widths})")
     # a run's resume point (cls_last.pt) may hold training-time batch norms: merged on loading
     norm = any(".bn1." in k for k in state)
-    model = _build(path, LunaModel, widths=widths, crop=crop, crop_spacing=crop_spacing, norm=norm)
+    model = _build(path, LunaModel, widths=widths, crop=crop, crop_spacing=crop_spacing, norm=norm, context=context)
     _load_state(model, state, path)
     return model.folded().eval(), ckpt
 
@@ -172,6 +174,23 @@ def _checked_crop(path, ckpt: dict, state: dict, widths) -> tuple[tuple[int, ...
     if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
         raise InputError(path, f"crop_spacing_mm field {spacing!r:.80}: expected 3 positive millimetres")
     return tuple(crop), values
+
+
+def _checked_context(path, ckpt: dict, state: dict, crop_spacing) -> float | None:
+    """The checkpoint's context factor (``None``: one input channel, as dlwpt's), checked against
+    its input batch norm's channels and its crop spacing."""
+    from nodulekit.data.crops import channel_spacings
+
+    context = ckpt.get("context")
+    try:
+        channels = len(channel_spacings(crop_spacing, context))
+    except ValueError as exc:
+        raise InputError(path, f"context field {context!r:.40}: {exc}") from None
+    bn = state.get("tail_batchnorm.weight")
+    if bn is not None and bn.ndim == 1 and bn.shape[0] != channels:
+        raise InputError(path, f"its input batch norm has {bn.shape[0]} channel(s), its context field "
+                               f"({context!r:.40}) asks for {channels}")
+    return None if context is None else float(context)
 
 
 def _build(path, cls, *args, **kwargs):

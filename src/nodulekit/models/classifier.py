@@ -41,7 +41,8 @@ class LunaBlock(nn.Module):
 
 
 class LunaModel(nn.Module):
-    """3D nodule classifier; input ``(N, 1, 32, 48, 48)`` HU clipped to [-1000, 1000].
+    """3D nodule classifier; input ``(N, C, 32, 48, 48)`` HU clipped to [-1000, 1000], C = 1 (dlwpt)
+    or 2 with a context channel.
 
     Args:
         widths: ``(conv1, conv2)`` output channels of each of the 4 blocks; default 8/16/32/64.
@@ -52,10 +53,16 @@ class LunaModel(nn.Module):
         norm: batch norm after every convolution, a training aid: without it the 8 plain
             convolutions can sit at chance for the first hundred steps or more, longer at some seeds
             than others. :meth:`folded` returns the dlwpt layout with the same outputs in eval mode.
+        context: ``None`` (one channel, dlwpt) or the field-of-view factor of a second input channel:
+            the candidate cut with ``context`` times ``crop_spacing``
+            (:func:`nodulekit.data.crops.cls_input`). The input batch norm and the first
+            convolution take both channels; the rest of the network is unchanged.
     """
 
     def __init__(self, widths=None, crop: tuple[int, int, int] = CLS_CROP, n_classes: int = 2,
-                 crop_spacing=None, norm: bool = False):
+                 crop_spacing=None, norm: bool = False, context: float | None = None):
+        from nodulekit.data.crops import check_context
+
         super().__init__()
         self.norm = bool(norm)
         widths = widths or [(8, 8), (16, 16), (32, 32), (64, 64)]
@@ -64,8 +71,10 @@ class LunaModel(nn.Module):
         self.crop_spacing = None if crop_spacing is None else tuple(float(v) for v in crop_spacing)
         if any(s % 16 for s in self.crop):
             raise ValueError(f"classifier crop {self.crop} must be divisible by 16 on every axis")
-        self.tail_batchnorm = nn.BatchNorm3d(1)
-        prev = 1
+        self.context = check_context(context)
+        self.in_channels = 1 if self.context is None else 2
+        self.tail_batchnorm = nn.BatchNorm3d(self.in_channels)
+        prev = self.in_channels
         for i, (mid, out) in enumerate(self.widths, start=1):
             setattr(self, f"block{i}", LunaBlock(prev, mid, out, norm=self.norm))
             prev = out
@@ -97,7 +106,7 @@ class LunaModel(nn.Module):
         if not self.norm:
             return self
         plain = LunaModel(widths=self.widths, crop=self.crop, n_classes=self.head_linear.out_features,
-                          crop_spacing=self.crop_spacing)
+                          crop_spacing=self.crop_spacing, context=self.context)
         state = {k: v for k, v in self.state_dict().items() if ".bn" not in k}
         for i in range(1, len(self.widths) + 1):
             block = getattr(self, f"block{i}")

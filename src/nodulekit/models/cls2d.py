@@ -13,6 +13,9 @@ those operators that computes the same function:
   1x1 convs (the second conv's output channels are reordered so that pairs are neighbours);
 - BatchNorm3d(1) is a scalar affine on the input (folding it into the first conv's bias would be wrong
   at the zero-padded borders);
+- a classifier with a context channel takes ``(N, 2, D, H, W)``: the input is folded channel-major
+  (``c*D + d``, a plain reshape) and the first conv's columns are permuted to match; the input
+  affine is then per channel, a constant ``(1, 2*D, 1, 1)`` Mul and Add;
 - the head's Linear becomes a Conv2d whose kernel covers the whole last map (its weight permuted to
   the folded (depth, channel) channel order), so the outputs are ``(N, 2, 1, 1)``: the NPU runs that
   conv, while a Linear on a flattened map ends in Reshapes that it leaves to its CPU. ``forward``
@@ -78,23 +81,33 @@ class Conv2dLunaBlock(nn.Module):
 
 
 class Conv2dLunaModel(nn.Module):
-    """Output of :func:`to_conv2d`; input ``(N, 1, D, H, W)`` as the 3D model, returns ``(logits, probs)``
-    of shape ``(N, 2)``, or ``(N, 2, 1, 1)`` with ``spatial_outputs``."""
+    """Output of :func:`to_conv2d`; input ``(N, C, D, H, W)`` as the 3D model, returns ``(logits, probs)``
+    of shape ``(N, 2)``, or ``(N, 2, 1, 1)`` with ``spatial_outputs``.
 
-    def __init__(self, scale: float, shift: float, blocks: list[Conv2dLunaBlock], head: nn.Conv2d, crop):
+    ``scale`` and ``shift`` are the input affine: floats for one channel, else one value per channel."""
+
+    def __init__(self, scale, shift, blocks: list[Conv2dLunaBlock], head: nn.Conv2d, crop, context=None):
         super().__init__()
         self.crop = tuple(crop)
         self.crop_spacing = None  # the source model's (see LunaModel), set by to_conv2d
+        self.context = context
+        self.in_channels = 1 if context is None else 2
         self.spatial_outputs = False
-        self.register_buffer("in_scale", torch.tensor(float(scale)))
-        self.register_buffer("in_shift", torch.tensor(float(shift)))
+        if self.in_channels == 1:
+            self.register_buffer("in_scale", torch.tensor(float(scale)))
+            self.register_buffer("in_shift", torch.tensor(float(shift)))
+        else:
+            depth = self.crop[0]
+            per = lambda v: torch.tensor(v, dtype=torch.float32).repeat_interleave(depth).view(1, -1, 1, 1)  # noqa: E731
+            self.register_buffer("in_scale", per(scale))
+            self.register_buffer("in_shift", per(shift))
         self.blocks = nn.Sequential(*blocks)
         self.head_conv = head
         self.head_softmax = nn.Softmax(dim=1)
 
     def forward(self, x: torch.Tensor):
         d, h, w = self.crop
-        x = x.reshape(-1, d, h, w) * self.in_scale + self.in_shift
+        x = x.reshape(-1, self.in_channels * d, h, w) * self.in_scale + self.in_shift
         logits = self.head_conv(self.blocks(x))
         probs = self.head_softmax(logits)
         if self.spatial_outputs:
@@ -121,14 +134,21 @@ def banded_conv2d(conv: nn.Conv3d, depth: int) -> nn.Conv2d:
     return out
 
 
-def _bn_affine(bn: nn.BatchNorm3d) -> tuple[float, float]:
-    if bn.num_features != 1:
-        raise ValueError("the classifier's input batch norm must have one channel")
+def _bn_affine(bn: nn.BatchNorm3d) -> tuple[list[float], list[float]]:
+    """Per-channel ``(scale, shift)`` of an eval-mode batch norm."""
     std = torch.sqrt(bn.running_var + bn.eps)
     gamma = bn.weight if bn.affine else torch.ones_like(std)
     beta = bn.bias if bn.affine else torch.zeros_like(std)
-    scale = (gamma / std).item()
-    return scale, (beta - bn.running_mean * gamma / std).item()
+    return (gamma / std).tolist(), (beta - bn.running_mean * gamma / std).tolist()
+
+
+def _channel_major(conv: nn.Conv2d, depth: int, channels: int) -> nn.Conv2d:
+    """``conv`` (input channels ``d*C + c``) taking its input channel-major (``c*D + d``) instead."""
+    if channels > 1:
+        # new column c*D + d reads the old column d*C + c
+        order = torch.arange(depth * channels).view(depth, channels).t().reshape(-1)
+        conv.weight.data = conv.weight.data[:, order].contiguous()
+    return conv
 
 
 @torch.no_grad()
@@ -142,14 +162,18 @@ def to_conv2d(model: LunaModel) -> Conv2dLunaModel:
         A :class:`Conv2dLunaModel` in eval mode with the same input and outputs.
     """
     depth = model.crop[0]
-    blocks, prev = [], 1
+    channels = model.tail_batchnorm.num_features
+    blocks, prev = [], channels
     for i, (mid, out) in enumerate(model.widths, start=1):
         block = getattr(model, f"block{i}")
         conv2 = banded_conv2d(block.conv2, depth)
         order = _pair_order(depth, out)
         conv2.weight.data = conv2.weight.data[order].contiguous()
         conv2.bias.data = conv2.bias.data[order].contiguous()
-        blocks.append(Conv2dLunaBlock(banded_conv2d(block.conv1, depth), conv2, depth, out))
+        conv1 = banded_conv2d(block.conv1, depth)
+        if i == 1:
+            conv1 = _channel_major(conv1, depth, channels)
+        blocks.append(Conv2dLunaBlock(conv1, conv2, depth, out))
         depth //= 2
         prev = out
     # the 3D flatten order is (C, D, H, W); the folded one is (D, C, H, W)
@@ -162,7 +186,10 @@ def to_conv2d(model: LunaModel) -> Conv2dLunaModel:
     head.weight.data.copy_(w)
     head.bias.data.copy_(lin.bias.detach())
     scale, shift = _bn_affine(model.tail_batchnorm)
-    out = Conv2dLunaModel(scale, shift, blocks, head, model.crop).eval()
+    context = getattr(model, "context", None)
+    if context is None:
+        scale, shift = scale[0], shift[0]
+    out = Conv2dLunaModel(scale, shift, blocks, head, model.crop, context).eval()
     out.crop_spacing = getattr(model, "crop_spacing", None)
     return out
 

@@ -44,13 +44,13 @@ def _f1(logits: np.ndarray, labels) -> float:
 
 
 def held_out_crops(data_dir, crop_spacing, *, max_negatives: int = 500, val_fraction: float = VAL_FRACTION,
-                   split_file=None) -> tuple[np.ndarray, np.ndarray]:
-    """The held-out candidates' crops ``(N, 1, D, H, W)`` and labels (the split of training, or
-    ``split_file``'s)."""
+                   split_file=None, context: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out candidates' crops ``(N, C, D, H, W)`` and labels (the split of training, or
+    ``split_file``'s); two channels with ``context``."""
     from nodulekit.data.cls_dataset import build_cls_datasets
 
     _, val = build_cls_datasets(data_dir, val_fraction=val_fraction, split_file=split_file,
-                                val_max_negatives=max_negatives, crop_spacing=crop_spacing)
+                                val_max_negatives=max_negatives, crop_spacing=crop_spacing, context=context)
     crops = np.stack([np.asarray(val[i][0], dtype=np.float32) for i in range(len(val))])
     labels = np.array([int(val[i][1]) for i in range(len(val))])
     return crops, labels
@@ -79,7 +79,7 @@ def classifier_study(cls_ckpt, data_dir, out_dir, rknn: bool, *, max_negatives: 
         val_fraction: share of scans held out (the split of training).
         split_file: a split file (:func:`nodulekit.data.split.write_split`) that fixes the held-out
             scans instead of ``val_fraction``.
-        crops, labels: use these held-out crops ``(N, 1, 32, 48, 48)`` instead of ``data_dir``'s.
+        crops, labels: use these held-out crops ``(N, C, 32, 48, 48)`` instead of ``data_dir``'s.
 
     Returns:
         Rows of :mod:`nodulekit.deploy.rows` (kind ``cls``) with ``params``, ``auc``, ``f1``,
@@ -98,7 +98,7 @@ def classifier_study(cls_ckpt, data_dir, out_dir, rknn: bool, *, max_negatives: 
     out_dir.mkdir(parents=True, exist_ok=True)
     model, _ = load_cls_model(cls_ckpt)
     if crops is None:
-        crops, labels = held_out_crops(data_dir, model.crop_spacing, max_negatives=max_negatives,
+        crops, labels = held_out_crops(data_dir, model.crop_spacing, context=model.context, max_negatives=max_negatives,
                                        val_fraction=val_fraction, split_file=split_file)
     with torch.no_grad():
         ref = np.concatenate([model(torch.from_numpy(crops[i:i + 64]))[0].numpy() for i in range(0, len(crops), 64)])
@@ -119,7 +119,7 @@ def classifier_study(cls_ckpt, data_dir, out_dir, rknn: bool, *, max_negatives: 
             if kwargs is not None:
                 export(conv2d, fmt, path, kind="cls", **kwargs)
             params = sum(p.numel() for p in module.parameters())
-            row.update(params=params, macs=conv_macs(module, (1, 1, *model.crop)))
+            row.update(params=params, macs=conv_macs(module, (1, model.in_channels, *model.crop)))
             weights_kib[name] = params * bytes_per_weight / 1024
         except Exception as exc:  # one failed form is a row, not a failed study
             row["error"] = f"{type(exc).__name__}: {exc}"

@@ -46,6 +46,10 @@ class ClsTrainConfig(TrainConfig):
     crop_spacing: tuple[float, float, float] | None = setting(
         DEFAULT_CROP_SPACING, "mm per crop voxel (index, row, col), or None for the scan's native voxels as dlwpt "
                               "(see nodulekit.data.crops); the checkpoint records it for detection")
+    # a vessel seen end-on and a nodule look alike in the crop; what continues beyond it differs
+    context: float | None = setting(None, "a second input channel: the candidate cut with this many times the crop "
+                                          "spacing, the same voxels over that field of view (2.5: 100 x 96 x 96 mm); "
+                                          "0 or unset: one channel (dlwpt)", zero_is_none=True)
     val_max_negatives: int | None = setting(2000, "non-nodule candidates sampled for validation (None: all)")
     recall_target: float = setting(0.95, "sensitivity at which the false-positive reduction is reported",
                                    check=SHARE)
@@ -207,12 +211,31 @@ def highest_scoring(model, samples, crops, keep: int, device="cpu",
     ``crops`` is the training set's crop maker (its cache, size and voxel size)."""
     from nodulekit.data.cls_dataset import ClsValDataset
 
-    scored = ClsValDataset(samples, crops.cache, max_negatives=None, crop=crops.crop, crop_spacing=crops.crop_spacing)
+    scored = ClsValDataset(samples, crops.cache, max_negatives=None, crop=crops.crop, crop_spacing=crops.crop_spacing,
+                           context=crops.context)
     _, probs = predict_cls(model, scored, device=device)
     order = np.argsort(-probs, kind="stable")[:keep]
     log.info("%s: %d of %d scored non-nodules, nodule probability %.3f-%.3f", what, len(order), len(samples),
              float(probs[order[-1]]) if len(order) else math.nan, float(probs[order[0]]) if len(order) else math.nan)
     return order
+
+
+def _context(cfg: ClsTrainConfig, init) -> float | None:
+    """The run's context channel: the setting's, else the init checkpoint's (its first layer's
+    channels fix it); a setting that disagrees with the checkpoint is an error."""
+    from nodulekit.data.crops import channel_spacings
+    from nodulekit.errors import InputError
+
+    context = cfg.context
+    if init is not None:
+        if context is not None and context != init.context:
+            raise InputError(cfg.init, f"has context {init.context}, the run asks for {context}")
+        context = init.context
+    try:
+        channel_spacings(cfg.crop_spacing, context)
+    except ValueError as exc:
+        raise InputError("context", str(exc)) from None
+    return context
 
 
 def train_cls(cfg: ClsTrainConfig) -> dict:
@@ -243,11 +266,13 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
         if (out / "cls_last.pt").is_file() and not cfg.resume:
             raise InputError(out, "holds a classifier run already: pass --resume to continue it, or another --out")
         cache = VolumeCache(cfg.cache_dir or Path(cfg.data) / ".cache")
+        init = load_cls_model(cfg.init)[0] if cfg.init else None
+        context = _context(cfg, init)
         train_ds, val_ds = build_cls_datasets(
             cfg.data, val_fraction=cfg.val_fraction, split_file=cfg.split, seed=cfg.seed, cache=cache,
             samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size * ctx.world_size,
             val_max_negatives=cfg.val_max_negatives, crop_spacing=cfg.crop_spacing,
-            detector_candidates=cfg.detector_candidates, insert_share=cfg.insert_share)
+            detector_candidates=cfg.detector_candidates, insert_share=cfg.insert_share, context=context)
 
         torch.manual_seed(cfg.seed)
         # Conv3d runs about 2.5x faster on the CPU with channels-last activations
@@ -255,14 +280,13 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
             # the checkpoint's widths and crop (pruned or dlwpt ones too); batch norms (if any) start
             # with unit scale and zero shift on top of its weights, but in training they normalize by
             # batch statistics, so the first steps change what it computes (--no-norm: unchanged)
-            init = load_cls_model(cfg.init)[0]
-            model = LunaModel(widths=init.widths, crop=init.crop, norm=cfg.norm)
+            model = LunaModel(widths=init.widths, crop=init.crop, norm=cfg.norm, context=context)
             loaded = model.load_state_dict(init.state_dict(), strict=False)
             unmatched = [k for k in loaded.missing_keys if ".bn" not in k] + list(loaded.unexpected_keys)
             if unmatched:
                 raise InputError(cfg.init, f"classifier weights do not match LunaModel: {unmatched[:3]}")
         else:
-            model = LunaModel(norm=cfg.norm)
+            model = LunaModel(norm=cfg.norm, context=context)
         model = model.to(dev, memory_format=CHANNELS_LAST)
         model.crop_spacing = None if cfg.crop_spacing is None else tuple(float(v) for v in cfg.crop_spacing)
         net = wrap_model(model, ctx)
