@@ -129,16 +129,17 @@ def test_classifier_study_rows(tmp_path):
 
 
 @pytest.mark.slow
-def test_rknn_runs_the_rewrite_on_the_npu(tmp_path):
+@pytest.mark.parametrize("context", [None, 2.5])
+def test_rknn_runs_the_rewrite_on_the_npu(tmp_path, context):
     from nodulekit.deploy import rknn
 
     if os.environ.get("NODULEKIT_SKIP_RKNN") == "1":
         pytest.skip("NODULEKIT_SKIP_RKNN=1")
     if not rknn.rknn_available():
         pytest.fail("the rknn-toolkit2 environment .venv-rknn is missing: run `make rknn`")
-    m = _model((16, 32, 32), [(4, 4), (8, 8), (8, 16), (16, 16)])
+    m = _model((16, 32, 32), [(4, 4), (8, 8), (8, 16), (16, 16)]) if context is None else _context_model()
     path = export_cls_onnx(to_conv2d(m), tmp_path / "c2d.onnx")
-    x = _crops(1, m.crop).numpy()
+    x = np.random.default_rng(1).uniform(-1000, 1000, (1, m.in_channels, *m.crop)).astype(np.float32)
     info = rknn.build_rknn(path, tmp_path / "c2d.rknn", quantize=False, input_size=x.shape, eval_inputs=[x])
     # 4D outputs: nothing is left to the CPU
     assert info["cpu_fallback_layers"] == []

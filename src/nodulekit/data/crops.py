@@ -74,6 +74,10 @@ def resampled_crop(hu: np.ndarray, spacing_irc: Sequence[float], center_irc, sha
     every output voxel, with the same values to float32 rounding (tests/test_crops.py checks it).
     Training cuts tens of thousands of these and detection one per candidate.
 
+    Along the slice axis only the two native slices around each sample are read, in-plane only the
+    box the samples span: a context channel's coarse grid (:func:`cls_input`) would otherwise copy
+    a box 15 times its own size.
+
     Args:
         hu: volume (index, row, col).
         spacing_irc: its voxel size in mm, in (index, row, col) order (``CTVolume.spacing[::-1]``).
@@ -81,20 +85,28 @@ def resampled_crop(hu: np.ndarray, spacing_irc: Sequence[float], center_irc, sha
         shape: crop size in voxels.
         crop_spacing: crop voxel size in mm.
     """
-    # native coordinates of each axis's samples, and a native box around them (one voxel of margin)
-    lo, size, positions = [], [], []
-    for c, n, native, wanted in zip(center_irc, shape, spacing_irc, crop_spacing):
-        step = float(wanted) / float(native)
-        first = float(c) - (int(n) // 2) * step
-        start = int(np.floor(first)) - 1
-        lo.append(start)
-        size.append(int(np.ceil(first + (int(n) - 1) * step)) + 2 - start)
-        positions.append(first - start + step * np.arange(int(n)))
-    lo, size = np.asarray(lo), np.asarray(size)
-    out = crop_hu(hu, lo + size // 2, size).astype(np.float32, copy=False)
-    for axis, pos in enumerate(positions):
-        out = _interp_axis(out, pos, axis)
+    # native coordinates of each axis's samples
+    positions = [float(c) - (int(n) // 2) * (float(w) / float(s)) + (float(w) / float(s)) * np.arange(int(n))
+                 for c, n, s, w in zip(center_irc, shape, spacing_irc, crop_spacing)]
+    i0 = np.floor(positions[0]).astype(np.intp)
+    lo = [int(np.floor(p[0])) for p in positions[1:]]
+    box = _planes(hu, np.stack([i0, i0 + 1], axis=1).reshape(-1), lo,
+                  [int(np.floor(p[-1])) + 2 for p in positions[1:]])
+    frac = (positions[0] - i0).astype(np.float32).reshape(-1, 1, 1)
+    out = box[0::2] + (box[1::2] - box[0::2]) * frac
+    for axis in (1, 2):
+        out = _interp_axis(out, positions[axis] - lo[axis - 1], axis)
     return np.clip(out, HU_MIN, HU_MAX, out=out)
+
+
+def _planes(hu: np.ndarray, planes: np.ndarray, lo, hi) -> np.ndarray:
+    """float32 ``hu[planes, lo[0]:hi[0], lo[1]:hi[1]]``, air (``PAD_HU``) outside the volume."""
+    out = np.full((len(planes), hi[0] - lo[0], hi[1] - lo[1]), PAD_HU, dtype=np.float32)
+    inside = (planes >= 0) & (planes < hu.shape[0])
+    (r0, r1), (c0, c1) = ((max(a, 0), min(b, n)) for a, b, n in zip(lo, hi, hu.shape[1:]))
+    if inside.any() and r0 < r1 and c0 < c1:
+        out[inside, r0 - lo[0]:r1 - lo[0], c0 - lo[1]:c1 - lo[1]] = hu[planes[inside], r0:r1, c0:c1]
+    return out
 
 
 def cls_crop(hu: np.ndarray, spacing_xyz: Sequence[float], center_irc, shape,
