@@ -96,11 +96,11 @@ class Conv2dLunaModel(nn.Module):
         if self.in_channels == 1:
             self.register_buffer("in_scale", torch.tensor(float(scale)))
             self.register_buffer("in_shift", torch.tensor(float(shift)))
-        else:
+        else:  # one value per folded channel c*D + d
             depth = self.crop[0]
-            per = lambda v: torch.tensor(v, dtype=torch.float32).repeat_interleave(depth).view(1, -1, 1, 1)  # noqa: E731
-            self.register_buffer("in_scale", per(scale))
-            self.register_buffer("in_shift", per(shift))
+            for name, values in (("in_scale", scale), ("in_shift", shift)):
+                self.register_buffer(name, torch.tensor(values, dtype=torch.float32)
+                                     .repeat_interleave(depth).view(1, -1, 1, 1))
         self.blocks = nn.Sequential(*blocks)
         self.head_conv = head
         self.head_softmax = nn.Softmax(dim=1)
