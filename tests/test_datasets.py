@@ -268,3 +268,23 @@ def test_a_split_file_fixes_the_held_out_scans(synth_data, tmp_path):
     # without one, val_fraction picks them, as before
     _, val = build_seg_datasets(synth_data, samples_per_epoch=4, cache=cache, progress=False)
     assert [s.uid for s in val.scans] == train_val_split(uids)[1]
+
+
+def test_augmentation_moves_a_context_channel_by_the_same_millimetres():
+    """A context channel spans 2.5x the field of view: the same shift in mm is 2.5x fewer of its
+    voxels, so a blob centred in both channels stays at one point of the body in both."""
+    from nodulekit.data.augment import RandAffine
+
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in (16, 32, 32)],
+                                      indexing="ij"))
+    blob = torch.exp(-((grid - torch.tensor([7.5, 15.5, 15.5]).view(3, 1, 1, 1)) ** 2).sum(0) / 8.0)
+    x = torch.stack([blob, blob])[None].repeat(4, 1, 1, 1, 1) * 1000 - 500
+    aug = RandAffine(flip=False, shift=0.2, scale=0.0, rotate_deg=0.0, noise_hu=0.0)
+    for fov, ratio in ((None, 1.0), ((1.0, 2.5), 2.5)):
+        out = aug(x, generator=torch.Generator().manual_seed(3), channel_fov=fov) + 500
+        moved = [(out[:, k:k + 1] * grid).flatten(2).sum(-1) / out[:, k:k + 1].flatten(2).sum(-1)
+                 - torch.tensor([7.5, 15.5, 15.5]) for k in (0, 1)]
+        assert moved[0].abs().max() > 1.0  # it did shift
+        assert torch.allclose(moved[0], moved[1] * ratio, atol=0.15), (moved[0], moved[1])
+    with pytest.raises(ValueError, match="channel_fov"):
+        aug(x, channel_fov=(1.0,))

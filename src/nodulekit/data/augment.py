@@ -9,6 +9,8 @@ so a seeded generator reproduces a run exactly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -85,13 +87,17 @@ class RandAffine:
         return torch.cat([lin, shift[:, :, None]], dim=2)
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, channel_fov: Sequence[float] | None = None):
         """Augment a batch.
 
         Args:
             image: ``(N, C, *spatial)`` float HU.
-            label: optional ``(N, 1, *spatial)`` 0/1 mask, transformed with the image.
+            label: optional ``(N, 1, *spatial)`` 0/1 mask, transformed with the image (as its first
+                channel).
             generator: source of randomness (seed it for reproducible runs).
+            channel_fov: each channel's field of view relative to the first (a classifier's context
+                channel, :func:`nodulekit.data.crops.cls_input`): its shift is divided by it, so that
+                every channel moves by the same millimetres and stays centred on the same point.
 
         Returns:
             ``image`` or ``(image, label)``; the label as float 0/1.
@@ -100,10 +106,22 @@ class RandAffine:
         ndim = image.dim() - 2
         if ndim not in (2, 3):
             raise ValueError(f"RandAffine wants (N, C, H, W) or (N, C, D, H, W), got {tuple(image.shape)}")
+        if channel_fov is not None and len(channel_fov) != c:
+            raise ValueError(f"channel_fov has {len(channel_fov)} values for {c} channels")
         theta = self.randomize(n, ndim, generator)
         stacked = image.float() if label is None else torch.cat([image.float(), label.float()], dim=1)
-        grid = affine_grid(theta, tuple(stacked.shape[2:]))
-        out = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if channel_fov is None or all(float(f) == 1.0 for f in channel_fov):
+            grid = affine_grid(theta, tuple(stacked.shape[2:]))
+            out = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        else:
+            parts = []
+            for k, fov in enumerate([*channel_fov, *([1.0] if label is not None else [])]):
+                t = theta.clone()
+                t[:, :, ndim] /= float(fov)
+                grid = affine_grid(t, tuple(stacked.shape[2:]))
+                parts.append(F.grid_sample(stacked[:, k:k + 1], grid, mode="bilinear", padding_mode="border",
+                                           align_corners=False))
+            out = torch.cat(parts, dim=1)
         img = out[:, :c]
         if self.noise_hu > 0:
             img = img + torch.randn(img.shape, generator=generator) * self.noise_hu

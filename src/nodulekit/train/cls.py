@@ -293,6 +293,8 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         aug = (RandAffine(flip=True, shift=0.1, scale=cfg.augment_scale, rotate_deg=180.0, noise_hu=25.0)
                if cfg.augment else None)
+        # a context channel spans `context` times the field of view: shifted by as many mm, not voxels
+        fov = None if context is None else (1.0, context)
         sampler = (DistributedSampler(train_ds, ctx.world_size, ctx.rank, shuffle=False, drop_last=True)
                    if ctx.distributed else None)
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
@@ -337,7 +339,7 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
                                             disable=not (cfg.progress and ctx.is_main))):
                 threads.follow()
                 if aug is not None:
-                    x = aug(x, generator=gen)
+                    x = aug(x, generator=gen, channel_fov=fov)
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * lr_factor(epoch * steps + i, total, warmup)
                 logits, _ = net(x.to(dev).contiguous(memory_format=CHANNELS_LAST))
