@@ -9,9 +9,8 @@ so a seeded generator reproduces a run exactly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
