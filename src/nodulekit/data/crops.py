@@ -86,8 +86,10 @@ def resampled_crop(hu: np.ndarray, spacing_irc: Sequence[float], center_irc, sha
         crop_spacing: crop voxel size in mm.
     """
     # native coordinates of each axis's samples
-    positions = [float(c) - (int(n) // 2) * (float(w) / float(s)) + (float(w) / float(s)) * np.arange(int(n))
-                 for c, n, s, w in zip(center_irc, shape, spacing_irc, crop_spacing)]
+    positions = []
+    for c, n, native, wanted in zip(center_irc, shape, spacing_irc, crop_spacing):
+        step = float(wanted) / float(native)
+        positions.append(float(c) - (int(n) // 2) * step + step * np.arange(int(n)))
     i0 = np.floor(positions[0]).astype(np.intp)
     lo = [int(np.floor(p[0])) for p in positions[1:]]
     box = _planes(hu, np.stack([i0, i0 + 1], axis=1).reshape(-1), lo,
