@@ -127,3 +127,33 @@ def test_a_recipe_may_give_the_classifier_a_context_channel():
     for bad in ("a:cls_context=x", "a:cls_context=nan", "a:cls_epochs=2.5"):
         with pytest.raises(InputError):
             parse_recipe(bad)
+
+
+def test_a_recipe_may_train_on_the_lobar_hila_draw(synth_data, tmp_path, monkeypatch):
+    from nodulekit import seeds
+    from nodulekit.errors import InputError
+
+    assert parse_recipe("hila:synth_hila=lobar") == ("hila", {"synth_hila": "lobar"})
+    for bad in ("a:synth_hila=1", "a:synth_hila=fancy"):
+        with pytest.raises(InputError):
+            parse_recipe(bad)
+
+    calls = _stub_training(monkeypatch, synth_data)
+    draws = []
+
+    def data_stage(cfg, out):  # one folder per draw, as the real stage writes
+        draws.append(cfg.synth_hila)
+        (out / "split.json").write_text("{}")
+        return StageResult({"scans": 4}, {"data": out, "split": out / "split.json"})
+
+    monkeypatch.setattr(demo, "data_stage", data_stage)
+    monkeypatch.setattr(seeds, "_score", lambda runs, *a, **k: {r.cls_key: {"cpm": 0.5, "n_scans": 1, "n_nodules": 1}
+                                                               for r in runs})
+    cfg = SeedsConfig(independent=str(synth_data), out=str(tmp_path / "seeds"), seeds=(0,),
+                      recipes={"demo": {}, "hila": {"synth_hila": "lobar"}, "hila_short": {"synth_hila": "lobar",
+                                                                                           "cls_epochs": 3}})
+    summary = judge_recipes(cfg, progress=False)
+    # a draw per anatomy; a segmentation per draw, shared by the recipes that train on it
+    assert sorted(draws) == ["lobar", "simple"] and len(calls["seg"]) == 2 and calls["mine"] == 2
+    assert len(calls["cls"]) == 3
+    assert [r["settings"]["synth_hila"] for r in summary["recipes"]] == ["simple", "lobar", "lobar"]

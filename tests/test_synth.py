@@ -149,3 +149,63 @@ def test_synth_modules_do_not_import_their_package():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 assert node.module != "nodulekit.data.synth", path.name
+
+
+def test_lobar_hila_branch_near_the_hilum_and_add_lymph_nodes_as_negatives():
+    import nodulekit.data.synth.hila as hila
+    from nodulekit.data.synth.anatomy import sample_anatomy
+    from nodulekit.data.synth.skeleton import hila as hilum_points
+
+    s = generate_scan(0, 2, size=256, max_slices=60, hila="lobar")
+    assert generate_scan(0, 2, size=256, max_slices=60, hila="lobar").negatives == s.negatives  # deterministic
+    simple = generate_scan(0, 2, size=256, max_slices=60)
+    assert not np.array_equal(simple.ct.hu, s.ct.hu)
+    # the annotations still fall in their labels, and the scan is a chest
+    for lab, n in enumerate(s.nodules, start=1):
+        assert s.labels[tuple(np.rint(s.ct.world_to_voxel(n.center_xyz)).astype(int))] == lab
+    assert -900 < np.median(s.ct.hu[(s.ct.hu > -950) & (s.ct.hu < -700)]) < -750
+
+    # lobes: the right lung has three, the left two; a lower-lobe point lies below the upper lobe's
+    an = sample_anatomy(np.random.default_rng(0))
+    an.cx = an.yc = an.z0 = 0.0
+    pts = np.stack([np.full(3, -60.0), np.zeros(3), np.array([0.9, 0.5, 0.1]) * an.H], axis=1)
+    pts[1, 1] = -0.5 * an.Ba  # anterior, between the fissures: middle lobe on the right
+    assert list(hila.lobe_of(an, pts, -1)) == [hila.UPPER, hila.MIDDLE, hila.LOWER]
+    assert list(hila.lobe_of(an, pts, 1)) == [hila.UPPER, hila.UPPER, hila.LOWER]
+
+    # the artery splits into one trunk per lobe within 3 cm of its hilum (the right one after its
+    # interlobar trunk), where the simple tree runs on as one trunk
+    rng = np.random.default_rng(1)
+    hub = hilum_points(an)["artery_r"]
+    lung = np.stack([rng.uniform(-130, -30, 900), rng.uniform(-80, 80, 900), rng.uniform(0.05, 0.95, 900) * an.H], 1)
+    segs = hila.lobar_tree(rng, hub, 7.0, lung, hila.lobe_of(an, lung, -1), -1)
+    roots = [s for s in segs if np.allclose(s.p0, hub)]  # the upper lobe's trunk and the interlobar one
+    assert len(roots) == 2 and all(np.linalg.norm(s.p1 - hub) < 30 for s in roots)
+    forks = [[s for s in segs if np.allclose(s.p0, r.p1)] for r in roots]
+    assert sorted(len(f) for f in forks) == [1, 2]  # the interlobar trunk splits into middle and lower
+    # Murray's law: the trunks' cubed radii add up to their parent's
+    assert sum(s.r0 ** 3 for s in roots) == pytest.approx(7.0 ** 3)
+    k = [len(f) for f in forks].index(2)
+    assert sum(s.r0 ** 3 for s in forks[k]) == pytest.approx(roots[k].r1 ** 3)
+
+    # lymph nodes: class-0 candidates of soft tissue beside the first bronchial and arterial forks
+    extra = len(s.negatives) - len(simple.negatives)
+    assert extra > 0
+    nodes = hila.lymph_nodes(np.random.default_rng(2), an, segs, [], 40.0)
+    assert 2 <= len(nodes) <= 8 and all(20 < hu < 70 and 2 <= n.r0 <= 6 for n, hu in nodes)
+
+
+def test_hila_choice_is_checked_and_recorded(tmp_path, capsys):
+    from nodulekit.cli import main
+    from nodulekit.errors import InputError
+
+    with pytest.raises(InputError, match="hila"):
+        generate_scan(0, 0, hila="fancy", **SMALL)
+    with pytest.raises(InputError, match="hila"):
+        generate_dataset(tmp_path / "x", 1, 0, hila="fancy", progress=False, **SMALL)
+    assert main(["synth", "--out", str(tmp_path / "d"), "--scans", "1", "--size", "128", "--max-slices", "16",
+                 "--hila", "lobar", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "d" / "synth.json").read_text())["parameters"]["hila"] == "lobar"
+    with pytest.raises(SystemExit):
+        main(["synth", "--out", str(tmp_path / "e"), "--scans", "1", "--hila", "fancy"])
+    assert "invalid choice" in capsys.readouterr().err

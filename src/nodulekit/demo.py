@@ -53,6 +53,7 @@ class DemoConfig:
     val_fraction: float = VAL_FRACTION  # held-out share of the scans (training, compression study, detection)
     size: int = 512
     max_slices: int | None = None
+    synth_hila: str = "simple"  # the draw's hilar anatomy (generate_dataset's hila)
     # SegTrainConfig.epochs and steps_per_epoch: fewer, longer epochs, so that validation costs less
     seg_epochs: int | None = 8
     seg_steps: int | None = 200
@@ -421,16 +422,18 @@ def _synth(cfg: DemoConfig, data: Path) -> dict:
 
     marker = data / "synth.json"
     seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
-    wanted = {"n_scans": cfg.scans, "seed": seed, "size": cfg.size, "max_slices": cfg.max_slices}
+    wanted = {"n_scans": cfg.scans, "seed": seed, "size": cfg.size, "max_slices": cfg.max_slices,
+              "hila": cfg.synth_hila}
     if marker.is_file():
         # the generator is deterministic: the same arguments give the same bytes, so reuse them
         doc = json.loads(marker.read_text())
-        if all(doc.get("parameters", {}).get(k) == v for k, v in wanted.items()):
+        have = {"hila": "simple", **doc.get("parameters", {})}  # a draw from before the choice existed
+        if all(have.get(k) == v for k, v in wanted.items()):
             log.info("reusing the synthetic dataset in %s", data)
             return doc["summary"]
     shutil.rmtree(data, ignore_errors=True)
     return generate_dataset(data, cfg.scans, seed, size=cfg.size, max_slices=cfg.max_slices,
-                            workers=cfg.workers)
+                            workers=cfg.workers, hila=cfg.synth_hila)
 
 
 def train_seg_stage(cfg: DemoConfig, out: Path, data: dict[str, Path]) -> StageResult:

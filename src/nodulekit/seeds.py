@@ -4,8 +4,8 @@ One training run's CPM carries the noise of its training seed, so a recipe is ju
 CPM of several training seeds and their spread; recipes scored on the same draw with the same
 seeds are compared seed by seed. Each
 recipe is the demo's (or the release recipe's) settings with some overridden
-(:class:`nodulekit.demo.DemoConfig` fields). Every seed trains on the same synthetic draw and is
-scored on a second draw that nothing was trained or chosen on (``make froc-independent``'s), by
+(:class:`nodulekit.demo.DemoConfig` fields). Every seed trains on the same synthetic draw (the one
+with the recipe's hilar anatomy, when a recipe changes it) and is scored on a second draw that nothing was trained or chosen on (``make froc-independent``'s), by
 LUNA16's FROC.
 
 Stages are cached by their settings under ``out``: recipes that differ only in the classifier
@@ -59,7 +59,7 @@ class SeedsConfig:
 
 def parse_recipe(text: str) -> tuple[str, dict]:
     """``NAME`` or ``NAME:field=value,field=value`` (``DemoConfig`` fields of :data:`RECIPE_FIELDS`,
-    whole numbers but for :data:`REAL_FIELDS`) -> ``(name, overrides)``."""
+    whole numbers but for :data:`REAL_FIELDS` and the words of :data:`WORD_FIELDS`) -> ``(name, overrides)``."""
     name, _, rest = text.partition(":")
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise InputError("--recipe", f"{text!r}: expected NAME or NAME:field=value,...")
@@ -68,6 +68,11 @@ def parse_recipe(text: str) -> tuple[str, dict]:
         key, eq, value = item.partition("=")
         if not eq or key not in RECIPE_FIELDS:
             raise InputError("--recipe", f"{item!r}: expected field=value with field one of {', '.join(RECIPE_FIELDS)}")
+        if key in WORD_FIELDS:
+            if value not in WORD_FIELDS[key]:
+                raise InputError("--recipe", f"{item!r}: expected one of {', '.join(WORD_FIELDS[key])}")
+            overrides[key] = value
+            continue
         real = key in REAL_FIELDS
         try:
             overrides[key] = float(value) if real else int(value)
@@ -78,11 +83,14 @@ def parse_recipe(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
-# the settings a recipe may change: the training ones (the draw and the held-out scans stay fixed,
-# so that the seeds and the recipes differ in nothing else)
+# the settings a recipe may change: the training ones, and the generator's anatomy (a recipe that
+# changes it trains on the same seed's draw with that anatomy; the scans and the held-out split keep
+# their number, so that the recipes differ in nothing else)
 RECIPE_FIELDS = ("seg_epochs", "seg_steps", "seg_val_every", "cls_epochs", "cls_detector_from",
-                 "cls_detector_every", "cls_hard_pool", "cls_steps", "cls_val_negatives", "mine_slices", "cls_context")
+                 "cls_detector_every", "cls_hard_pool", "cls_steps", "cls_val_negatives", "mine_slices", "cls_context",
+                 "synth_hila")
 REAL_FIELDS = ("cls_context",)
+WORD_FIELDS = {"synth_hila": ("simple", "lobar")}
 
 
 def base_config(base: str, out: Path):
@@ -133,6 +141,7 @@ class _Run:
     recipe: str
     seed: int
     cfg: object  # DemoConfig
+    data: object = None  # the data stage's StageResult: the draw it trains on
     seg_key: str = ""
     cls_key: str = ""
     seg: Path | None = None
@@ -156,27 +165,36 @@ def judge_recipes(cfg: SeedsConfig, *, progress: bool = True) -> dict:
     t_all = time.perf_counter()
     base = base_config(cfg.base, out)
     base = replace(base, data_seed=cfg.data_seed, progress=progress)
-    data = _cached(out / "data" / _key(cfg.base, cfg.data_seed, base.scans, base.size, base.max_slices),
-                   lambda f: D.data_stage(replace(base, out=str(f)), f))
+
+    def draw(hila: str):
+        # the key of the simple anatomy's draw is the one it had before the choice existed
+        key = (cfg.base, cfg.data_seed, base.scans, base.size, base.max_slices) + (() if hila == "simple" else (hila,))
+        return _cached(out / "data" / _key(*key),
+                       lambda f: D.data_stage(replace(base, out=str(f), synth_hila=hila), f))
 
     runs = []
+    draws: dict[str, object] = {}
     for name, overrides in cfg.recipes.items():
         for seed in cfg.seeds:
             dcfg = replace(base, seed=seed, **overrides)
             run = _Run(name, seed, dcfg)
+            if dcfg.synth_hila not in draws:
+                draws[dcfg.synth_hila] = draw(dcfg.synth_hila)
+            run.data = data = draws[dcfg.synth_hila]
             run.seg_key = _key(data.files["data"], _trained(dcfg.seg_settings()), dcfg.mine_slices)
             run.cls_key = _key(run.seg_key, _trained(dcfg.cls_settings()))
             runs.append(run)
     retrained: set[str] = set()  # segmentations trained anew in this call
     for run in runs:
         t0, ran = time.perf_counter(), []
+        files = run.data.files
         seg = _cached(out / "seg" / run.seg_key,
-                      lambda f, c=run.cfg: D.train_seg_stage(replace(c, out=str(f)), f, data.files), ran)
+                      lambda f, c=run.cfg: D.train_seg_stage(replace(c, out=str(f)), f, files), ran)
         mined = _cached(out / "mine" / run.seg_key,
-                        lambda f, c=run.cfg, s=seg: D.mine_stage(replace(c, out=str(f)), f, data.files,
+                        lambda f, c=run.cfg, s=seg: D.mine_stage(replace(c, out=str(f)), f, files,
                                                                  s.files["checkpoint"]))
         cls = _cached(out / "cls" / run.cls_key,
-                      lambda f, c=run.cfg, m=mined: D.train_cls_stage(replace(c, out=str(f)), f, data.files,
+                      lambda f, c=run.cfg, m=mined: D.train_cls_stage(replace(c, out=str(f)), f, files,
                                                                       m.files["candidates"]), ran)
         if out / "seg" / run.seg_key in ran:
             retrained.add(run.seg_key)

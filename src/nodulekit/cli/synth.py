@@ -37,6 +37,9 @@ def add_parser(sub):
                    help="in-plane voxels; below 512 the spacing grows so the field of view stays a chest (default 512)")
     p.add_argument("--max-slices", type=number_type(int, low=MIN_SLICES), default=None, metavar="N",
                    help="cap on slices per scan, keeping the middle of the lungs (default: the whole chest, <= 280)")
+    p.add_argument("--hila", choices=("simple", "lobar"), default="simple",
+                   help="hilar anatomy: simple (one trunk per tree) or lobar (lobar trunks branching at the hilum, "
+                        "superior and inferior veins, hilar lymph nodes); default simple")
     p.add_argument("--workers", type=number_type(int, POSITIVE), default=1, metavar="W",
                    help="worker processes (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -47,7 +50,7 @@ def run(args) -> int:
     from nodulekit.data.synth import generate_dataset
 
     s = generate_dataset(args.out, args.scans, args.seed, size=args.size, max_slices=args.max_slices,
-                         workers=args.workers, progress=not args.no_progress)
+                         workers=args.workers, progress=not args.no_progress, hila=args.hila)
     ratio = s["candidates_class0"] / max(1, s["candidates_class1"])
     print(f"scans       {s['scans']}")
     print(f"nodules     {s['nodules']}  (annotations.csv)")

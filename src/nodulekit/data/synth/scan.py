@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import nodulekit.data.synth.hila as hila_mod
 import nodulekit.data.synth.nodules as nod
 import nodulekit.data.synth.skeleton as skeleton
 import nodulekit.data.synth.vessels as vessels
@@ -46,7 +47,8 @@ def series_uid(seed: int, index: int) -> str:
     return f"{UID_ROOT}.{seed}.{index}.{tail}"
 
 
-def generate_scan(seed: int, index: int, *, size: int = 512, max_slices: int | None = None) -> SyntheticScan:
+def generate_scan(seed: int, index: int, *, size: int = 512, max_slices: int | None = None,
+                  hila: str = "simple") -> SyntheticScan:
     """Generate scan ``index`` of the dataset drawn with ``seed`` (deterministic).
 
     Args:
@@ -55,16 +57,22 @@ def generate_scan(seed: int, index: int, *, size: int = 512, max_slices: int | N
         size: in-plane voxels per side; below 512 the spacing grows by 512/size so the field of
             view stays a real chest.
         max_slices: cap on the slice count; the z-extent shrinks around the middle of the lungs.
+        hila: ``simple`` (each lung's artery, vein and bronchus trees grow from one trunk) or
+            ``lobar`` (lobar trunks branching at the hilum, superior and inferior veins, hilar lymph
+            nodes: :mod:`nodulekit.data.synth.hila`). The same seed draws another scan with each.
 
     Returns:
         A :class:`SyntheticScan`.
     """
-    return render_scan(seed, index, size=size, max_slices=max_slices)
+    return render_scan(seed, index, size=size, max_slices=max_slices, hila=hila)
 
 
 def render_scan(seed: int, index: int, *, size: int = 512, max_slices: int | None = None,
-                flip: str | None = None) -> SyntheticScan:
+                flip: str | None = None, hila: str = "simple") -> SyntheticScan:
     """:func:`generate_scan` with an optional forced storage flip (``''``, ``'x'``, ``'y'``, ``'z'``)."""
+    if hila not in hila_mod.HILA:
+        raise InputError("synth", f"hila must be one of {', '.join(hila_mod.HILA)}, got {hila!r}")
+    lobar = hila == "lobar"
     if seed < 0 or index < 0:
         raise InputError("synth", f"seed and index must be >= 0, got {seed}, {index}")
     if size < 64 or (max_slices is not None and max_slices < 8):
@@ -102,22 +110,33 @@ def render_scan(seed: int, index: int, *, size: int = 512, max_slices: int | Non
     skeleton.render_spine(hu, fine, an, rng)
     skeleton.render_sternum(hu, fine, an)
     skeleton.render_scapulae(hu, fine, an, rng)
-    blood, air, eso = skeleton.mediastinal_tubes(an, rng)
+    hi = skeleton.hila(an)
+    if lobar:
+        hi.update(hila_mod.vein_roots(an, hi))
+    blood, air, eso = skeleton.mediastinal_tubes(an, rng, [hi["vein_r_inf"], hi["vein_l_inf"]] if lobar else ())
     for s in eso:
         paint(hu, fine, s, 35.0)
     vessels.render_vessels(hu, fine, blood, an.blood_hu)
 
-    hi = skeleton.hila(an)
     pts = cf.sample_points(rng, "lung", 2.0, np.inf, 5000)
     trees, airways = [], []
     for side, key in ((-1, "r"), (1, "l")):
         own = pts[np.sign(pts[:, 0] - an.cx) == side]
         k = len(own) // 3
-        trees += vessels.grow_tree(rng, hi[f"artery_{key}"], 7.0, own[:k])
-        trees += vessels.grow_tree(rng, hi[f"vein_{key}"], 6.5, own[k: 2 * k])
-        airways += vessels.grow_tree(rng, hi[f"bronchus_{key}"], 4.5, own[2 * k: 2 * k + 24], min_radius=0.8)
+        if lobar:
+            trees += _lobar_trees(rng, an, hi, key, side, own[:k], own[k: 2 * k])
+            air_pts = own[2 * k: 2 * k + 32]
+            airways += hila_mod.lobar_tree(rng, hi[f"bronchus_{key}"], 4.5, air_pts,
+                                           hila_mod.lobe_of(an, air_pts, side), side, min_radius=0.8)
+        else:
+            trees += vessels.grow_tree(rng, hi[f"artery_{key}"], 7.0, own[:k])
+            trees += vessels.grow_tree(rng, hi[f"vein_{key}"], 6.5, own[k: 2 * k])
+            airways += vessels.grow_tree(rng, hi[f"bronchus_{key}"], 4.5, own[2 * k: 2 * k + 24], min_radius=0.8)
     lung_blood = an.blood_hu * 0.6 + 20
     vessels.render_vessels(hu, fine, trees, lung_blood)
+    nodes = hila_mod.lymph_nodes(rng, an, trees, airways, an.blood_hu) if lobar else []
+    for seg, value in nodes:
+        paint(hu, fine, seg, value, mode="max")
     vessels.render_airways(hu, fine, air + airways)
 
     labels = np.zeros(fine.shape, np.uint16)
@@ -140,7 +159,8 @@ def render_scan(seed: int, index: int, *, size: int = 512, max_slices: int | Non
             taken.append((c, d / 2))
             excluded.append(nod.Nodule(tuple(float(v) for v in c), round(d, 2), kind, attached))
 
-    negatives = _negatives(rng, cf, fine, trees, airways, ribs, found, excluded)
+    negatives = _negatives(rng, cf, fine, trees, airways, ribs, found, excluded,
+                           hilar=[n.p0 / 2 + n.p1 / 2 for n, _ in nodes] if lobar else None)
     blur_and_noise(hu, acq, rng)
     arr, origin, direction = flip_geometry(to_int16(hu), fine.origin, fine.spacing, fine.shape, flip_axis)
     labels, _, _ = flip_geometry(labels, fine.origin, fine.spacing, fine.shape, flip_axis)
@@ -157,8 +177,22 @@ def _world(grid: Grid, irc) -> np.ndarray:
     return np.asarray(grid.origin) + np.asarray(grid.spacing) * np.asarray(irc)[::-1]
 
 
-def _negatives(rng, cf, fine: Grid, trees, airways, ribs, found, excluded) -> list[tuple]:
-    """Class-0 candidates at things that look like nodules: vessels, forks, pleura, ribs, airway walls."""
+def _lobar_trees(rng, an, hi: dict, key: str, side: int, arterial: np.ndarray, venous: np.ndarray) -> list:
+    """One lung's arteries (lobar trunks from one hilum) and veins (the superior veins drain the
+    upper and middle lobes, the inferior ones the lower lobe)."""
+    trees = hila_mod.lobar_tree(rng, hi[f"artery_{key}"], 7.0, arterial, hila_mod.lobe_of(an, arterial, side), side)
+    lobes = hila_mod.lobe_of(an, venous, side)
+    low = lobes == hila_mod.LOWER
+    for root, part in ((hi[f"vein_{key}"], ~low), (hi[f"vein_{key}_inf"], low)):
+        if part.any():
+            r = 6.5 * (part.mean()) ** (1 / 3)
+            trees += hila_mod.lobar_tree(rng, root, r, venous[part], lobes[part], side)
+    return trees
+
+
+def _negatives(rng, cf, fine: Grid, trees, airways, ribs, found, excluded, hilar=None) -> list[tuple]:
+    """Class-0 candidates at things that look like nodules: vessels, forks, pleura, ribs, airway
+    walls, and with ``hilar`` (lymph-node centres) the nodes and the lobar trunks around them."""
     lo = np.asarray(fine.origin)
     hi = lo + np.asarray(fine.spacing) * (np.array(fine.shape[::-1]) - 1)
     zr = (lo[2], hi[2])
@@ -177,6 +211,9 @@ def _negatives(rng, cf, fine: Grid, trees, airways, ribs, found, excluded) -> li
         aw = aw + rng.normal(size=aw.shape) * 1.5
         groups.append(aw)
     groups.append(np.array([e.center_xyz for e in excluded]).reshape(-1, 3))
+    if hilar is not None:
+        groups.append(np.array(hilar).reshape(-1, 3))
+        groups.append(vessels.points_on([s for s in trees if s.depth <= 2], rng, 60, (2.0, 8.0)))
     pts = np.concatenate([g.reshape(-1, 3) for g in groups])
     ok = np.all((pts >= lo + 2) & (pts <= hi - 2), axis=1)
     for f in found:

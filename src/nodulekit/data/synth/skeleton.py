@@ -129,8 +129,9 @@ def hila(an: Anatomy) -> dict[str, np.ndarray]:
     }
 
 
-def mediastinal_tubes(an: Anatomy, rng) -> tuple[list[Segment], list[Segment], list[Segment]]:
-    """(blood vessels, airways, esophagus) capsules of the mediastinum."""
+def mediastinal_tubes(an: Anatomy, rng, veins=()) -> tuple[list[Segment], list[Segment], list[Segment]]:
+    """(blood vessels, airways, esophagus) capsules of the mediastinum; ``veins``: more pulmonary
+    vein entries (world mm) to join to the left atrium."""
     cx, yc, z0, H, Ba = an.cx, an.yc, an.z0, an.H, an.Ba
     hi = hila(an)
     top = z0 + H + 80
@@ -147,6 +148,8 @@ def mediastinal_tubes(an: Anatomy, rng) -> tuple[list[Segment], list[Segment], l
     blood += chain(np.array([pa_bif, hi["artery_l"]]), [10, 8])
     la = np.array([cx + 0.05 * an.A, yc + 0.05 * Ba, z0 + 0.45 * H])  # left atrium, behind the heart
     blood += chain(np.array([la, hi["vein_r"]]), [8, 7]) + chain(np.array([la, hi["vein_l"]]), [8, 7])
+    for v in veins:
+        blood += chain(np.array([la, v]), [7, 6])
     blood += chain(np.array([[cx - 0.16 * an.A, yc - 0.25 * Ba, z0 + 0.5 * H],
                              [cx - 0.15 * an.A, yc - 0.2 * Ba, top]]), 9)
     tr_y = sp - rng.uniform(18, 24)

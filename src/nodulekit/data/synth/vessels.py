@@ -14,10 +14,12 @@ from nodulekit.data.synth.tubes import Segment, paint
 
 
 def grow_tree(rng: np.random.Generator, root: np.ndarray, radius: float, territory: np.ndarray,
-              min_radius: float = 0.45, max_depth: int = 40) -> list[Segment]:
-    """Grow one tree from ``root`` (world mm) with ``radius`` over ``territory`` points (N, 3)."""
+              min_radius: float = 0.45, max_depth: int = 40, depth0: int = 0) -> list[Segment]:
+    """Grow one tree from ``root`` (world mm) with ``radius`` over ``territory`` points (N, 3);
+    its first segment is generation ``depth0`` (a subtree of a larger tree)."""
     segs: list[Segment] = []
-    stack = [(np.asarray(root, float), float(radius), territory, 0)]
+    stack = [(np.asarray(root, float), float(radius), territory, depth0)]
+    max_depth += depth0
     while stack:
         p0, r, pts, depth = stack.pop()
         n = len(pts)
