@@ -11,14 +11,16 @@ def add_parser(sub):
         "seeds",
         help="train recipes at several seeds and score each on an independent draw (mean CPM and spread)",
         description="Train each recipe (the demo's or the release recipe's settings, some overridden) at every "
-                    "seed on the same synthetic draw, detect on an independent LUNA16-layout draw and score "
+                    "seed on the same synthetic draw (synth_hila=lobar: the draw with lobar hila), detect on an "
+                    "independent LUNA16-layout draw and score "
                     "LUNA16's FROC; print and write each recipe's mean CPM, its spread and the CPM per seed "
                     "(OUT/seeds.json, OUT/seeds.md). Finished stages are cached under OUT and reused.")
     p.add_argument("independent", help="the scoring draw: a LUNA16-layout folder with annotations.csv and "
                                        "seriesuids.csv (make froc-independent generates runs/independent/data)")
     p.add_argument("--recipe", action="append", default=None, metavar="NAME[:FIELD=VALUE,...]",
                    help="a recipe to judge, repeatable (default: the base alone, named after it); fields: "
-                        + ", ".join(RECIPE_FIELDS))
+                        + ", ".join(RECIPE_FIELDS) + " (whole numbers; cls_context a real number; "
+                        "synth_hila simple or lobar)")
     p.add_argument("--base", choices=BASES, default="demo", help="recipe the overrides start from (default: demo)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     p.add_argument("--data-seed", type=int, default=DATA_SEED,
