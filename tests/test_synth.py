@@ -196,8 +196,16 @@ def test_lobar_hila_branch_near_the_hilum_and_add_lymph_nodes_as_negatives():
 
 
 def test_hila_choice_is_checked_and_recorded(tmp_path, capsys):
-    from nodulekit.cli import main
+    from nodulekit.cli import build_parser, main
+    from nodulekit.data.synth.hila import HILA
     from nodulekit.errors import InputError
+    from nodulekit.seeds import WORD_FIELDS
+
+    # the CLI and the recipes spell the choices out so as not to import the generator: the same ones
+    assert WORD_FIELDS["synth_hila"] == HILA
+    assert build_parser().parse_args(["synth", "--out", str(tmp_path), "--scans", "1"]).hila == HILA[0]
+    for h in HILA:
+        assert build_parser().parse_args(["synth", "--out", str(tmp_path), "--scans", "1", "--hila", h]).hila == h
 
     with pytest.raises(InputError, match="hila"):
         generate_scan(0, 0, hila="fancy", **SMALL)

@@ -5,8 +5,8 @@ CPM of several training seeds and their spread; recipes scored on the same draw 
 seeds are compared seed by seed. Each
 recipe is the demo's (or the release recipe's) settings with some overridden
 (:class:`nodulekit.demo.DemoConfig` fields). Every seed trains on the same synthetic draw (the one
-with the recipe's hilar anatomy, when a recipe changes it) and is scored on a second draw that nothing was trained or chosen on (``make froc-independent``'s), by
-LUNA16's FROC.
+with the recipe's hilar anatomy, when a recipe changes it) and is scored on a second draw that
+nothing was trained or chosen on (``make froc-independent``'s), by LUNA16's FROC.
 
 Stages are cached by their settings under ``out``: recipes that differ only in the classifier
 share the segmentation and its mined negatives, and the independent scans are segmented once per
@@ -90,7 +90,7 @@ RECIPE_FIELDS = ("seg_epochs", "seg_steps", "seg_val_every", "cls_epochs", "cls_
                  "cls_detector_every", "cls_hard_pool", "cls_steps", "cls_val_negatives", "mine_slices", "cls_context",
                  "synth_hila")
 REAL_FIELDS = ("cls_context",)
-WORD_FIELDS = {"synth_hila": ("simple", "lobar")}
+WORD_FIELDS = {"synth_hila": ("simple", "lobar")}  # nodulekit.data.synth.hila.HILA, without importing the generator
 
 
 def base_config(base: str, out: Path):
