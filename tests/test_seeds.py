@@ -6,6 +6,7 @@ demo's tests cover); the scoring runs for real on the small synthetic draw."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,18 @@ def test_recipes_share_their_stages_and_report_the_mean_and_spread_of_their_seed
     judge_recipes(cfg, progress=False)
     assert len(calls["seg"]) == len(before["seg"]) + 1 and calls["segmented"] == before["segmented"] + n_scans
     assert len(calls["cls"]) == len(before["cls"])  # both recipes' classifiers rescored behind it, not retrained
+
+    # the same folder scoring another draw scores anew: a score stands for the draw it was made on
+    other = tmp_path / "other"  # one scan of the same draw
+    uid = (synth_data / "seriesuids.csv").read_text().split()[0]
+    (other / "subset0").mkdir(parents=True)
+    for p in (synth_data / "subset0").glob(f"{uid}.*"):
+        (other / "subset0" / p.name).symlink_to(p)
+    (other / "seriesuids.csv").write_text(uid + "\n")
+    (other / "annotations.csv").symlink_to(synth_data / "annotations.csv")
+    segmented = calls["segmented"]
+    judge_recipes(replace(cfg, independent=str(other)), progress=False)
+    assert calls["segmented"] == segmented + 2  # each segmentation model on the one scan
 
 
 def test_a_recipe_is_a_name_and_training_overrides():

@@ -223,12 +223,18 @@ def _score(runs: list[_Run], indep: Path, out: Path, *, threads: int, progress: 
     from nodulekit.detect.candidates import classify
     from nodulekit.detect.pipeline import MIN_SLICES, csv_row, detect_scan, write_nodules_csv
     from nodulekit.evaluate.froc import evaluate_froc
+    from nodulekit.io import write_json
 
     scores: dict[str, dict] = {}
     by_seg: dict[str, list[_Run]] = {}
+    # a score stands for the draw it was made on: the same folder may score another draw later
+    draw = {"data": str(indep.resolve()),
+            **{name: hashlib.sha1((indep / name).read_bytes()).hexdigest() for name in ("annotations.csv",
+                                                                                     "seriesuids.csv")}}
     for run in runs:
         done = out / run.cls_key / "froc.json"
-        if done.is_file():
+        scored_on = out / run.cls_key / "draw.json"
+        if done.is_file() and scored_on.is_file() and json.loads(scored_on.read_text()) == draw:
             scores[run.cls_key] = json.loads(done.read_text())
         elif run.cls_key not in {r.cls_key for r in by_seg.get(run.seg_key, [])}:
             by_seg.setdefault(run.seg_key, []).append(run)
@@ -256,6 +262,7 @@ def _score(runs: list[_Run], indep: Path, out: Path, *, threads: int, progress: 
                                  excluded_csv=_optional(indep / "annotations_excluded.csv"),
                                  seriesuids_csv=indep / "seriesuids.csv", out_dir=folder)
             froc["score_seconds"] = round(seconds, 1)
+            write_json(folder / "draw.json", draw)
             scores[run.cls_key] = froc
         log.info("scored %d classifier(s) behind segmentation %s in %.0f s", len(group), seg_key, seconds)
     return scores
