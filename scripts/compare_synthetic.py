@@ -82,9 +82,14 @@ def main() -> None:
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--gallery", action="store_true",
                     help="also write docs/img/synthetic_gallery.png and synthetic_nodules.png")
+    ap.add_argument("--hila", action="store_true",
+                    help="also write docs/img/synthetic_hila.png: the real scan's hila beside the synthetic "
+                         "scan's with simple and with lobar hila")
     args = ap.parse_args()
     if args.gallery:
         gallery(args.seed, REPO / "docs/img")
+    if args.hila:
+        hila_figure(args.real, args.seed, args.index, REPO / "docs/img/synthetic_hila.png")
 
     real = sitk.GetArrayFromImage(sitk.ReadImage(args.real))
     if args.synthetic:
@@ -177,6 +182,45 @@ def gallery(seed: int, out_dir: Path) -> None:
         ax[0, j].set_title(f"{nod.kind}, {nod.attached}\n{nod.diameter_mm:.1f} mm", fontsize=9)
     fig.tight_layout()
     fig.savefig(out_dir / "synthetic_nodules.png", dpi=70)
+
+
+
+def _patient_order(ct) -> np.ndarray:
+    """The HU array with every axis in world order (a scan stored reversed is flipped back)."""
+    hu = ct.hu
+    for k in range(3):
+        if ct.direction[k, k] < 0:
+            hu = np.flip(hu, axis=2 - k)
+    return hu
+
+
+def hila_figure(real_path: str, seed: int, index: int, out: Path) -> None:
+    """The same heights of the lungs (45-62 % of their extent, where the hila are) in the real scan
+    and in one synthetic scan drawn with each hilar anatomy, lung window, chest centre cropped."""
+    import matplotlib
+    import SimpleITK as sitk
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nodulekit.data.synth import generate_scan
+
+    rows = [("real (CPTAC-LSCC)", sitk.GetArrayFromImage(sitk.ReadImage(real_path)))]
+    for hila in ("simple", "lobar"):
+        rows.append((f"synthetic seed {seed} index {index}, hila={hila}",
+                     _patient_order(generate_scan(seed, index, hila=hila).ct)))
+    heights = (0.45, 0.52, 0.57, 0.62)
+    fig, ax = plt.subplots(len(rows), len(heights), figsize=(5 * len(heights), 3.9 * len(rows)))
+    for r, (label, hu) in enumerate(rows):
+        z = np.flatnonzero(lung_mask(hu, body_mask(hu)).any(axis=(1, 2)))
+        for c, f in enumerate(heights):
+            k = int(z[0] + f * (z[-1] - z[0]))
+            ny, nx = hu.shape[1:]
+            ax[r, c].imshow(hu[k, ny // 5: 4 * ny // 5, nx // 8: 7 * nx // 8], cmap="gray", vmin=-1000, vmax=200)
+            ax[r, c].set_title(f"{label}, {round(100 * f)} % up the lungs", fontsize=9)
+            ax[r, c].axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=45)
 
 
 if __name__ == "__main__":
