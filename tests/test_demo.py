@@ -24,10 +24,11 @@ def test_quick_mode_is_smaller_in_every_stage():
 
 
 def test_synthetic_data_is_reused_only_with_the_same_parameters(tmp_path, monkeypatch):
-    calls = []
+    calls, hilas = [], []
 
     def fake_generate(out, n_scans, seed, **kw):
         calls.append(n_scans if seed == 0 else (n_scans, seed))
+        hilas.append(kw["hila"])
         out.mkdir(parents=True, exist_ok=True)
         summary = {"scans": n_scans}
         params = {"seed": seed, "n_scans": n_scans, "size": kw["size"], "max_slices": kw["max_slices"]}
@@ -49,6 +50,12 @@ def test_synthetic_data_is_reused_only_with_the_same_parameters(tmp_path, monkey
     cfg.data_seed = 0
     _synth(cfg, data)
     assert calls[-1] == cfg.scans and len(calls) == 4
+    # a synth.json without "hila" (written before the choice existed) is the simple anatomy's draw
+    _synth(cfg, data)
+    assert len(calls) == 4
+    cfg.synth_hila = "lobar"
+    _synth(cfg, data)
+    assert len(calls) == 5 and hilas[-1] == "lobar"
 
 
 def test_demo_holds_out_the_same_number_of_scans_whatever_its_size():
