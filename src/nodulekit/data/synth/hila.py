@@ -78,9 +78,14 @@ def vein_roots(an: Anatomy, hila: dict[str, np.ndarray]) -> dict[str, np.ndarray
 
 def lymph_nodes(rng: np.random.Generator, an: Anatomy, trees: list[Segment], airways: list[Segment],
                 blood_hu: float) -> list[tuple[Segment, float]]:
-    """Hilar lymph nodes: ovoid soft tissue of 4-12 mm beside the first branchings of the bronchi
-    and arteries. Returns (capsule, HU) pairs; nodes barely enhance with contrast."""
-    hub = [s for s in airways + trees if s.depth <= 2 and max(s.r0, s.r1) >= 2.0]
+    """Hilar lymph nodes: ovoid soft tissue of 4-12 mm against the roots of the lobar trunks, where
+    they leave the mediastinum. Returns (capsule, HU) pairs; nodes barely enhance with contrast.
+
+    Only the trunks' first half holds them: a node out in the aerated lung, beside a segmental
+    vessel, is what a juxtavascular nodule looks like, and labelling it a non-nodule would teach
+    the models to miss those.
+    """
+    hub = [s for s in airways + trees if s.depth == 0 and max(s.r0, s.r1) >= 2.0]
     if not hub:
         return []
     hu = rng.uniform(25, 55) + (0.12 * (blood_hu - 40) if blood_hu > 100 else 0.0)
@@ -94,7 +99,7 @@ def lymph_nodes(rng: np.random.Generator, an: Anatomy, trees: list[Segment], air
         off /= max(float(np.linalg.norm(off)), 1e-6)
         long = rng.uniform(4, 12) / 2
         short = long * rng.uniform(0.55, 0.9)
-        c = s.p0 + rng.uniform(0.1, 0.9) * (s.p1 - s.p0) + off * (max(s.r0, s.r1) + 0.8 * short)
+        c = s.p0 + rng.uniform(0.0, 0.5) * (s.p1 - s.p0) + off * (max(s.r0, s.r1) + 0.6 * short)
         u = rng.normal(size=3)
         u /= max(float(np.linalg.norm(u)), 1e-6)
         half = long - short
