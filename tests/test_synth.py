@@ -191,7 +191,7 @@ def test_lobar_hila_branch_near_the_hilum_and_add_lymph_nodes_as_negatives():
     # lymph nodes: class-0 candidates of soft tissue beside the first bronchial and arterial forks
     extra = len(s.negatives) - len(simple.negatives)
     assert extra > 0
-    nodes = hila.lymph_nodes(np.random.default_rng(2), an, segs, [], 40.0)
+    nodes = hila.lymph_nodes(np.random.default_rng(2), segs, [], 40.0)
     assert 2 <= len(nodes) <= 8 and all(20 < hu < 70 and 2 <= n.r0 <= 6 for n, hu in nodes)
 
 

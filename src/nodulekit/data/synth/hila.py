@@ -76,7 +76,7 @@ def vein_roots(an: Anatomy, hila: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return out
 
 
-def lymph_nodes(rng: np.random.Generator, an: Anatomy, trees: list[Segment], airways: list[Segment],
+def lymph_nodes(rng: np.random.Generator, trees: list[Segment], airways: list[Segment],
                 blood_hu: float) -> list[tuple[Segment, float]]:
     """Hilar lymph nodes: ovoid soft tissue of 4-12 mm against the roots of the lobar trunks, where
     they leave the mediastinum. Returns (capsule, HU) pairs; nodes barely enhance with contrast.

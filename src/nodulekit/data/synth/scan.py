@@ -134,7 +134,7 @@ def render_scan(seed: int, index: int, *, size: int = 512, max_slices: int | Non
             airways += vessels.grow_tree(rng, hi[f"bronchus_{key}"], 4.5, own[2 * k: 2 * k + 24], min_radius=0.8)
     lung_blood = an.blood_hu * 0.6 + 20
     vessels.render_vessels(hu, fine, trees, lung_blood)
-    nodes = hila_mod.lymph_nodes(rng, an, trees, airways, an.blood_hu) if lobar else []
+    nodes = hila_mod.lymph_nodes(rng, trees, airways, an.blood_hu) if lobar else []
     for seg, value in nodes:
         paint(hu, fine, seg, value, mode="max")
     vessels.render_airways(hu, fine, air + airways)
