@@ -168,7 +168,8 @@ def judge_recipes(cfg: SeedsConfig, *, progress: bool = True) -> dict:
 
     def draw(hila: str):
         # the key of the simple anatomy's draw is the one it had before the choice existed
-        key = (cfg.base, cfg.data_seed, base.scans, base.size, base.max_slices) + (() if hila == "simple" else (hila,))
+        key = (cfg.base, cfg.data_seed, base.scans, base.size, base.max_slices)
+        key += () if hila == "simple" else (hila,)
         return _cached(out / "data" / _key(*key),
                        lambda f: D.data_stage(replace(base, out=str(f), synth_hila=hila), f))
 
@@ -189,13 +190,13 @@ def judge_recipes(cfg: SeedsConfig, *, progress: bool = True) -> dict:
         t0, ran = time.perf_counter(), []
         files = run.data.files
         seg = _cached(out / "seg" / run.seg_key,
-                      lambda f, c=run.cfg: D.train_seg_stage(replace(c, out=str(f)), f, files), ran)
+                      lambda f, c=run.cfg, d=files: D.train_seg_stage(replace(c, out=str(f)), f, d), ran)
         mined = _cached(out / "mine" / run.seg_key,
-                        lambda f, c=run.cfg, s=seg: D.mine_stage(replace(c, out=str(f)), f, files,
-                                                                 s.files["checkpoint"]))
+                        lambda f, c=run.cfg, d=files, s=seg: D.mine_stage(replace(c, out=str(f)), f, d,
+                                                                          s.files["checkpoint"]))
         cls = _cached(out / "cls" / run.cls_key,
-                      lambda f, c=run.cfg, m=mined: D.train_cls_stage(replace(c, out=str(f)), f, files,
-                                                                      m.files["candidates"]), ran)
+                      lambda f, c=run.cfg, d=files, m=mined: D.train_cls_stage(replace(c, out=str(f)), f, d,
+                                                                               m.files["candidates"]), ran)
         if out / "seg" / run.seg_key in ran:
             retrained.add(run.seg_key)
         if ran or run.seg_key in retrained:  # a model trained anew: its earlier score no longer stands
