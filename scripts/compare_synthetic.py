@@ -185,15 +185,6 @@ def gallery(seed: int, out_dir: Path) -> None:
 
 
 
-def _patient_order(ct) -> np.ndarray:
-    """The HU array with every axis in world order (a scan stored reversed is flipped back)."""
-    hu = ct.hu
-    for k in range(3):
-        if ct.direction[k, k] < 0:
-            hu = np.flip(hu, axis=2 - k)
-    return hu
-
-
 def hila_figure(real_path: str, seed: int, index: int, out: Path) -> None:
     """The same heights of the lungs (45-62 % of their extent, where the hila are) in the real scan
     and in one synthetic scan drawn with each hilar anatomy, lung window, chest centre cropped."""
@@ -203,12 +194,12 @@ def hila_figure(real_path: str, seed: int, index: int, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nodulekit.data.synth import generate_scan
+    from nodulekit.data.synth.scan import render_scan
 
     rows = [("real (CPTAC-LSCC)", sitk.GetArrayFromImage(sitk.ReadImage(real_path)))]
-    for hila in ("simple", "lobar"):
+    for hila in ("simple", "lobar"):  # stored unflipped, so that both show the patient alike
         rows.append((f"synthetic seed {seed} index {index}, hila={hila}",
-                     _patient_order(generate_scan(seed, index, hila=hila).ct)))
+                     render_scan(seed, index, flip="", hila=hila).ct.hu))
     heights = (0.45, 0.52, 0.57, 0.62)
     fig, ax = plt.subplots(len(rows), len(heights), figsize=(5 * len(heights), 3.9 * len(rows)))
     for r, (label, hu) in enumerate(rows):
