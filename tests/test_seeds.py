@@ -142,6 +142,19 @@ def test_a_recipe_may_give_the_classifier_a_context_channel():
             parse_recipe(bad)
 
 
+def test_a_recipe_may_set_the_segmentations_false_negative_weight():
+    from nodulekit.demo import DemoConfig
+    from nodulekit.errors import InputError
+
+    name, overrides = parse_recipe("fn2:seg_fn_weight=2")
+    assert (name, overrides) == ("fn2", {"seg_fn_weight": 2.0})
+    assert DemoConfig(**overrides).seg_settings()["fn_weight"] == 2.0
+    assert "fn_weight" not in DemoConfig().seg_settings()  # unset: SegTrainConfig's default
+    for bad in ("a:seg_fn_weight=-1", "a:seg_fn_weight=inf", "a:seg_fn_weight=x"):
+        with pytest.raises(InputError):
+            parse_recipe(bad)
+
+
 def test_a_recipe_may_train_on_the_lobar_hila_draw(synth_data, tmp_path, monkeypatch):
     from nodulekit import seeds
     from nodulekit.errors import InputError

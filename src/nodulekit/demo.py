@@ -59,6 +59,7 @@ class DemoConfig:
     seg_steps: int | None = 200
     # SegTrainConfig.val_every: after the last epoch only, the best one nearly always (cosine decay)
     seg_val_every: int | None = 8
+    seg_fn_weight: float | None = None  # SegTrainConfig.fn_weight
     # ClsTrainConfig.epochs: shorter schedules lose independent CPM at every training seed
     # (`make seeds`; docs/experiments.md)
     cls_epochs: int | None = 8
@@ -108,7 +109,8 @@ class DemoConfig:
     def seg_settings(self) -> dict:
         """``SegTrainConfig`` arguments of the demo's segmentation training (but ``data`` and ``out``)."""
         return {"seed": self.seed, "val_fraction": self.val_fraction, "progress": self.progress,
-                **_given(epochs=self.seg_epochs, steps_per_epoch=self.seg_steps, val_every=self.seg_val_every)}
+                **_given(epochs=self.seg_epochs, steps_per_epoch=self.seg_steps, val_every=self.seg_val_every,
+                         fn_weight=self.seg_fn_weight)}
 
     def cls_settings(self) -> dict:
         """``ClsTrainConfig`` arguments of the demo's classifier training (but ``data``, ``out`` and

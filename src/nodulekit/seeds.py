@@ -78,18 +78,18 @@ def parse_recipe(text: str) -> tuple[str, dict]:
             overrides[key] = float(value) if real else int(value)
         except ValueError:
             raise InputError("--recipe", f"{item!r}: {value!r} is not a {'number' if real else 'whole number'}") from None
-        if real and not math.isfinite(overrides[key]):
-            raise InputError("--recipe", f"{item!r}: {value!r} is not a finite number")
+        if real and not (math.isfinite(overrides[key]) and overrides[key] >= 0):
+            raise InputError("--recipe", f"{item!r}: {value!r} is not a finite number >= 0")
     return name, overrides
 
 
 # the settings a recipe may change: the training ones, and the generator's anatomy (a recipe that
 # changes it trains on the same seed's draw with that anatomy; the scans and the held-out split keep
 # their number, so that the recipes differ in nothing else)
-RECIPE_FIELDS = ("seg_epochs", "seg_steps", "seg_val_every", "cls_epochs", "cls_detector_from",
-                 "cls_detector_every", "cls_hard_pool", "cls_steps", "cls_val_negatives", "mine_slices", "cls_context",
-                 "synth_hila")
-REAL_FIELDS = ("cls_context",)
+RECIPE_FIELDS = ("seg_epochs", "seg_steps", "seg_val_every", "seg_fn_weight", "cls_epochs", "cls_detector_from",
+                 "cls_detector_every", "cls_hard_pool", "cls_steps", "cls_val_negatives", "mine_slices",
+                 "cls_context", "synth_hila")
+REAL_FIELDS = ("cls_context", "seg_fn_weight")
 WORD_FIELDS = {"synth_hila": ("simple", "lobar")}  # nodulekit.data.synth.hila.HILA, without importing the generator
 
 

@@ -5,6 +5,16 @@ background: it punishes missed nodule pixels (false negatives) ``fn_weight`` tim
 plain Dice does. Recall matters more than precision for a candidate generator, since the
 classifier removes false positives later (dlwpt-code's ``diceLoss(p, l) + 8 * diceLoss(p * l, l)``).
 
+The weight decides what the loss prefers, not only how hard it pushes. A model that marks every
+dense structure in a crop (vessels, airway walls, the heart's border) misses no nodule pixel: the
+second term is 0, and the plain Dice is about 0.9, the nodule being a small share of what is
+marked. One that marks nodules alone brings the plain Dice to about 0.5 but misses a rim of some
+nodules, say 15 % of their pixels, which the second term charges ``fn_weight`` times: at dlwpt's 8
+that is 0.5 + 1.2, worse than marking everything; at 2 it is 0.8, better. From a fresh model,
+training at 8 can therefore settle on over-marking and leave it late or not at all within a short
+schedule, depending on the draw of the training data; a lower weight (``nodulekit train seg
+--fn-weight 2``) leaves that plateau early, and marks less of each nodule's rim.
+
 Per-sample Dice (dlwpt) saturates on crops without a nodule: ``1 - 1 / (sum(p) + 1)`` is already
 close to 1 after a few false-positive pixels and its gradient ``1 / (sum(p) + 1)^2`` vanishes, so
 background crops teach the model almost nothing and whole slices end up covered in false
