@@ -18,24 +18,27 @@ from nodulekit.seeds import SeedsConfig, judge_recipes, parse_recipe
 
 
 def _stub_training(monkeypatch, data: Path) -> dict:
-    calls = {"data": 0, "seg": [], "mine": 0, "cls": [], "segmented": 0}
+    calls = {"data": 0, "seg": [], "mine": 0, "cls": [], "segmented": 0, "threads": set()}
 
     def data_stage(cfg, out):
         calls["data"] += 1
         (out / "split.json").write_text("{}")
         return StageResult({"scans": 4}, {"data": data, "split": out / "split.json"})
 
-    def seg_stage(cfg, out, files):
+    def seg_stage(cfg, out, files, threads=None):
         calls["seg"].append(cfg.seed)
+        calls["threads"].add(("seg", threads))
         return StageResult({"best": {"dice": 0.5}}, {"checkpoint": Path(shipped_model("seg"))})
 
-    def mine_stage(cfg, out, files, ckpt):
+    def mine_stage(cfg, out, files, ckpt, threads=2):
         calls["mine"] += 1
+        calls["threads"].add(("mine", threads))
         (out / "c.csv").write_text("seriesuid\n")
         return StageResult({}, {"candidates": out / "c.csv"})
 
-    def cls_stage(cfg, out, files, candidates):
+    def cls_stage(cfg, out, files, candidates, threads=None):
         calls["cls"].append((cfg.seed, cfg.cls_epochs))
+        calls["threads"].add(("cls", threads))
         return StageResult({"best": {"auc": 0.9}}, {"checkpoint": Path(shipped_model("cls"))})
 
     from nodulekit.detect import pipeline
@@ -58,8 +61,10 @@ def test_recipes_share_their_stages_and_report_the_mean_and_spread_of_their_seed
                                                                                    monkeypatch):
     calls = _stub_training(monkeypatch, synth_data)
     cfg = SeedsConfig(independent=str(synth_data), out=str(tmp_path / "seeds"), seeds=(0, 1),
-                      recipes={"demo": {}, "short": {"cls_epochs": 3}})
+                      recipes={"demo": {}, "short": {"cls_epochs": 3}}, threads=1)
     summary = judge_recipes(cfg, progress=False)
+    # every stage keeps to the judge's threads, so that judges side by side do not oversubscribe
+    assert calls["threads"] == {("seg", 1), ("mine", 1), ("cls", 1)}
 
     # one draw; a segmentation and its mining per seed, shared by the two recipes; a classifier per pair
     assert calls["data"] == 1 and sorted(calls["seg"]) == [0, 1] and calls["mine"] == 2

@@ -438,21 +438,22 @@ def _synth(cfg: DemoConfig, data: Path) -> dict:
                             workers=cfg.workers, hila=cfg.synth_hila)
 
 
-def train_seg_stage(cfg: DemoConfig, out: Path, data: dict[str, Path]) -> StageResult:
-    """The segmentation model, trained on the split's training scans; its best checkpoint is
-    copied to ``<out>/models/seg.pt``."""
+def train_seg_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], threads: int | None = None) -> StageResult:
+    """The segmentation model, trained on the split's training scans (on ``threads`` CPU threads,
+    default all cores); its best checkpoint is copied to ``<out>/models/seg.pt``."""
     from nodulekit.train.seg import SegTrainConfig, train_seg
 
     run = train_seg(SegTrainConfig(data=str(data["data"]), out=str(_fresh(out / "train" / "seg")),
-                                   split=str(data["split"]), **cfg.seg_settings()))
+                                   split=str(data["split"]), threads=threads, **cfg.seg_settings()))
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
     return StageResult(run, {"checkpoint": Path(shutil.copy2(run["checkpoint"], models / "seg.pt"))})
 
 
-def mine_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], seg_ckpt: Path) -> StageResult:
+def mine_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], seg_ckpt: Path, threads: int = 2) -> StageResult:
     """The segmentation's non-nodule candidates on the middle slices of every training scan of the
-    split, run from a fp32 ONNX export (ONNX Runtime is faster than PyTorch on a CPU)."""
+    split, run from a fp32 ONNX export (ONNX Runtime is faster than PyTorch on a CPU) on ``threads``
+    CPU threads."""
     from nodulekit.data.split import load_split
     from nodulekit.deploy.export import export
     from nodulekit.detect.mine import mine_candidates
@@ -462,7 +463,7 @@ def mine_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], seg_ckpt: Path
     train_uids, _ = load_split(data["split"])
     csv = run_dir / "detector_candidates.csv"
     mined = mine_candidates(data["data"], onnx, csv, uids=train_uids, backend="auto",
-                            max_slices=cfg.mine_slices, progress=False)
+                            max_slices=cfg.mine_slices, threads=threads, progress=False)
     return StageResult(mined, {"onnx": Path(onnx), "candidates": Path(mined["csv"])})
 
 

@@ -46,6 +46,8 @@ class SeedsConfig:
         base: ``demo`` (the demo's settings) or ``weights`` (the release recipe's).
         seeds: training seeds; the training data is the same draw for all of them.
         data_seed: seed of the training draw.
+        threads: CPU threads of every training, the mining and the scoring (a training's own
+            default is every core: two judges side by side would each take them all).
     """
 
     independent: str
@@ -190,13 +192,15 @@ def judge_recipes(cfg: SeedsConfig, *, progress: bool = True) -> dict:
         t0, ran = time.perf_counter(), []
         files = run.data.files
         seg = _cached(out / "seg" / run.seg_key,
-                      lambda f, c=run.cfg, d=files: D.train_seg_stage(replace(c, out=str(f)), f, d), ran)
+                      lambda f, c=run.cfg, d=files: D.train_seg_stage(replace(c, out=str(f)), f, d, cfg.threads),
+                      ran)
         mined = _cached(out / "mine" / run.seg_key,
                         lambda f, c=run.cfg, d=files, s=seg: D.mine_stage(replace(c, out=str(f)), f, d,
-                                                                          s.files["checkpoint"]))
+                                                                          s.files["checkpoint"], cfg.threads))
         cls = _cached(out / "cls" / run.cls_key,
                       lambda f, c=run.cfg, d=files, m=mined: D.train_cls_stage(replace(c, out=str(f)), f, d,
-                                                                               m.files["candidates"]), ran)
+                                                                               m.files["candidates"], cfg.threads),
+                      ran)
         if out / "seg" / run.seg_key in ran:
             retrained.add(run.seg_key)
         if ran or run.seg_key in retrained:  # a model trained anew: its earlier score no longer stands

@@ -19,13 +19,15 @@ def add_parser(sub):
                                        "seriesuids.csv (make froc-independent generates runs/independent/data)")
     p.add_argument("--recipe", action="append", default=None, metavar="NAME[:FIELD=VALUE,...]",
                    help="a recipe to judge, repeatable (default: the base alone, named after it); fields: "
-                        + ", ".join(RECIPE_FIELDS) + " (whole numbers; cls_context a real number; "
+                        + ", ".join(RECIPE_FIELDS) + " (whole numbers; cls_context and seg_fn_weight real numbers; "
                         "synth_hila simple or lobar)")
     p.add_argument("--base", choices=BASES, default="demo", help="recipe the overrides start from (default: demo)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     p.add_argument("--data-seed", type=int, default=DATA_SEED,
                    help="seed of the training draw, the same for every seed (default: %(default)s)")
-    p.add_argument("--threads", type=number_type(int, "positive"), default=2, help="threads of the scoring runtimes; training uses every core (default: 2)")
+    p.add_argument("--threads", type=number_type(int, "positive"), default=2,
+                   help="CPU threads of the trainings, the mining and the scoring; two runs side by side on N "
+                        "cores want N/2 each (default: 2)")
     p.add_argument("--out", default="runs/seeds", type=output_folder, help="working folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (training's and scoring's)")
     p.set_defaults(func=run)
