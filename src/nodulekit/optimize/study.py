@@ -64,8 +64,9 @@ class StudyConfig(RunConfig):
     qat_val_slices: int | None = setting(16, "validation slices for picking the QAT epoch, nodule slices first "
                                              "(0: all)", zero_is_none=True)
     qat_lr: float = setting(1e-4, "peak learning rate of QAT", check=POSITIVE)
-    # lower than training's: QAT adjusts a model that already finds the nodules
-    fn_weight_qat: float = setting(6.0, "false-negative weight during QAT")
+    # the baseline's own: a larger one pulls the quantized model towards marking more than the
+    # baseline does (nodulekit.train.losses)
+    fn_weight_qat: float = setting(SegTrainConfig.fn_weight, "false-negative weight during QAT")
     calib_slices: int = setting(64, "calibration slices of post-training quantization", check=POSITIVE)
     calib_method: str = setting("percentile", "activation range calibration of post-training quantization")
     samples_per_epoch: int = setting(1024, "training crops per fine-tuning and QAT epoch", check=POSITIVE)

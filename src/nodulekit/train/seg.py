@@ -42,7 +42,8 @@ class SegTrainConfig(TrainConfig):
     out: str = setting("runs/seg", "run folder (seg.pt, seg_last.pt, log.csv, tb/, summary.json)")
     steps_per_epoch: int = setting(100, "optimizer steps per epoch (per process under DDP)", check=POSITIVE)
     lr: float = setting(2e-3, "peak Adam learning rate (linear warm-up, then cosine decay to 5 %)", check=POSITIVE)
-    fn_weight: float = setting(8.0, "weight of the false-negative Dice term")
+    # dlwpt's 8 can make marking every dense structure the loss's optimum (nodulekit.train.losses)
+    fn_weight: float = setting(2.0, "weight of the false-negative Dice term")
     batch_dice: bool = setting(True, "Dice pooled over the batch; per crop (dlwpt's) stops learning from background "
                                      "crops, see nodulekit.train.losses")
     dice_area_cap: float | None = setting(64.0, "nodule pixels beyond which a crop weighs less in the pooled Dice, "
