@@ -215,6 +215,19 @@ def test_folder_without_dicom(tmp_path):
     assert_names(err, tmp_path)
 
 
+def test_a_folder_of_one_scan_file_reads_that_scan_as_detect_does(tmp_path):
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    ct = small_ct()
+    write_ct(ct, folder / "s.mhd")
+    np.testing.assert_array_equal(read_ct(folder).hu, ct.hu)
+    assert read_ct(folder).seriesuid == "s"
+    write_ct(ct, folder / "t.nii.gz")
+    with pytest.raises(InputError, match="holds 2 scans") as err:
+        read_ct(folder)
+    assert_names(err, folder)
+
+
 def _copy_dicom(src: Path, dst: Path, n: int | None = None) -> list[Path]:
     dst.mkdir()
     files = sorted(src.glob("*.dcm"))[:n]

@@ -53,8 +53,8 @@ def read_ct(path: str | Path, *, min_slices: int = 1, allow_external_data: bool 
     """Read one CT scan in Hounsfield units.
 
     Args:
-        path: a ``.mhd``/``.mha`` file, a ``.nii``/``.nii.gz`` file, or a folder holding one DICOM
-            series.
+        path: a ``.mhd``/``.mha`` file, a ``.nii``/``.nii.gz`` file, a folder holding one such
+            file, or a folder holding one DICOM series.
         min_slices: fewest slices accepted (detection needs 7 for its slice context).
         allow_external_data: accept a MetaImage ``ElementDataFile`` outside the header's folder.
 
@@ -70,6 +70,13 @@ def read_ct(path: str | Path, *, min_slices: int = 1, allow_external_data: bool 
     if not path.exists():
         raise InputError(path, "no such file or folder")
     if path.is_dir():
+        # a folder as `nodulekit detect` takes it: one scan file in it stands for the folder
+        scans = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file() and scan_suffix(p))
+        if len(scans) > 1:
+            raise InputError(path, f"holds {len(scans)} scans ({', '.join(p.name for p in scans[:3])}"
+                                   f"{', ...' if len(scans) > 3 else ''}); name one of them")
+        if scans:
+            return read_ct(scans[0], min_slices=min_slices, allow_external_data=allow_external_data)
         img, seriesuid = _read_dicom_series(path)
     else:
         suffix = scan_suffix(path)
