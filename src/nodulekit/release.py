@@ -33,8 +33,8 @@ class ReleaseConfig:
     seed: int = RELEASE_SEED
     seg_epochs: int = 12
     seg_steps: int = 300
-    # the shipped files were trained at dlwpt's false-negative weight, which this longer schedule on
-    # more scans gets past; kept so that `make weights` remakes what ships until it is retrained
+    # the shipped files were trained at dlwpt's false-negative weight: kept, so that `make weights`
+    # remakes what ships until the files are retrained at training's default
     seg_fn_weight: float = 8.0
     cls_epochs: int = 12
     cls_steps: int = 120

@@ -13,8 +13,8 @@ nodules, say 15 % of their pixels, which the second term charges ``fn_weight`` t
 that is 0.5 + 1.2, worse than marking everything; at 2 it is 0.8, better. From a fresh model,
 training at 8 can therefore settle on over-marking and leave it late or not at all within a short
 schedule, depending on the draw of the training data, and hand the classifier thousands of
-candidates per scan. The default, 2, prefers marking the nodules alone and leaves that plateau early; it still
-charges a missed pixel twice what a false one costs.
+candidates per scan. The default, 2, prefers marking the nodules alone and leaves that plateau
+early; it still charges a missed pixel twice what a false one costs.
 
 Per-sample Dice (dlwpt) saturates on crops without a nodule: ``1 - 1 / (sum(p) + 1)`` is already
 close to 1 after a few false-positive pixels and its gradient ``1 / (sum(p) + 1)^2`` vanishes, so
