@@ -70,12 +70,13 @@ def read_ct(path: str | Path, *, min_slices: int = 1, allow_external_data: bool 
     if not path.exists():
         raise InputError(path, "no such file or folder")
     if path.is_dir():
-        # a folder as `nodulekit detect` takes it: one scan file in it stands for the folder
-        scans = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file() and scan_suffix(p))
+        # the folder as `nodulekit detect` expands it: one scan found in it stands for the folder
+        scans = list(_expand(path))
         if len(scans) > 1:
-            raise InputError(path, f"holds {len(scans)} scans ({', '.join(p.name for p in scans[:3])}"
-                                   f"{', ...' if len(scans) > 3 else ''}); name one of them")
-        if scans:
+            names = ", ".join(str(p.relative_to(path)) for p in scans[:3])
+            raise InputError(path, f"holds {len(scans)} scans ({names}{', ...' if len(scans) > 3 else ''}); "
+                                   f"name one of them")
+        if scans[0] != path:
             return read_ct(scans[0], min_slices=min_slices, allow_external_data=allow_external_data)
         img, seriesuid = _read_dicom_series(path)
     else:
