@@ -33,9 +33,6 @@ class ReleaseConfig:
     seed: int = RELEASE_SEED
     seg_epochs: int = 12
     seg_steps: int = 300
-    # the shipped files were trained at dlwpt's false-negative weight: kept, so that `make weights`
-    # remakes what ships until the files are retrained at training's default
-    seg_fn_weight: float = 8.0
     cls_epochs: int = 12
     cls_steps: int = 120
     cls_detector_from: int = 5
@@ -53,7 +50,6 @@ class ReleaseConfig:
                        max_slices=self.max_slices,
                        val_fraction=_held_out_share(self.scans, self.val_scans), seg_epochs=self.seg_epochs,
                        seg_steps=self.seg_steps, seg_val_every=max(1, self.seg_epochs // 4),
-                       seg_fn_weight=self.seg_fn_weight,
                        cls_epochs=self.cls_epochs, cls_steps=self.cls_steps,
                        cls_detector_from=self.cls_detector_from, cls_detector_every=self.cls_detector_every,
                        cls_hard_pool=self.cls_hard_pool, mine_slices=self.mine_slices, rknn=False)
