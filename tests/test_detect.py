@@ -193,6 +193,29 @@ def test_untrained_models_torch_and_onnx(tmp_path, models):
     assert s["scans_ok"] == 1 and s["scans_failed"] == 0
 
 
+def test_cli_detect_with_an_int8_classifier(tmp_path, models, monkeypatch, capsys):
+    pytest.importorskip("openvino")
+    from test_openvino import _small_calibration
+
+    from nodulekit.cli import main
+    from nodulekit.data.ct import write_ct
+
+    monkeypatch.setenv("NODULEKIT_CACHE", str(tmp_path / "cache"))
+    calls = _small_calibration(monkeypatch)
+    seg, cls = models
+    scan = write_ct(phantom_ct(depth=10), tmp_path / "p.mhd")
+    assert main(["detect", str(scan), "--seg", str(seg), "--cls", str(cls), "--cls-int8", "--out",
+                 str(tmp_path / "out"), "--no-png", "--no-progress"]) == 0
+    doc = json.loads((tmp_path / "out" / "nodules.json").read_text())
+    assert doc["settings"]["cls_int8"] is True and doc["scans_ok"] == 1 and len(calls) == 1
+    capsys.readouterr()
+    # int8 runs in OpenVINO only: another classifier runtime is refused in one line naming the file
+    assert main(["detect", str(scan), "--seg", str(seg), "--cls", str(cls), "--cls-int8", "--cls-backend", "onnx",
+                 "--out", str(tmp_path / "out2"), "--no-png", "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(cls) in err[0] and "openvino" in err[0] and "Traceback" not in err[0]
+
+
 @pytest.mark.slow
 def test_cli_detect_on_real_scans(tmp_path, models, cptac_mhd, lidc_dicom):
     from nodulekit.cli import main

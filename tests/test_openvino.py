@@ -193,3 +193,75 @@ def test_training_validates_through_openvino_with_the_same_metrics(model, synth_
         assert abs(got[key] - want[key]) <= max(2, 1e-3 * (want["tp"] + want["fp"] + want["fn"])), key
     graph = torch.fx.symbolic_trace(model)  # not a SegModel: stays in PyTorch
     assert not isinstance(fast_predictor(graph), OpenVinoRunner)
+
+
+def _small_calibration(monkeypatch):
+    """A 16-crop calibration from one synthetic scan: the int8 tests check the plumbing; the
+    default's 128 crops are what the shipped classifier's test uses."""
+    import nodulekit.deploy.ptq as ptq
+
+    calls = []
+    full = ptq.synthetic_cls_crops
+
+    def small(crop_spacing=None, context=None):
+        calls.append((crop_spacing, context))
+        return full(crop_spacing, context, n=16, scans=1)
+
+    monkeypatch.setattr(ptq, "synthetic_cls_crops", small)
+    return calls
+
+
+def test_an_int8_classifier_is_quantized_once_from_its_checkpoint_and_cached(tmp_path, monkeypatch):
+    from nodulekit.models.checkpoint import save_cls_checkpoint
+
+    monkeypatch.setenv("NODULEKIT_CACHE", str(tmp_path / "cache"))
+    calls = _small_calibration(monkeypatch)
+    torch.manual_seed(0)
+    cls = LunaModel(crop_spacing=(1.25, 0.8, 0.8)).eval()
+    torch.nn.init.normal_(cls.head_linear.weight, std=0.01)
+    ckpt = save_cls_checkpoint(tmp_path / "cls.pt", cls)
+    runner = load_runner(ckpt, "cls", "auto", threads=1, int8=True)
+    assert calls == [((1.25, 0.8, 0.8), None)]  # calibrated on crops cut at the model's own spacing
+    assert runner.crop_spacing == (1.25, 0.8, 0.8)
+    xml = [p for p in (tmp_path / "cache").rglob("*.xml")]
+    assert len(xml) == 1 and "openvino-int8" in xml[0].parent.name
+    assert "FakeQuantize" in xml[0].read_text() or 'element_type="i8"' in xml[0].read_text()
+    x = np.random.default_rng(1).uniform(-1000, 1000, (3, 1, 32, 48, 48)).astype(np.float32)
+    got = runner(x)
+    assert got.shape == (3,) and np.isfinite(got).all()
+    load_runner(ckpt, "cls", "openvino", threads=1, int8=True)
+    assert len(calls) == 1  # the second run reads the cache
+    fp32 = load_runner(ckpt, "cls", "auto", threads=1)
+    assert len(list((tmp_path / "cache").rglob("*.xml"))) == 2 and fp32.crop_spacing == (1.25, 0.8, 0.8)
+
+
+def test_int8_at_run_time_is_refused_where_it_does_not_apply(tmp_path):
+    from nodulekit.errors import InputError
+    from nodulekit.models.checkpoint import save_cls_checkpoint
+
+    ckpt = save_cls_checkpoint(tmp_path / "cls.pt", LunaModel().eval())
+    with pytest.raises(InputError, match="not torch"):
+        load_runner(ckpt, "cls", "torch", int8=True)
+    with pytest.raises(InputError, match="not onnx"):
+        load_runner(ckpt, "cls", "onnx", int8=True)
+    art = export(ckpt, "openvino", tmp_path / "o", kind="cls")
+    with pytest.raises(InputError, match="deployed file runs as it is"):
+        load_runner(art.path, "cls", "openvino", int8=True)
+    with pytest.raises(ValueError, match="classifier only"):
+        load_runner(tmp_path / "seg.pt", "seg", "auto", int8=True)
+
+
+def test_synthetic_calibration_crops_are_deterministic_and_hold_nodules():
+    from nodulekit.data.synth.scan import generate_scan
+    from nodulekit.deploy.ptq import synthetic_cls_crops
+
+    a = synthetic_cls_crops((1.25, 0.8, 0.8), 2.5, n=12, scans=1, seed=3)
+    b = synthetic_cls_crops((1.25, 0.8, 0.8), 2.5, n=12, scans=1, seed=3)
+    assert a.shape == (12, 2, 32, 48, 48) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert a.min() >= -1000 and a.max() <= 1000
+    n_nodules = len(generate_scan(3, 0, max_slices=64).nodules)
+    assert n_nodules >= 1
+    # the nodules come first: a solid nodule makes its crop's centre denser than lung
+    centre = a[:n_nodules, 0, 14:18, 22:26, 22:26].mean(axis=(1, 2, 3))
+    assert (centre > -700).any()

@@ -32,6 +32,9 @@ def add_parser(sub):
                         "through rknn-toolkit-lite2)")
     p.add_argument("--cls-backend", default="auto", choices=("auto", *BACKENDS),
                    help="classifier runtime (as --backend)")
+    p.add_argument("--cls-int8", action="store_true",
+                   help="run the classifier checkpoint in int8 (OpenVINO, quantized once with NNCF on synthetic "
+                        "crops and cached): faster on CPUs with VNNI, see docs/experiments.md for its accuracy")
     add_cls_threshold(p, "classifier probability of a reported nodule")
     p.add_argument("--seg-threshold", type=number_type(float, SHARE), default=SEG_THRESHOLD,
                    help="segmentation probability from which a pixel is marked (default %(default)s)")
@@ -67,7 +70,7 @@ def run(args) -> int:
 
     summary = run_detection(
         args.inputs, args.seg, args.cls, args.out,
-        backend=args.backend, cls_backend=args.cls_backend, threshold=args.threshold,
+        backend=args.backend, cls_backend=args.cls_backend, cls_int8=args.cls_int8, threshold=args.threshold,
         seg_threshold=args.seg_threshold, batch_size=args.batch_size, threads=args.threads,
         min_volume_mm3=MIN_VOLUME_MM3 if args.min_volume is None else args.min_volume,
         png=not args.no_png, max_png=args.max_png, progress=False if args.no_progress else None,

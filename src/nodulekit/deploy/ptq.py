@@ -32,6 +32,44 @@ PERCENTILE = 99.999
 CALIB_STRIDE = 4  # slices per calibration chunk: bounds the memory of histogram calibration
 
 
+# A classifier quantized where no dataset is at hand (``detect --cls-int8``) is calibrated on crops
+# of a synthetic draw of its own: the candidates detection hands the classifier are mostly vessels,
+# bronchi and their forks, with a few nodules, and the generator's class-0 candidates are those
+# structures. 128 crops give NNCF's per-tensor minima and maxima every kind of candidate a few times
+# over; the seed is neither training's (0, 100) nor the independent draw's (1).
+CLS_CALIB_SEED = 7
+CLS_CALIB_SCANS = 3
+CLS_CALIB_CROPS = 128
+
+
+def synthetic_cls_crops(crop_spacing=None, context: float | None = None, *, n: int = CLS_CALIB_CROPS,
+                        scans: int = CLS_CALIB_SCANS, seed: int = CLS_CALIB_SEED) -> np.ndarray:
+    """``(n, C, 32, 48, 48)`` classifier calibration crops cut as detection cuts them (at
+    ``crop_spacing``, with a ``context`` channel when given) around every nodule of ``scans``
+    generated scans (64 slices each, deterministic) and, for the rest, class-0 candidates spread
+    evenly through each scan's list."""
+    from nodulekit import CLS_CROP
+    from nodulekit.data.crops import cls_input
+    from nodulekit.data.synth.scan import generate_scan
+
+    per_scan = []
+    for index in range(scans):
+        s = generate_scan(seed, index, max_slices=64)
+        nodules = [s.ct.world_to_voxel(nod.center_xyz) for nod in s.nodules]
+        negatives = [s.ct.world_to_voxel(xyz) for xyz in s.negatives]
+        per_scan.append((s.ct, nodules, negatives))
+    n_nodules = sum(len(p[1]) for p in per_scan)
+    left = max(0, n - n_nodules)
+    crops = []
+    for index, (ct, nodules, negatives) in enumerate(per_scan):
+        want = left // scans + (index < left % scans)
+        pick = np.linspace(0, len(negatives) - 1, min(want, len(negatives))).round().astype(int) if negatives else []
+        for irc in [*nodules, *(negatives[i] for i in pick)]:
+            crops.append(cls_input(ct.hu, ct.spacing, irc, CLS_CROP, crop_spacing, context))
+    log.info("classifier calibration: %d synthetic crops (%d nodules), seed %d", len(crops[:n]), n_nodules, seed)
+    return np.stack(crops[:n]).astype(np.float32)
+
+
 def calibration_items(scans, n: int = CALIB_SLICES, nodule_share: float = 0.5, seed: int = 0):
     """Pick ``n`` ``(scan index, slice)`` pairs: ``nodule_share`` of them hold nodule voxels, the
     rest are spread evenly through each scan (lungs, mediastinum, abdomen)."""

@@ -15,6 +15,9 @@ import numpy as np
 from nodulekit.deploy import BACKENDS
 from nodulekit.deploy.outputs import class1_probability
 from nodulekit.errors import InputError
+from nodulekit.log import get_logger
+
+log = get_logger("deploy")
 
 
 class TorchSegRunner:
@@ -156,12 +159,16 @@ def resolve_backend(path: str | Path, backend: str | None = AUTO) -> str:
     return suffix_rt or backend
 
 
-_CACHED_SUFFIX = {"openvino": ".xml", "onnx": ".onnx"}  # FORMATS' suffixes of the fp32 rows
+_CACHED_SUFFIX = {"openvino": ".xml", "onnx": ".onnx", "openvino-int8": ".xml"}  # FORMATS' suffixes
+INT8_RUNTIMES = ("openvino",)  # where a classifier checkpoint can run int8 (cached_export's openvino-int8)
 
 
 def cached_export(path: str | Path, kind: str, fmt: str) -> Path:
-    """The ``fmt`` export (``openvino`` or ``onnx``) of a checkpoint, made once and kept in a cache
-    keyed by the checkpoint's bytes (``$NODULEKIT_CACHE``, default ``~/.cache/nodulekit``)."""
+    """The ``fmt`` export (``openvino``, ``onnx``, or ``openvino-int8`` of a classifier) of a
+    checkpoint, made once and kept in a cache keyed by the checkpoint's bytes (``$NODULEKIT_CACHE``,
+    default ``~/.cache/nodulekit``). ``openvino-int8`` is calibrated on synthetic crops
+    (:func:`nodulekit.deploy.ptq.synthetic_cls_crops`), so that it needs no data and a checkpoint
+    always gets the same int8 model."""
     import hashlib
     import os
     import shutil
@@ -170,9 +177,17 @@ def cached_export(path: str | Path, kind: str, fmt: str) -> Path:
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "checkpoint not found")
+    if fmt == "openvino-int8" and kind != "cls":
+        raise ValueError("int8 from a checkpoint at run time is offered for the classifier only; "
+                         "the segmentation's int8 forms come from `nodulekit export` or the study")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
     root = Path(os.environ.get("NODULEKIT_CACHE") or Path.home() / ".cache" / "nodulekit")
-    final = root / f"{kind}-{fmt}-{digest}"
+    tag = fmt
+    if fmt == "openvino-int8":
+        from nodulekit.deploy.ptq import CLS_CALIB_CROPS, CLS_CALIB_SCANS, CLS_CALIB_SEED
+
+        tag = f"{fmt}-s{CLS_CALIB_SEED}x{CLS_CALIB_SCANS}n{CLS_CALIB_CROPS}"  # a new calibration, a new entry
+    final = root / f"{kind}-{tag}-{digest}"
     target = final / f"model{_CACHED_SUFFIX[fmt]}"
     if target.is_file():
         return target
@@ -181,7 +196,15 @@ def cached_export(path: str | Path, kind: str, fmt: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
-        export(path, fmt, tmp / target.name, kind=kind)
+        model, kwargs = path, {}
+        if fmt == "openvino-int8":
+            from nodulekit.deploy.ptq import synthetic_cls_crops
+            from nodulekit.models.checkpoint import load_cls_model
+
+            model, _ = load_cls_model(path)
+            log.info("int8 classifier for %s: calibrating once (cached in %s)", path, root)
+            kwargs["calibration"] = synthetic_cls_crops(model.crop_spacing, model.context)
+        export(model, fmt, tmp / target.name, kind=kind, **kwargs)
         try:
             os.replace(tmp, final)  # whole folder at once: a concurrent run sees all files or none
         except OSError:
@@ -192,7 +215,8 @@ def cached_export(path: str | Path, kind: str, fmt: str) -> Path:
     return target
 
 
-def load_runner(path: str | Path, kind: str = "seg", backend: str | None = None, threads: int | None = 2):
+def load_runner(path: str | Path, kind: str = "seg", backend: str | None = None, threads: int | None = 2,
+                *, int8: bool = False):
     """The one runner loader: a checkpoint or a deployed file as a ``kind`` (``seg`` or ``cls``) runner.
 
     Args:
@@ -203,15 +227,28 @@ def load_runner(path: str | Path, kind: str = "seg", backend: str | None = None,
             takes precedence; ``None``: by suffix, else a PyTorch checkpoint. A checkpoint for
             ``onnx``, ``openvino`` or ``auto`` is exported once to a cache (:func:`cached_export`).
         threads: CPU threads (``None``: the runtime's default).
+        int8: a classifier checkpoint runs as its int8 OpenVINO form (:func:`cached_export`'s
+            ``openvino-int8``); ``backend`` must then be ``openvino`` or ``auto``.
 
     Raises:
-        InputError: the file is missing or its runtime cannot load it.
+        InputError: the file is missing or its runtime cannot load it; ``int8`` for a deployed
+            file or a runtime other than OpenVINO.
+        ValueError: ``int8`` for a segmentation model.
     """
     path = Path(path)
     if kind not in ("seg", "cls"):
         raise ValueError(f"unknown runner kind {kind!r} (seg, cls)")
     backend = resolve_backend(path, backend or "torch")
-    if backend in _CACHED_SUFFIX and path.suffix not in _SUFFIX_RUNTIME:
+    if int8:
+        if kind != "cls":
+            raise ValueError("int8 at run time is offered for the classifier only")
+        if path.suffix in _SUFFIX_RUNTIME:
+            raise InputError(path, "int8 quantizes a classifier checkpoint; a deployed file runs as it is")
+        if backend not in INT8_RUNTIMES:
+            raise InputError(path, f"an int8 classifier runs in {' or '.join(INT8_RUNTIMES)}, not {backend} "
+                                   "(is OpenVINO installed?)")
+        path = cached_export(path, kind, "openvino-int8")
+    elif backend in _CACHED_SUFFIX and path.suffix not in _SUFFIX_RUNTIME:
         path = cached_export(path, kind, backend)  # a checkpoint for an ONNX / OpenVINO runtime
     if backend == "rknn":
         from nodulekit.deploy.rknn import load_rknn_runner  # rknn-toolkit-lite2, on the board
@@ -252,9 +289,10 @@ def load_seg_runner(path: str | Path, backend: str = "torch", threads: int | Non
     return load_runner(path, "seg", backend, threads)
 
 
-def load_cls_runner(path: str | Path, backend: str = "torch", threads: int | None = 2):
+def load_cls_runner(path: str | Path, backend: str = "torch", threads: int | None = 2, *, int8: bool = False):
     """A classifier runner: ``(N, 1, 32, 48, 48)`` clipped HU -> ``(N,)`` nodule probability.
 
-    Args: as :func:`load_seg_runner`, with ``LunaModel`` checkpoints or its exports (3D or Conv2d).
+    Args: as :func:`load_seg_runner`, with ``LunaModel`` checkpoints or its exports (3D or Conv2d);
+    ``int8`` as :func:`load_runner`.
     """
-    return load_runner(path, "cls", backend, threads)
+    return load_runner(path, "cls", backend, threads, int8=int8)

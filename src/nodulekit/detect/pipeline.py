@@ -155,6 +155,7 @@ def run_detection(
     *,
     backend: str = "torch",
     cls_backend: str = "torch",
+    cls_int8: bool = False,
     threshold: float = CLS_THRESHOLD,
     seg_threshold: float = SEG_THRESHOLD,
     batch_size: int = 4,
@@ -179,6 +180,8 @@ def run_detection(
         out_dir: output folder (created).
         backend: runtime of the segmentation model (``torch``, ``onnx``).
         cls_backend: runtime of the classifier.
+        cls_int8: run a classifier checkpoint as its int8 OpenVINO form, calibrated once on
+            synthetic crops and cached (:func:`nodulekit.deploy.runtime.cached_export`).
         threshold: classifier probability from which a candidate is reported as a nodule.
         seg_threshold: segmentation probability threshold.
         batch_size: slices per segmentation call.
@@ -223,9 +226,11 @@ def run_detection(
     out_dir.mkdir(parents=True, exist_ok=True)
     earlier = _earlier_results(out_dir)
     seg_runner = _Checked(load_seg_runner(seg, backend=backend, threads=threads), f"segmentation model {seg}")
-    cls_runner = _Checked(load_cls_runner(cls, backend=cls_backend, threads=threads), f"classifier {cls}")
+    cls_runner = _Checked(load_cls_runner(cls, backend=cls_backend, threads=threads, int8=cls_int8),
+                          f"classifier {cls}")
     crop_spacing = getattr(cls_runner, "crop_spacing", None)
-    log.info("seg %s (%s), cls %s (%s, crops at %s), %d threads", seg, backend, cls, cls_backend,
+    log.info("seg %s (%s), cls %s (%s%s, crops at %s), %d threads", seg, backend, cls, cls_backend,
+             " int8" if cls_int8 else "",
              "native voxels" if crop_spacing is None else "x".join(f"{v:g}" for v in crop_spacing) + " mm",
              threads)
 
@@ -299,7 +304,7 @@ def run_detection(
 
         total_s = time.perf_counter() - t_all
         summary = _summary(scans, failed, total_s, csv_path, json_path, seg=str(seg), cls=str(cls), backend=backend,
-                           cls_backend=cls_backend, threshold=threshold, seg_threshold=seg_threshold,
+                           cls_backend=cls_backend, cls_int8=cls_int8, threshold=threshold, seg_threshold=seg_threshold,
                            batch_size=batch_size, threads=threads, min_volume_mm3=min_volume_mm3, max_png=max_png)
         summary["written"] = bool(scans) or not earlier
         if summary["written"]:

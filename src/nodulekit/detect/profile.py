@@ -32,6 +32,7 @@ ROWS = (
     ("onnxruntime int8", "onnx-int8", "onnx", "onnx", "onnx"),
     ("openvino fp32", "openvino", "openvino", "openvino", "openvino"),
     ("openvino int8", "openvino-int8", "openvino", "openvino", "openvino"),
+    ("openvino fp32, int8 classifier", "openvino", "openvino", "openvino-int8", "openvino"),  # detect --cls-int8
 )
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 CALIB_SLICES = 16
@@ -119,8 +120,15 @@ def prepare_rows(seg: str | Path, cls: str | Path, ct, lung, work: Path, *, rows
                     row.seg = export(src, seg_fmt, dest, kind="seg", **kwargs).path
                 if cls_fmt is not None:
                     if cls_fmt not in cls_files:
+                        ckw = {}
+                        if cls_fmt.endswith("int8"):  # calibrated as `detect --cls-int8` calibrates it
+                            from nodulekit.deploy.ptq import synthetic_cls_crops
+                            from nodulekit.models.checkpoint import load_cls_model
+
+                            model, _ = load_cls_model(cls)
+                            ckw["calibration"] = synthetic_cls_crops(model.crop_spacing, model.context)
                         cls_files[cls_fmt] = export(cls, cls_fmt, work / f"cls{FORMATS[('cls', cls_fmt)].suffix}",
-                                                    kind="cls").path
+                                                    kind="cls", **ckw).path
                     row.cls = cls_files[cls_fmt]
             except Exception as exc:  # noqa: BLE001 - a row that cannot be built is reported, not fatal
                 row.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
