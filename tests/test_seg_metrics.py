@@ -69,6 +69,34 @@ def test_one_pixel_finds_a_nodule_and_threshold_is_strict():
     assert evaluate_seg(lambda x: predict(x, 0.5), ds)["nodule_recall_ge5"] == 0.0
 
 
+def test_a_nodule_is_found_only_by_a_mark_that_lies_mostly_on_it():
+    """Marking every dense structure touches every nodule; the nodule is then a sliver of one blob
+    whose centre falls outside it, and it does not count as found (FOUND_SHARE)."""
+    from nodulekit.evaluate.seg_metrics import FOUND_SHARE, found_nodules
+
+    lab = np.zeros((2, 16, 16), np.uint16)
+    lab[0, 2:6, 2:6] = 1  # 16 pixels
+    lab[1, 10:12, 10:12] = 2  # 4 pixels
+    assert found_nodules(np.ones(lab.shape, bool), lab) == set()  # the whole slice marked
+    rim = np.zeros(lab.shape, bool)
+    rim[0, 1:7, 1:7] = True  # a one-pixel rim: 16 of 36 pixels on the nodule
+    assert found_nodules(rim, lab) == {1}
+    vessel = rim.copy()
+    vessel[0, 3, 7:16] = True  # a vessel joined to the rim: 16 of 45
+    assert 16 / 45 >= FOUND_SHARE and found_nodules(vessel, lab) == {1}
+    blob = np.zeros(lab.shape, bool)
+    blob[1, 4:16, 4:16] = True  # 144 pixels, 4 of them on nodule 2
+    assert found_nodules(blob, lab) == set()
+    blob[1, 11, 11] = False
+    blob[1, 10:12, 10:12] = True  # still one component
+    assert found_nodules(blob, lab) == set()
+    apart = blob.copy()
+    apart[1, 9, 9:13] = apart[1, 12, 9:13] = apart[1, 9:13, 9] = apart[1, 9:13, 12] = False  # cut out as its own
+    assert found_nodules(apart, lab) == {2}
+    m = evaluate_seg(lambda x: np.ones((len(x), 1, 16, 16), np.float32), _val_ds())
+    assert m["recall"] == 1.0 and m["nodule_recall"] == 0.0
+
+
 def test_empty_validation_gives_nan():
     ds = SegValDataset([], negative_slices=2)
     m = evaluate_seg(lambda x: x[:, :1], ds)
