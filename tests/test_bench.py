@@ -108,3 +108,28 @@ def _has_openvino() -> bool:
     from nodulekit.deploy.openvino import openvino_available
 
     return openvino_available()
+
+
+def test_scan_bench_rows_of_a_deployed_variant_keep_apart_the_int8_classifier(tmp_path, monkeypatch):
+    """A deployed variant's rows are named by runtime; the int8-classifier row must not take the
+    name of the fp32 one (the runners are kept by name)."""
+    from types import SimpleNamespace
+
+    import nodulekit.deploy.export as E
+    import nodulekit.deploy.ptq as P
+    import nodulekit.models.checkpoint as C
+    from nodulekit.detect.profile import ROWS, prepare_rows
+
+    if not _has_openvino():
+        pytest.skip("OpenVINO not installed")
+    monkeypatch.setattr(E, "export", lambda src, fmt, dest, **kw: SimpleNamespace(path=str(dest)))
+    monkeypatch.setattr(P, "synthetic_cls_crops", lambda *a, **k: None)
+    monkeypatch.setattr(C, "load_cls_model", lambda path: (SimpleNamespace(crop_spacing=None, context=None), {}))
+    rows = [r for r in ROWS if not r[1] or not r[1].endswith("int8")]
+    table = prepare_rows("seg.pt", "cls.pt", None, None, tmp_path, rows=rows,
+                         variants={"q": str(tmp_path / "q.int8.onnx")})
+    names = [r.name for r in table]
+    assert not [r.error for r in table if r.error]
+    assert len(names) == len(set(names))
+    assert {"q openvino", "q openvino, int8 classifier", "openvino fp32, int8 classifier"} <= set(names)
+    assert next(r for r in table if r.name == "q openvino, int8 classifier").cls.endswith(".int8.xml")

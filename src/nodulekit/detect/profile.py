@@ -109,7 +109,7 @@ def prepare_rows(seg: str | Path, cls: str | Path, ct, lung, work: Path, *, rows
                     # a deployed file (e.g. a QAT graph's int8 ONNX) runs as it is, in the runtimes reading it
                     if seg_fmt not in ("onnx", "openvino") or (Path(src).suffix == ".xml" and seg_rt != "openvino"):
                         continue
-                    row.name = f"{prefix}{seg_rt}"
+                    row.name = f"{prefix}{seg_rt}" + (", int8 classifier" if (cls_fmt or "").endswith("int8") else "")
                 elif seg_fmt is not None:
                     kwargs = {}
                     if seg_fmt.endswith("int8"):
