@@ -181,7 +181,8 @@ def run_detection(
         backend: runtime of the segmentation model (``torch``, ``onnx``).
         cls_backend: runtime of the classifier.
         cls_int8: run a classifier checkpoint as its int8 OpenVINO form, calibrated once on
-            synthetic crops and cached (:func:`nodulekit.deploy.runtime.cached_export`).
+            synthetic crops and cached (:func:`nodulekit.deploy.runtime.cached_export`); needs
+            ``cls_backend`` ``auto`` or ``openvino``.
         threshold: classifier probability from which a candidate is reported as a nodule.
         seg_threshold: segmentation probability threshold.
         batch_size: slices per segmentation call.
