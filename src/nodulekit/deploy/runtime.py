@@ -196,15 +196,11 @@ def cached_export(path: str | Path, kind: str, fmt: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
-        model, kwargs = path, {}
         if fmt == "openvino-int8":
-            from nodulekit.deploy.ptq import synthetic_cls_crops
-            from nodulekit.models.checkpoint import load_cls_model
-
-            model, _ = load_cls_model(path)
             log.info("int8 classifier for %s: calibrating once (cached in %s)", path, root)
-            kwargs["calibration"] = synthetic_cls_crops(model.crop_spacing, model.context)
-        export(model, fmt, tmp / target.name, kind=kind, **kwargs)
+            export_int8_classifier(path, tmp / target.name)
+        else:
+            export(path, fmt, tmp / target.name, kind=kind)
         try:
             os.replace(tmp, final)  # whole folder at once: a concurrent run sees all files or none
         except OSError:
@@ -213,6 +209,19 @@ def cached_export(path: str | Path, kind: str, fmt: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def export_int8_classifier(path: str | Path, out: str | Path):
+    """The ``openvino-int8`` export of a classifier checkpoint, calibrated on synthetic crops cut at
+    the model's own crop spacing (:func:`nodulekit.deploy.ptq.synthetic_cls_crops`): what
+    ``detect --cls-int8`` runs (through :func:`cached_export`) and ``bench --scan`` times."""
+    from nodulekit.deploy.export import export
+    from nodulekit.deploy.ptq import synthetic_cls_crops
+    from nodulekit.models.checkpoint import load_cls_model
+
+    model, _ = load_cls_model(path)
+    return export(model, "openvino-int8", out, kind="cls",
+                  calibration=synthetic_cls_crops(model.crop_spacing, model.context))
 
 
 def load_runner(path: str | Path, kind: str = "seg", backend: str | None = None, threads: int | None = 2,

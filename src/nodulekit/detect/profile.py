@@ -120,15 +120,13 @@ def prepare_rows(seg: str | Path, cls: str | Path, ct, lung, work: Path, *, rows
                     row.seg = export(src, seg_fmt, dest, kind="seg", **kwargs).path
                 if cls_fmt is not None:
                     if cls_fmt not in cls_files:
-                        ckw = {}
-                        if cls_fmt.endswith("int8"):  # calibrated as `detect --cls-int8` calibrates it
-                            from nodulekit.deploy.ptq import synthetic_cls_crops
-                            from nodulekit.models.checkpoint import load_cls_model
+                        dest = work / f"cls{FORMATS[('cls', cls_fmt)].suffix}"
+                        if cls_fmt == "openvino-int8":  # the file `detect --cls-int8` runs
+                            from nodulekit.deploy.runtime import export_int8_classifier
 
-                            model, _ = load_cls_model(cls)
-                            ckw["calibration"] = synthetic_cls_crops(model.crop_spacing, model.context)
-                        cls_files[cls_fmt] = export(cls, cls_fmt, work / f"cls{FORMATS[('cls', cls_fmt)].suffix}",
-                                                    kind="cls", **ckw).path
+                            cls_files[cls_fmt] = export_int8_classifier(cls, dest).path
+                        else:
+                            cls_files[cls_fmt] = export(cls, cls_fmt, dest, kind="cls").path
                     row.cls = cls_files[cls_fmt]
             except Exception as exc:  # noqa: BLE001 - a row that cannot be built is reported, not fatal
                 row.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
