@@ -107,6 +107,42 @@ def test_candidates_outside_the_lung_are_dropped():
     assert len(detect_scan(ct, fake_seg, fake_cls)["candidates"]) == 1
 
 
+def test_a_mark_running_into_the_mediastinum_is_dropped():
+    """A blob between the lungs, whose mark reaches the right lung's edge (so the dilated lung mask
+    lets it in), lies farther from lung air than its radius: the mediastinum, not a nodule. A nodule
+    of the same size on the lung's wall is kept."""
+    ct = phantom_ct()
+    # the right lung's medial edge is at col 50: the blob spans cols 51-59, its centre 12.5 mm from
+    # lung air, and its first columns lie within the lung mask's 5 mm dilation
+    ct.hu[_ellipsoid(ct.shape, (14, 56, 55), (5, 5, 11))] = 0
+    res = detect_scan(ct, fake_seg, fake_cls)
+    assert res["off_lung"] == 1
+    assert [round(c.center_irc[0]) for c in res["candidates"]] == [NODULE_IRC[0]]
+
+    ct = phantom_ct()
+    ct.hu[_ellipsoid(ct.shape, (14, 56, 14), (5, 5, 5))] = 0  # centred on the left lung's lateral wall
+    res = detect_scan(ct, fake_seg, fake_cls)
+    assert res["off_lung"] == 0 and len(res["candidates"]) == 2
+
+
+def test_borders_lung_reaches_the_radius_plus_the_margin():
+    from nodulekit.detect.candidates import LUNG_CONTACT_MM, Finding, borders_lung
+
+    spacing = (1.0, 1.0, 2.0)
+    lung = np.zeros((20, 40, 40), dtype=bool)
+    lung[:, :, :10] = True  # air up to x = 9
+
+    def at(x, d):
+        return Finding(center_irc=(10.0, 20.0, float(x)), center_xyz=(0, 0, 0), diameter_mm=d, volume_mm3=1.0,
+                       n_voxels=1, bbox=(slice(0, 1),) * 3, label=1)
+
+    reach = 4.0 / 2 + LUNG_CONTACT_MM
+    assert borders_lung(at(9 + reach, 4.0), lung, spacing)
+    assert not borders_lung(at(9 + reach + 0.5, 4.0), lung, spacing)
+    assert borders_lung(at(9 + reach + 0.5, 5.2), lung, spacing)
+    assert not borders_lung(at(30, 4.0), np.zeros_like(lung), spacing)
+
+
 def test_classifier_crops_follow_the_runners_crop_spacing():
     """A classifier trained on resampled crops gets resampled crops: the array
     :func:`nodulekit.data.crops.cls_crop` cuts around the candidate (to float32 rounding: detection

@@ -93,3 +93,13 @@ def test_dilation_is_the_cylinder_dilation(spacing):
     cylinder = np.repeat(disk[None], 2 * r[0] + 1, axis=0)  # a disk on every slice within 5 mm
     expected = ndimage.binary_dilation(mask, structure=cylinder)
     assert np.array_equal(_dilate(mask, 5.0, np.array(spacing)), expected)
+
+
+def test_lung_masks_gives_both_masks_of_one_pass():
+    from nodulekit.detect.lung_mask import lung_masks
+
+    hu = phantom(nodule_center=(12, 48, 28 - 40 // 3), nodule_mm=4.0)
+    aerated, dilated = lung_masks(hu, SPACING)
+    np.testing.assert_array_equal(aerated, lung_mask(hu, SPACING, dilate_mm=0))
+    np.testing.assert_array_equal(dilated, lung_mask(hu, SPACING))
+    assert not aerated[hu == 30].all() and (dilated >= aerated).all()

@@ -37,6 +37,11 @@ ELONGATION = 1.5
 # ... but a large blob's balls need only be thicker than the lung's vessels away from the hila (or
 # half its inscribed radius), so that the lobes and bumps of a large nodule stay part of it
 VESSEL_RADIUS_MM = 4.0
+# A lung nodule borders aerated lung: its centre lies within its radius of lung air, which holds for
+# a nodule on the pleura or the mediastinum as for one inside the lung. This margin covers the
+# outline of the air threshold (partial volume, up to a 3 mm slice). A candidate farther from the
+# lung is in the mediastinum or the chest wall, reached by a mark that starts at the lung's edge.
+LUNG_CONTACT_MM = 3.0
 
 
 @dataclass
@@ -316,6 +321,23 @@ def find_candidates(hu: np.ndarray, labels: np.ndarray, n: int, ct) -> list[Find
                 region=(box, mask),
             ))
     return out
+
+
+def borders_lung(cand: Finding, lung: np.ndarray, spacing_xyz, *, margin_mm: float = LUNG_CONTACT_MM) -> bool:
+    """Whether aerated lung (``lung``: the undilated mask of
+    :func:`nodulekit.detect.lung_mask.lung_masks`) lies within the candidate's volume-equivalent
+    radius plus ``margin_mm`` of its centre (see :data:`LUNG_CONTACT_MM`)."""
+    spacing_zyx = np.asarray(spacing_xyz, dtype=float)[::-1]
+    reach = cand.diameter_mm / 2 + margin_mm
+    c = np.asarray(cand.center_irc, dtype=float)
+    lo = np.maximum(np.floor(c - reach / spacing_zyx), 0).astype(int)
+    hi = np.minimum(np.ceil(c + reach / spacing_zyx) + 1, lung.shape).astype(int)
+    if (hi <= lo).any():
+        return False
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    grid = np.ogrid[box]
+    d2 = sum(((g - ci) * s) ** 2 for g, ci, s in zip(grid, c, spacing_zyx))
+    return bool((lung[box] & (d2 <= reach * reach)).any())
 
 
 def measure(mask: np.ndarray, spacing_xyz, *, long_axis: bool = True) -> tuple[float, float, float]:

@@ -118,6 +118,21 @@ def lung_mask(
     Returns:
         ``bool`` array of the shape of ``hu``; all False when no lung is found.
     """
+    return lung_masks(hu, spacing_xyz, threshold_hu=threshold_hu, min_lung_ml=min_lung_ml,
+                      dilate_mm=dilate_mm)[1]
+
+
+def lung_masks(
+    hu: np.ndarray,
+    spacing_xyz,
+    *,
+    threshold_hu: float = AIR_THRESHOLD_HU,
+    min_lung_ml: float = MIN_LUNG_ML,
+    dilate_mm: float = DILATE_MM,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(lung, dilated)``: the lung mask of :func:`lung_mask` before and after its dilation, from
+    one pass (the first is where aerated lung is, holes filled; the second where candidates may
+    lie)."""
     hu = np.asarray(hu)
     full_shape = hu.shape
     spacing = _spacing_zyx(spacing_xyz)
@@ -131,7 +146,7 @@ def lung_mask(
     air = (hu < threshold_hu) & body
     labels, n = ndimage.label(air)
     if n == 0:
-        return np.zeros(full_shape, dtype=bool)
+        return np.zeros(full_shape, dtype=bool), np.zeros(full_shape, dtype=bool)
 
     border = np.zeros(hu.shape, dtype=bool)
     border[:, 0, :] = border[:, -1, :] = border[:, :, 0] = border[:, :, -1] = True
@@ -140,19 +155,23 @@ def lung_mask(
     keep[0] = False
     keep[touching] = False
     if not keep.any():
-        return np.zeros(full_shape, dtype=bool)
-    mask = keep[labels]
+        return np.zeros(full_shape, dtype=bool), np.zeros(full_shape, dtype=bool)
+    mask = fill_holes_per_slice(keep[labels])
+    dilated = _dilate(mask, dilate_mm, spacing) if dilate_mm > 0 else mask
+    lung = _upsample(mask, step, full_shape)
+    return lung, (lung if dilated is mask else _upsample(dilated, step, full_shape))
 
-    mask = fill_holes_per_slice(mask)
-    if dilate_mm > 0:
-        mask = _dilate(mask, dilate_mm, spacing)
-    if step > 1:
-        z, h, w = mask.shape
-        up = np.broadcast_to(mask[:, :, None, :, None], (z, h, step, w, step)).reshape(z, h * step, w * step)
-        mask = np.zeros(full_shape, dtype=bool)
-        rows, cols = min(full_shape[1], h * step), min(full_shape[2], w * step)
-        mask[:, :rows, :cols] = up[:, :rows, :cols]
-    return mask
+
+def _upsample(mask: np.ndarray, step: int, full_shape: tuple[int, ...]) -> np.ndarray:
+    """A mask of the work grid (every ``step``-th pixel in plane) back on the scan's grid."""
+    if step == 1:
+        return mask
+    z, h, w = mask.shape
+    up = np.broadcast_to(mask[:, :, None, :, None], (z, h, step, w, step)).reshape(z, h * step, w * step)
+    out = np.zeros(full_shape, dtype=bool)
+    rows, cols = min(full_shape[1], h * step), min(full_shape[2], w * step)
+    out[:, :rows, :cols] = up[:, :rows, :cols]
+    return out
 
 
 def lung_volume_ml(mask: np.ndarray, spacing_xyz) -> float:

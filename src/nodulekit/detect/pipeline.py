@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from nodulekit import CLS_THRESHOLD, SEG_THRESHOLD
-from nodulekit.detect.candidates import MIN_VOLUME_MM3, classify, clean_mask, find_candidates, segment_slices
-from nodulekit.detect.lung_mask import lung_mask, lung_volume_ml
+from nodulekit.detect.candidates import (MIN_VOLUME_MM3, borders_lung, classify, clean_mask, find_candidates,
+                                         segment_slices)
+from nodulekit.detect.lung_mask import lung_masks, lung_volume_ml
 from nodulekit.errors import InputError
 from nodulekit.log import get_logger
 
@@ -80,14 +81,15 @@ def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = SEG_THRESH
         progress: show a progress bar over the segmented slices.
 
     Returns:
-        ``{"candidates": [Finding], "labels": label volume, "lung_ml", "slices_segmented",
-        "timings_s": {...}}``.
+        ``{"candidates": [Finding], "labels": label volume, "lung_ml", "off_lung", "slices_segmented",
+        "timings_s": {...}}``; ``off_lung`` counts the components dropped for lying away from the
+        lung (:func:`~nodulekit.detect.candidates.borders_lung`), which stay in ``labels``.
     """
     from tqdm import tqdm
 
     timings = {}
     t = time.perf_counter()
-    lung = lung_mask(ct.hu, ct.spacing)
+    aerated, lung = lung_masks(ct.hu, ct.spacing)
     slices = np.flatnonzero(lung.any(axis=(1, 2)))
     timings["lung_mask"] = time.perf_counter() - t
 
@@ -103,7 +105,10 @@ def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = SEG_THRESH
     del mask
     timings["clean_up"] = time.perf_counter() - t
     t = time.perf_counter()
-    candidates = find_candidates(ct.hu, labels, n, ct)
+    found = find_candidates(ct.hu, labels, n, ct)
+    # a mark that began at the lung's edge and ran into the mediastinum or the chest wall
+    candidates = [c for c in found if borders_lung(c, aerated, ct.spacing)]
+    del aerated
     timings["candidates"] = time.perf_counter() - t
 
     if cls_runner is not None:
@@ -114,6 +119,7 @@ def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = SEG_THRESH
         "candidates": candidates,
         "labels": labels,
         "lung_ml": lung_volume_ml(lung, ct.spacing),
+        "off_lung": len(found) - len(candidates),
         "slices_segmented": int(len(slices)),
         "timings_s": timings,
     }
@@ -293,6 +299,7 @@ def run_detection(
                 "slices_segmented": res["slices_segmented"],
                 "timings_s": {k: round(v, 3) for k, v in timings.items()},
                 "n_candidates": len(cands),
+                "n_off_lung": res["off_lung"],
                 "candidates": [c.to_dict() for c in cands],
                 "nodules": [{**c.to_dict(), "png": pngs[k] if k < len(pngs) else None, **_nodule_links(links, c, k)}
                             for k, c in enumerate(nodules)],
