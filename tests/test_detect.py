@@ -171,6 +171,9 @@ def test_specks_below_min_volume_are_dropped():
     ct.hu[14, 56, 80] = 0  # one voxel (25 mm^3) in the left lung
     assert len(detect_scan(ct, fake_seg, fake_cls, min_volume_mm3=7)["candidates"]) == 2
     assert len(detect_scan(ct, fake_seg, fake_cls, min_volume_mm3=30)["candidates"]) == 1
+    # one voxel is 25 mm^3, a sphere of 3.6 mm: from a larger diameter on, only the 8 mm nodule is left
+    assert len(detect_scan(ct, fake_seg, fake_cls, min_diameter_mm=3.5)["candidates"]) == 2
+    assert len(detect_scan(ct, fake_seg, fake_cls, min_diameter_mm=3.7)["candidates"]) == 1
 
 
 def test_run_detection_outputs_and_bad_inputs(tmp_path, models, monkeypatch):

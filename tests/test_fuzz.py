@@ -837,7 +837,8 @@ def cases() -> list[Case]:
             add(Case(f"evaluate-option{opt}={v}", "evaluate", _evaluate_option(opt, v)))
     for opt, values in (("--threshold", ("2", "nan", "-1", "inf", "x")), ("--seg-threshold", ("2", "nan", "-1", "x")),
                         ("--batch-size", ("0", "-2", "x")), ("--threads", ("0", "-1")),
-                        ("--min-volume", ("-5", "nan", "inf")), ("--max-png", ("-1", "x"))):
+                        ("--min-volume", ("-5", "nan", "inf")), ("--min-diameter", ("-1", "nan", "inf", "x")),
+                        ("--max-png", ("-1", "x"))):
         for v in values:
             add(Case(f"detect-option{opt}={v}", "detect", _detect_option(opt, v)))
     for args, name in ((("--scans", "0"), "--scans"), (("--scans", "-1"), "--scans"), (("--size", "0"), "--size"),

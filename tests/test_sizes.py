@@ -8,9 +8,9 @@ the generator puts it) or on a vessel (as the generator attaches it: its centre 
 from the vessel's axis). The segmentation is the generator's ground-truth nodule mask plus the
 vessel's voxels: a stand-in for a U-Net that finds the nodule, and marks the vessel with it as a
 recall-trained one does, so that what is tested is what detection does after the network (the
-lung mask, :func:`clean_mask`, :func:`find_candidates` and the lung-contact check) rather than a
-model's training. A HU threshold would not do: a ground-glass nodule (-650 to -420 HU) and its
-partial-volume rim are no denser than the lung's own edge voxels.
+lung mask, :func:`clean_mask`, :func:`find_candidates`, the size floor and the lung-contact check)
+rather than a model's training. A HU threshold would not do: a ground-glass nodule (-650 to -420
+HU) and its partial-volume rim are no denser than the lung's own edge voxels.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from nodulekit.data.synth.nodules import KINDS, render
 from nodulekit.data.synth.scanner import Grid
 from nodulekit.data.synth.tubes import Segment, capsule_fraction, paint
 from nodulekit.data.volume import CTVolume
-from nodulekit.detect.candidates import borders_lung, clean_mask, find_candidates
+from nodulekit.detect.candidates import MIN_DIAMETER_MM, borders_lung, clean_mask, find_candidates
 from nodulekit.detect.lung_mask import lung_masks
 
 DIAMETERS = (3.2, 5.0, 8.0, 13.0, 20.0, 30.0)
@@ -82,10 +82,11 @@ def phantom(d: float, kind: str, attached: str, seed: int):
 
 def candidates(ct, seg):
     """What detection keeps of a segmentation, as :func:`nodulekit.detect.detect_scan` does: a
-    nodule on the pleura must also pass the lung-contact check."""
+    nodule on the pleura must also pass the lung-contact check, and a 3.2 mm one the size floor."""
     aerated, lung = lung_masks(ct.hu, ct.spacing, min_lung_ml=1.0)
     labels, n = clean_mask(seg, lung, ct.spacing)
-    return [c for c in find_candidates(ct.hu, labels, n, ct) if borders_lung(c, aerated, ct.spacing)]
+    return [c for c in find_candidates(ct.hu, labels, n, ct)
+            if c.diameter_mm >= MIN_DIAMETER_MM and borders_lung(c, aerated, ct.spacing)]
 
 
 @pytest.mark.parametrize("d,kind,attached", CASES, ids=[f"{d:g}mm-{k}-{a}" for d, k, a in CASES])

@@ -39,7 +39,10 @@ def add_parser(sub):
     p.add_argument("--seg-threshold", type=number_type(float, SHARE), default=SEG_THRESHOLD,
                    help="segmentation probability from which a pixel is marked (default %(default)s)")
     p.add_argument("--min-volume", type=number_type(float, NON_NEGATIVE), default=None,
-                   help="smallest candidate in mm^3 (default 7)")
+                   help="smallest segmented component in mm^3 (default 7)")
+    p.add_argument("--min-diameter", type=number_type(float, NON_NEGATIVE), default=None,
+                   help="smallest candidate's volume-equivalent diameter in mm (default 2.7: LUNA16 counts nodules "
+                        "from 3 mm)")
     p.add_argument("--batch-size", type=number_type(int, POSITIVE), default=4, help="slices per segmentation call")
     p.add_argument("--threads", type=number_type(int, POSITIVE), default=2, help="CPU threads of the runtimes")
     p.add_argument("--no-png", action="store_true", help="do not draw the nodules")
@@ -66,13 +69,14 @@ def add_parser(sub):
 
 def run(args) -> int:
     from nodulekit.detect import run_detection
-    from nodulekit.detect.candidates import MIN_VOLUME_MM3
+    from nodulekit.detect.candidates import MIN_DIAMETER_MM, MIN_VOLUME_MM3
 
     summary = run_detection(
         args.inputs, args.seg, args.cls, args.out,
         backend=args.backend, cls_backend=args.cls_backend, cls_int8=args.cls_int8, threshold=args.threshold,
         seg_threshold=args.seg_threshold, batch_size=args.batch_size, threads=args.threads,
         min_volume_mm3=MIN_VOLUME_MM3 if args.min_volume is None else args.min_volume,
+        min_diameter_mm=MIN_DIAMETER_MM if args.min_diameter is None else args.min_diameter,
         png=not args.no_png, max_png=args.max_png, progress=False if args.no_progress else None,
         allow_external_data=args.allow_external_data, html=args.html, dicom_seg=args.dicom_seg,
         dicom_sr=args.dicom_sr, nifti=args.nifti,

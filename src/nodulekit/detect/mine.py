@@ -56,6 +56,7 @@ def mine_candidates(
     batch_size: int = 4,
     threshold: float = SEG_THRESHOLD,
     min_volume_mm3: float = MIN_VOLUME_MM3,
+    min_diameter_mm: float = 0.0,
     progress: bool = True,
 ) -> dict:
     """Segment scans of a LUNA16-layout folder and write the non-nodule candidates found.
@@ -75,6 +76,9 @@ def mine_candidates(
         threshold: segmentation probability from which a pixel is marked, as detection's
             ``seg_threshold`` (the same value gives the candidates detection proposes).
         min_volume_mm3: smallest component kept, as in detection.
+        min_diameter_mm: smallest candidate kept; by default none is dropped, not even what is
+            below detection's floor (``MIN_DIAMETER_MM``): the specks and thin vessel
+            cross-sections there are negatives the classifier learns from.
         progress: progress bar over the scans.
 
     Returns:
@@ -106,7 +110,7 @@ def mine_candidates(
         try:
             ct = _window(read_ct(series[uid], min_slices=MIN_SLICES), max_slices)
             res = detect_scan(ct, runner, None, seg_threshold=threshold, batch_size=batch_size,
-                              min_volume_mm3=min_volume_mm3)
+                              min_volume_mm3=min_volume_mm3, min_diameter_mm=min_diameter_mm)
         except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the others
             msg = f"{series[uid]}: {type(exc).__name__}: {exc}".splitlines()[0]
             log.warning("SKIP %s", msg)

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from nodulekit import CLS_THRESHOLD, SEG_THRESHOLD
-from nodulekit.detect.candidates import (MIN_VOLUME_MM3, borders_lung, classify, clean_mask, find_candidates,
-                                         segment_slices)
+from nodulekit.detect.candidates import (MIN_DIAMETER_MM, MIN_VOLUME_MM3, borders_lung, classify, clean_mask,
+                                         find_candidates, segment_slices)
 from nodulekit.detect.lung_mask import lung_masks, lung_volume_ml
 from nodulekit.errors import InputError
 from nodulekit.log import get_logger
@@ -67,7 +67,8 @@ class _Checked:
 
 
 def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = SEG_THRESHOLD, batch_size: int = 4,
-                min_volume_mm3: float = MIN_VOLUME_MM3, progress: bool = False) -> dict:
+                min_volume_mm3: float = MIN_VOLUME_MM3, min_diameter_mm: float = MIN_DIAMETER_MM,
+                progress: bool = False) -> dict:
     """Detect nodule candidates in one scan and classify them.
 
     Args:
@@ -78,6 +79,8 @@ def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = SEG_THRESH
         seg_threshold: segmentation probability threshold.
         batch_size: slices per segmentation call.
         min_volume_mm3: smallest component kept as a candidate.
+        min_diameter_mm: smallest volume-equivalent diameter of a candidate (one blob of a split
+            component included).
         progress: show a progress bar over the segmented slices.
 
     Returns:
@@ -106,7 +109,9 @@ def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = SEG_THRESH
     timings["clean_up"] = time.perf_counter() - t
     t = time.perf_counter()
     found = find_candidates(ct.hu, labels, n, ct)
-    # a mark that began at the lung's edge and ran into the mediastinum or the chest wall
+    # too small to be a nodule; or a mark that began at the lung's edge and ran into the
+    # mediastinum or the chest wall
+    found = [c for c in found if c.diameter_mm >= min_diameter_mm]
     candidates = [c for c in found if borders_lung(c, aerated, ct.spacing)]
     del aerated
     timings["candidates"] = time.perf_counter() - t
@@ -167,6 +172,7 @@ def run_detection(
     batch_size: int = 4,
     threads: int = 2,
     min_volume_mm3: float = MIN_VOLUME_MM3,
+    min_diameter_mm: float = MIN_DIAMETER_MM,
     png: bool = True,
     max_png: int | None = None,
     progress: bool | None = None,
@@ -194,6 +200,7 @@ def run_detection(
         batch_size: slices per segmentation call.
         threads: CPU threads of the runtimes.
         min_volume_mm3: smallest segmented component kept as a candidate.
+        min_diameter_mm: smallest candidate's volume-equivalent diameter.
         png: write ``png/<uid>_<k>.png`` for each nodule above ``threshold``.
         max_png: draw at most this many per scan, the most probable first (None: all).
         progress: progress bars; default: when stderr is a terminal.
@@ -220,7 +227,7 @@ def run_detection(
     from nodulekit.data.ct import iter_ct_inputs
     from nodulekit.deploy.runtime import load_cls_runner, load_seg_runner
 
-    _check_options(threshold, seg_threshold, batch_size, threads, min_volume_mm3, max_png)
+    _check_options(threshold, seg_threshold, batch_size, threads, min_volume_mm3, max_png, min_diameter_mm)
     if seg is None or cls is None:
         from nodulekit.models.shipped import shipped_model
 
@@ -262,7 +269,8 @@ def run_detection(
             t_scan = time.perf_counter()
             try:
                 res = detect_scan(ct, seg_runner, cls_runner, seg_threshold=seg_threshold, batch_size=batch_size,
-                                  min_volume_mm3=min_volume_mm3, progress=progress)
+                                  min_volume_mm3=min_volume_mm3, min_diameter_mm=min_diameter_mm,
+                                  progress=progress)
             except Exception as exc:  # noqa: BLE001 - one scan a runtime cannot take must not stop the batch
                 what = str(exc) if isinstance(exc, NonFiniteOutput) else f"{type(exc).__name__}: {exc}"
                 msg = " ".join(f"{item}: {what}".split())
@@ -313,7 +321,8 @@ def run_detection(
         total_s = time.perf_counter() - t_all
         summary = _summary(scans, failed, total_s, csv_path, json_path, seg=str(seg), cls=str(cls), backend=backend,
                            cls_backend=cls_backend, cls_int8=cls_int8, threshold=threshold, seg_threshold=seg_threshold,
-                           batch_size=batch_size, threads=threads, min_volume_mm3=min_volume_mm3, max_png=max_png)
+                           batch_size=batch_size, threads=threads, min_volume_mm3=min_volume_mm3,
+                           min_diameter_mm=min_diameter_mm, max_png=max_png)
         summary["written"] = bool(scans) or not earlier
         if summary["written"]:
             _commit(out_dir, staging, rows, {**summary, "scans": scans})
@@ -345,15 +354,16 @@ def _summary(scans: list, failed: list, total_s: float, csv_path: Path, json_pat
     }
 
 
-def _check_options(threshold, seg_threshold, batch_size, threads, min_volume_mm3, max_png) -> None:
+def _check_options(threshold, seg_threshold, batch_size, threads, min_volume_mm3, max_png, min_diameter_mm) -> None:
     for name, value in (("threshold", threshold), ("seg_threshold", seg_threshold)):
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
     for name, value in (("batch_size", batch_size), ("threads", threads)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
-    if not (math.isfinite(min_volume_mm3) and min_volume_mm3 >= 0):
-        raise ValueError(f"min_volume_mm3 must be a non-negative number, got {min_volume_mm3}")
+    for name, value in (("min_volume_mm3", min_volume_mm3), ("min_diameter_mm", min_diameter_mm)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a non-negative number, got {value}")
     if max_png is not None and max_png < 0:
         raise ValueError(f"max_png must be non-negative or None, got {max_png}")
 
