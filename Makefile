@@ -35,9 +35,11 @@ demo-rknn: rknn demo
 DEPLOYED := $(DEMO_OUT)/models/deployed.json
 INDEP := runs/independent
 INDEP_SCANS ?= 30
-# the draw is generated once, and again only when its size or seed differs
+# the draw is generated once, and again only when its size, seed or generator version differs
 INDEP_DATA = $(PY) -c 'import json, sys; p = json.load(open(sys.argv[1]))["parameters"]; \
-  sys.exit(p["n_scans"] != int(sys.argv[2]) or p["seed"] != 1)' $(INDEP)/data/synth.json $(INDEP_SCANS) 2>/dev/null \
+  from nodulekit.data.synth.scan import GENERATOR_VERSION as V; \
+  sys.exit(p["n_scans"] != int(sys.argv[2]) or p["seed"] != 1 or p.get("version") != V)' \
+  $(INDEP)/data/synth.json $(INDEP_SCANS) 2>/dev/null \
   || { rm -rf $(INDEP)/data && $(VENV)/bin/nodulekit synth --out $(INDEP)/data --scans $(INDEP_SCANS) --seed 1 --workers 2; }
 froc-independent: $(STAMP)
 	test -f $(DEPLOYED) || { echo "run make demo first ($(DEPLOYED) is missing)"; exit 1; }

@@ -218,3 +218,42 @@ def test_hila_choice_is_checked_and_recorded(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["synth", "--out", str(tmp_path / "e"), "--scans", "1", "--hila", "fancy"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_thick_slices_average_their_sub_slices_and_keep_majority_labels():
+    from nodulekit.data.synth.scan import SUB_SLICE_MM, slice_samples, thick_slices
+
+    assert slice_samples(0.625) == slice_samples(SUB_SLICE_MM) == 1
+    assert slice_samples(1.25) == 2 and slice_samples(2.5) == 3 and slice_samples(5.0) == 6
+    hu = np.arange(6 * 2 * 2, dtype=np.float32).reshape(6, 2, 2)
+    labels = np.zeros((6, 2, 2), dtype=np.uint16)
+    labels[0:2, 0, 0] = 1  # two of three sub-slices: the thick slice holds it
+    labels[3, 1, 1] = 2  # one of three: it does not
+    thick, lab = thick_slices(hu, labels, 3)
+    np.testing.assert_allclose(thick, hu.reshape(2, 3, 2, 2).mean(axis=1))
+    assert thick.dtype == np.float32 and lab.dtype == np.uint16
+    assert lab[0, 0, 0] == 1 and lab.sum() == 1
+
+
+def test_a_thick_slice_scan_blurs_along_z_and_keeps_its_nodules(monkeypatch):
+    """A 2.5 mm scan is drawn on three sub-slices per slice: an edge that a slice cuts obliquely is
+    spread over partial-volume voxels instead of jumping from lung to tissue between slices, as on
+    a real thick slice; and every nodule keeps a label at its centre (as
+    test_annotations_fall_inside_their_labels checks on the thin draw)."""
+    import nodulekit.data.synth.scan as scan
+
+    # scan 4 of seed 1 has 2.5 mm slices
+    s = generate_scan(1, 4, size=256, max_slices=40)
+    assert s.ct.spacing[2] == 2.5 and s.meta["slice_samples"] == 3
+    for lab, n in enumerate(s.nodules, start=1):
+        assert s.labels[tuple(np.rint(s.ct.world_to_voxel(n.center_xyz)).astype(int))] == lab
+
+    def steps(hu):  # shares of jumps of more than 500 HU between neighbours along z and along x
+        hu = hu.astype(np.float32)
+        return (np.abs(np.diff(hu, axis=0)) > 500).mean(), (np.abs(np.diff(hu, axis=2)) > 500).mean()
+
+    monkeypatch.setattr(scan, "blur_and_noise", lambda hu, acq, rng: hu)  # edges without noise
+    z_profile, x_profile = steps(generate_scan(1, 4, size=256, max_slices=40).ct.hu)
+    monkeypatch.setattr(scan, "SUB_SLICE_MM", 10.0)  # one sample per slice: the slice's centre plane
+    z_point, x_point = steps(generate_scan(1, 4, size=256, max_slices=40).ct.hu)
+    assert z_profile < 0.7 * z_point and x_profile > 0.7 * x_point

@@ -421,13 +421,15 @@ def data_stage(cfg: DemoConfig, out: Path) -> StageResult:
 
 def _synth(cfg: DemoConfig, data: Path) -> dict:
     from nodulekit.data.synth import generate_dataset
+    from nodulekit.data.synth.scan import GENERATOR_VERSION
 
     marker = data / "synth.json"
     seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
     wanted = {"n_scans": cfg.scans, "seed": seed, "size": cfg.size, "max_slices": cfg.max_slices,
-              "hila": cfg.synth_hila}
+              "hila": cfg.synth_hila, "version": GENERATOR_VERSION}
     if marker.is_file():
-        # the generator is deterministic: the same arguments give the same bytes, so reuse them
+        # the generator is deterministic: the same arguments and version give the same bytes, so
+        # reuse them
         doc = json.loads(marker.read_text())
         have = {"hila": "simple", **doc.get("parameters", {})}  # a draw from before the choice existed
         if all(have.get(k) == v for k, v in wanted.items()):

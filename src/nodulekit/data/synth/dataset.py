@@ -11,7 +11,7 @@ import numpy as np
 
 from nodulekit.data.ct import write_ct
 from nodulekit.data.synth.hila import HILA
-from nodulekit.data.synth.scan import generate_scan
+from nodulekit.data.synth.scan import GENERATOR_VERSION, generate_scan
 from nodulekit.data.volume import CTVolume
 from nodulekit.errors import InputError
 from nodulekit.log import get_logger
@@ -102,7 +102,7 @@ def generate_dataset(out_dir, n_scans: int, seed: int, *, size: int = 512, max_s
         "candidates_class1": n1,
     }
     params = {"seed": seed, "n_scans": n_scans, "size": size, "max_slices": max_slices,
-              "hila": hila, "generator": "nodulekit.data.synth"}
+              "hila": hila, "generator": "nodulekit.data.synth", "version": GENERATOR_VERSION}
     doc = {"parameters": params, "summary": summary, "scans": [res["meta"] for res in results]}
     (out / "synth.json").write_text(json.dumps(doc, indent=1) + "\n")
     summary["seconds"] = round(time.perf_counter() - t0, 2)

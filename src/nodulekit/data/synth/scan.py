@@ -18,6 +18,12 @@ from nodulekit.data.volume import CTVolume
 from nodulekit.errors import InputError
 
 UID_ROOT = "1.3.6.1.4.1.55555"
+# Raised whenever the same seed would draw different scans, so that a draw written by an older
+# generator is not reused as if it were this one's (synth.json's ``parameters.version``)
+GENERATOR_VERSION = 2
+# Scans of thinner slices are drawn as they are; thicker ones on sub-slices this far apart at most,
+# averaged into their slices (:func:`slice_samples`)
+SUB_SLICE_MM = 0.9
 
 
 @dataclass
@@ -98,25 +104,31 @@ def render_scan(seed: int, index: int, *, size: int = 512, max_slices: int | Non
         n = cap
         h_lo = 0.5 * an.H - (n - 1) * sz / 2
     fine = Grid((n, size, size), (ox, oy, an.z0 + h_lo), acq.spacing)
+    # the anatomy is drawn on sub-slices and each reconstructed slice is their mean: a slice
+    # sensitivity profile as wide as the spacing, which blurs what a thick slice cuts obliquely (a
+    # vessel becomes a faint smear, a small nodule a fainter blob) as a scanner's slices do
+    sub = slice_samples(sz)
+    g = fine if sub == 1 else Grid((n * sub, size, size), (ox, oy, an.z0 + h_lo - sz / 2 + sz / (2 * sub)),
+                                   (sx, sx, sz / sub))
     cs = max(2.5, fov / 128)
     ch_lo, ch_hi = min(h_lo, -50.0) - 6, max(h_lo + (n - 1) * sz, an.H + 50) + 6
     coarse = Grid((int((ch_hi - ch_lo) / 4.0) + 2, int((fov + 20) / cs) + 2, int((fov + 20) / cs) + 2),
                   (ox - 10, oy - 10, an.z0 + ch_lo), (cs, cs, 4.0))
     cf = CoarseFields(an, coarse, rng)
 
-    hu, lung = compose(an, cf, fine, table_slice(an, fine, rng))
+    hu, lung = compose(an, cf, g, table_slice(an, g, rng))
     ribs = skeleton.rib_paths(an, rng)
-    skeleton.render_ribs(hu, fine, ribs)
-    skeleton.render_spine(hu, fine, an, rng)
-    skeleton.render_sternum(hu, fine, an)
-    skeleton.render_scapulae(hu, fine, an, rng)
+    skeleton.render_ribs(hu, g, ribs)
+    skeleton.render_spine(hu, g, an, rng)
+    skeleton.render_sternum(hu, g, an)
+    skeleton.render_scapulae(hu, g, an, rng)
     hi = skeleton.hila(an)
     if lobar:
         hi.update(hila_mod.vein_roots(an, hi))
     blood, air, eso = skeleton.mediastinal_tubes(an, rng, [hi["vein_r_inf"], hi["vein_l_inf"]] if lobar else ())
     for s in eso:
-        paint(hu, fine, s, 35.0)
-    vessels.render_vessels(hu, fine, blood, an.blood_hu)
+        paint(hu, g, s, 35.0)
+    vessels.render_vessels(hu, g, blood, an.blood_hu)
 
     pts = cf.sample_points(rng, "lung", 2.0, np.inf, 5000)
     trees, airways = [], []
@@ -133,13 +145,13 @@ def render_scan(seed: int, index: int, *, size: int = 512, max_slices: int | Non
             trees += vessels.grow_tree(rng, hi[f"vein_{key}"], 6.5, own[k: 2 * k])
             airways += vessels.grow_tree(rng, hi[f"bronchus_{key}"], 4.5, own[2 * k: 2 * k + 24], min_radius=0.8)
     lung_blood = an.blood_hu * 0.6 + 20
-    vessels.render_vessels(hu, fine, trees, lung_blood)
+    vessels.render_vessels(hu, g, trees, lung_blood)
     nodes = hila_mod.lymph_nodes(rng, trees, airways, an.blood_hu) if lobar else []
     for seg, value in nodes:
-        paint(hu, fine, seg, value, mode="max")
-    vessels.render_airways(hu, fine, air + airways)
+        paint(hu, g, seg, value, mode="max")
+    vessels.render_airways(hu, g, air + airways)
 
-    labels = np.zeros(fine.shape, np.uint16)
+    labels = np.zeros(g.shape, np.uint16)
     z_range = (fine.origin[2], fine.origin[2] + (n - 1) * sz)
     specs, tiny = nod.sample_specs(rng)
     found, excluded, taken = [], [], []
@@ -147,20 +159,22 @@ def render_scan(seed: int, index: int, *, size: int = 512, max_slices: int | Non
         c = nod.place(rng, d, attached, cf, trees, z_range, taken)
         if c is None:
             continue
-        irc = nod.render(hu, labels, lung, fine, c, d, kind, rng, len(found) + 1)
+        irc = nod.render(hu, labels, lung, g, c, d, kind, rng, len(found) + 1)
         if irc is None:
             continue
         taken.append((c, d / 2))
-        found.append(nod.Nodule(tuple(float(v) for v in _world(fine, irc)), round(d, 2), kind, attached))
+        found.append(nod.Nodule(tuple(float(v) for v in _world(g, irc)), round(d, 2), kind, attached))
     for d, kind, attached in tiny:
         c = nod.place(rng, d, attached, cf, trees, z_range, taken)
         if c is not None:
-            nod.render(hu, labels, lung, fine, c, d, kind, rng, 0)
+            nod.render(hu, labels, lung, g, c, d, kind, rng, 0)
             taken.append((c, d / 2))
             excluded.append(nod.Nodule(tuple(float(v) for v in c), round(d, 2), kind, attached))
 
     negatives = _negatives(rng, cf, fine, trees, airways, ribs, found, excluded,
                            hilar=[n.p0 / 2 + n.p1 / 2 for n, _ in nodes] if lobar else None)
+    if sub > 1:
+        hu, labels = thick_slices(hu, labels, sub)
     blur_and_noise(hu, acq, rng)
     arr, origin, direction = flip_geometry(to_int16(hu), fine.origin, fine.spacing, fine.shape, flip_axis)
     labels, _, _ = flip_geometry(labels, fine.origin, fine.spacing, fine.shape, flip_axis)
@@ -169,8 +183,24 @@ def render_scan(seed: int, index: int, *, size: int = 512, max_slices: int | Non
     meta = {"index": index, "seriesuid": uid, "shape_zyx": list(arr.shape), "spacing_xyz": list(fine.spacing),
             "origin_xyz": list(origin), "flip": flip_axis, "noise_sd": round(acq.noise_sd, 2),
             "psf_sigma_px": round(acq.psf_sigma_px, 3), "contrast": bool(an.blood_hu > 100),
-            "nodules": len(found), "excluded": len(excluded), "negatives": len(negatives)}
+            "slice_samples": sub, "nodules": len(found), "excluded": len(excluded), "negatives": len(negatives)}
     return SyntheticScan(ct, labels, found, excluded, negatives, meta)
+
+
+def slice_samples(spacing_z: float) -> int:
+    """Sub-slices drawn per reconstructed slice: none below :data:`SUB_SLICE_MM`, else enough to
+    keep them at most that far apart."""
+    return max(1, int(np.ceil(spacing_z / SUB_SLICE_MM - 1e-6)))
+
+
+def thick_slices(hu: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each run of ``k`` sub-slices averaged into one slice; a voxel keeps a nodule's label when
+    at least half of its sub-slices hold it (the mask a reader would draw on the thick slice)."""
+    n = hu.shape[0] // k
+    hu = hu.reshape(n, k, *hu.shape[1:]).mean(axis=1, dtype=np.float32)
+    sub = labels.reshape(n, k, *labels.shape[1:])
+    keep = 2 * np.count_nonzero(sub, axis=1) >= k
+    return hu, np.where(keep, sub.max(axis=1), 0).astype(labels.dtype)
 
 
 def _world(grid: Grid, irc) -> np.ndarray:
