@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from nodulekit import demo
+from nodulekit.data.synth.scan import GENERATOR_VERSION
 from nodulekit.demo import DemoConfig, DemoStageError, StageResult, _synth
 
 
@@ -31,7 +32,8 @@ def test_synthetic_data_is_reused_only_with_the_same_parameters(tmp_path, monkey
         hilas.append(kw["hila"])
         out.mkdir(parents=True, exist_ok=True)
         summary = {"scans": n_scans}
-        params = {"seed": seed, "n_scans": n_scans, "size": kw["size"], "max_slices": kw["max_slices"]}
+        params = {"seed": seed, "n_scans": n_scans, "size": kw["size"], "max_slices": kw["max_slices"],
+                  "version": GENERATOR_VERSION}
         (out / "synth.json").write_text(json.dumps({"parameters": params, "summary": summary}))
         return summary
 
@@ -56,6 +58,18 @@ def test_synthetic_data_is_reused_only_with_the_same_parameters(tmp_path, monkey
     cfg.synth_hila = "lobar"
     _synth(cfg, data)
     assert len(calls) == 5 and hilas[-1] == "lobar"
+    cfg.synth_hila = "simple"  # the fake's synth.json has no "hila": read as the simple draw, reused
+    _synth(cfg, data)
+    assert len(calls) == 5
+    # a draw of an older generator (no version, or another one) is drawn again
+    for version in (None, GENERATOR_VERSION - 1):
+        doc = json.loads((data / "synth.json").read_text())
+        doc["parameters"]["version"] = version
+        (data / "synth.json").write_text(json.dumps(doc))
+        _synth(cfg, data)
+    assert len(calls) == 7
+    _synth(cfg, data)
+    assert len(calls) == 7
 
 
 def test_demo_holds_out_the_same_number_of_scans_whatever_its_size():
