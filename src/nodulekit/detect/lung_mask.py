@@ -118,8 +118,8 @@ def lung_mask(
     Returns:
         ``bool`` array of the shape of ``hu``; all False when no lung is found.
     """
-    return lung_masks(hu, spacing_xyz, threshold_hu=threshold_hu, min_lung_ml=min_lung_ml,
-                      dilate_mm=dilate_mm)[1]
+    _, dilated, step, shape = _work_masks(hu, spacing_xyz, threshold_hu, min_lung_ml, dilate_mm)
+    return _upsample(dilated, step, shape)
 
 
 def lung_masks(
@@ -133,6 +133,14 @@ def lung_masks(
     """``(lung, dilated)``: the lung mask of :func:`lung_mask` before and after its dilation, from
     one pass (the first is where aerated lung is, holes filled; the second where candidates may
     lie)."""
+    lung, dilated, step, shape = _work_masks(hu, spacing_xyz, threshold_hu, min_lung_ml, dilate_mm)
+    up = _upsample(lung, step, shape)
+    return up, (up if dilated is lung else _upsample(dilated, step, shape))
+
+
+def _work_masks(hu, spacing_xyz, threshold_hu: float, min_lung_ml: float, dilate_mm: float):
+    """``(lung, dilated, step, shape)``: both masks on the work grid (every ``step``-th pixel in
+    plane; all False when no lung is found), and the scan's shape to bring them back to."""
     hu = np.asarray(hu)
     full_shape = hu.shape
     spacing = _spacing_zyx(spacing_xyz)
@@ -145,8 +153,9 @@ def lung_masks(
     body = _body_mask(hu)
     air = (hu < threshold_hu) & body
     labels, n = ndimage.label(air)
+    none = np.zeros(hu.shape, dtype=bool)
     if n == 0:
-        return np.zeros(full_shape, dtype=bool), np.zeros(full_shape, dtype=bool)
+        return none, none, step, full_shape
 
     border = np.zeros(hu.shape, dtype=bool)
     border[:, 0, :] = border[:, -1, :] = border[:, :, 0] = border[:, :, -1] = True
@@ -155,11 +164,9 @@ def lung_masks(
     keep[0] = False
     keep[touching] = False
     if not keep.any():
-        return np.zeros(full_shape, dtype=bool), np.zeros(full_shape, dtype=bool)
+        return none, none, step, full_shape
     mask = fill_holes_per_slice(keep[labels])
-    dilated = _dilate(mask, dilate_mm, spacing) if dilate_mm > 0 else mask
-    lung = _upsample(mask, step, full_shape)
-    return lung, (lung if dilated is mask else _upsample(dilated, step, full_shape))
+    return mask, (_dilate(mask, dilate_mm, spacing) if dilate_mm > 0 else mask), step, full_shape
 
 
 def _upsample(mask: np.ndarray, step: int, full_shape: tuple[int, ...]) -> np.ndarray:
