@@ -89,12 +89,18 @@ def render(manifest: dict, froc: dict, real: dict, img_dir: Path, card: Path, de
         "",
         f"Independent synthetic draw (`make model-card`): {_froc_line(froc)}.",
     ]
+    used = real.get("settings", {})
+    if used.get("views", 1) > 1:
+        lines += ["", f"Detection here is `nodulekit detect`'s default: a candidate whose crop the classifier scores "
+                      f"at {used['views_from']:g} or more gets the mean over {used['views']} mirror images of the "
+                      "crop (`--views`)."]
     if demo_froc is not None:
         lines += ["", f"The demo's recipe (`make demo`, then `make froc-independent`) on the same draw: "
                       f"{_froc_line(demo_froc)}."]
     if seeds is not None:
         lines += _seeds_lines(seeds)
-    lines += ["", f"Held-out scans of the training draw: CPM {manifest['held_out']['cpm']:.3f} on "
+    lines += ["", f"Held-out scans of the training draw, when `make weights` built them: "
+                  f"CPM {manifest['held_out']['cpm']:.3f} on "
                   f"{manifest['held_out']['n_scans']} scans with {manifest['held_out']['n_nodules']} nodules.",
               "", "## Marks on real CT", "",
               f"Every mark above p = {threshold:g} on the two shared real series (`make model-card` runs `nodulekit "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -164,6 +166,55 @@ def test_classifier_crops_follow_the_runners_crop_spacing():
     np.testing.assert_allclose(seen[0][0, 0], expected, atol=0.01)
     native = cls_crop(ct.hu, ct.spacing, cand.center_irc, (32, 48, 48))
     assert not np.array_equal(expected, native) and cand.probability == pytest.approx(0.3)
+
+
+def test_classify_averages_mirror_images_of_likely_candidates():
+    """A candidate whose plain crop scores views_from or more gets the mean over the crop's mirror
+    images; one below it keeps its one view; views=1 is the plain crop alone."""
+    from nodulekit.detect.candidates import classify, flip_views
+    from nodulekit.detect.crops import cls_crops
+
+    ct = phantom_ct()
+    (nodule,) = detect_scan(ct, fake_seg, None)["candidates"]
+    z, y, x = nodule.center_irc
+    found = [nodule, dataclasses.replace(nodule, center_irc=(z, y + 6, x - 9))]  # and a place beside it
+    rng = np.random.default_rng(0)
+    ct.hu = (ct.hu + rng.normal(0, 30, ct.hu.shape)).astype(np.float32)  # no crop is symmetric
+    weights = rng.normal(size=(32, 48, 48)).astype(np.float32)  # ... nor the scoring: every view scores its own
+
+    class Runner:
+        crop_spacing = (1.25, 0.8, 0.8)
+        calls = 0
+
+        def __call__(self, x):
+            Runner.calls += 1
+            return 1 / (1 + np.exp(-(x[:, 0] * weights).sum(axis=(1, 2, 3)) * 1e-4))
+
+    x = cls_crops(ct.hu, ct.spacing, [c.center_irc for c in found], (32, 48, 48), Runner.crop_spacing)
+    plain = Runner()(x)
+    assert len({round(float(v), 4) for v in plain}) == 2
+    views = [Runner()(np.ascontiguousarray(np.flip(x, axis=a)) if a else x) for a in flip_views(8)]
+    assert len({round(float(v[0]), 6) for v in views}) == 8
+
+    for n in (1, 2, 4, 8):
+        cands = [copy.copy(c) for c in found]
+        classify(ct, cands, Runner(), views=n, views_from=0.0)
+        np.testing.assert_allclose([c.probability for c in cands], np.mean(views[:n], axis=0), rtol=1e-6)
+    # only the likelier candidate is scored again: the other keeps its plain crop's probability
+    cut = float(np.mean(plain))
+    cands = [copy.copy(c) for c in found]
+    classify(ct, cands, Runner(), views=8, views_from=cut)
+    hi = int(np.argmax(plain))
+    assert cands[hi].probability == pytest.approx(np.mean(views, axis=0)[hi], rel=1e-6)
+    assert cands[1 - hi].probability == pytest.approx(plain[1 - hi], rel=1e-6)
+    # ... and views_from above every plain score costs one pass only
+    Runner.calls = 0
+    classify(ct, [copy.copy(c) for c in found], Runner(), views=8, views_from=1.0)
+    assert Runner.calls == 1
+    with pytest.raises(ValueError, match="views"):
+        classify(ct, found, Runner(), views=3)
+    with pytest.raises(ValueError, match="views_from"):
+        classify(ct, found, Runner(), views_from=1.5)
 
 
 def test_specks_below_min_volume_are_dropped():

@@ -143,7 +143,10 @@ def test_the_model_card_shows_every_mark_above_the_threshold(tmp_path):
     assert "![mark 0](img/mc/444455556666_0.png)" in text
     assert (card.parent / "img" / "mc" / "444455556666_0.png").is_file()
     assert "CC BY 3.0" in text and "Not a medical device" in text and "synthetic CT only" in text
-    assert "make seeds" not in text
+    assert "make seeds" not in text and "mirror images" not in text
+    views = model_card.render(manifest, froc, {**real, "settings": {"views": 8, "views_from": 0.2}},
+                              card.parent / "img" / "mc", card, None, 0.5)
+    assert "scores at 0.2 or more gets the mean over 8 mirror images" in views
     seeds = {"base": "demo", "data_seed": 0, "independent": {"n_scans": 30, "n_nodules": 100},
              "recipes": [{"name": "demo", "overrides": {}, "cpm_mean": 0.558, "cpm_sd": 0.0172,
                           "seeds": [{"cpm": 0.561}, {"cpm": 0.573}, {"cpm": 0.539}]}]}

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from nodulekit import CLS_THRESHOLD, SEG_THRESHOLD
-from nodulekit.detect.candidates import (MIN_DIAMETER_MM, MIN_VOLUME_MM3, borders_lung, classify, clean_mask,
+from nodulekit.detect.candidates import (MIN_DIAMETER_MM, MIN_VOLUME_MM3, VIEW_COUNTS, VIEWS, VIEWS_FROM, borders_lung,
+                                         classify, clean_mask,
                                          find_candidates, segment_slices)
 from nodulekit.detect.lung_mask import lung_masks, lung_volume_ml
 from nodulekit.errors import InputError
@@ -68,7 +69,7 @@ class _Checked:
 
 def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = SEG_THRESHOLD, batch_size: int = 4,
                 min_volume_mm3: float = MIN_VOLUME_MM3, min_diameter_mm: float = MIN_DIAMETER_MM,
-                progress: bool = False) -> dict:
+                views: int = VIEWS, views_from: float = VIEWS_FROM, progress: bool = False) -> dict:
     """Detect nodule candidates in one scan and classify them.
 
     Args:
@@ -81,6 +82,8 @@ def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = SEG_THRESH
         min_volume_mm3: smallest component kept as a candidate.
         min_diameter_mm: smallest volume-equivalent diameter of a candidate (one blob of a split
             component included).
+        views, views_from: a candidate whose crop scores ``views_from`` or more is scored as the
+            mean over ``views`` mirror images of it (:func:`~nodulekit.detect.candidates.classify`).
         progress: show a progress bar over the segmented slices.
 
     Returns:
@@ -118,7 +121,7 @@ def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = SEG_THRESH
 
     if cls_runner is not None:
         t = time.perf_counter()
-        classify(ct, candidates, cls_runner, timings=timings)
+        classify(ct, candidates, cls_runner, views=views, views_from=views_from, timings=timings)
         timings["classification"] = time.perf_counter() - t
     return {
         "candidates": candidates,
@@ -173,6 +176,8 @@ def run_detection(
     threads: int = 2,
     min_volume_mm3: float = MIN_VOLUME_MM3,
     min_diameter_mm: float = MIN_DIAMETER_MM,
+    views: int = VIEWS,
+    views_from: float = VIEWS_FROM,
     png: bool = True,
     max_png: int | None = None,
     progress: bool | None = None,
@@ -201,6 +206,8 @@ def run_detection(
         threads: CPU threads of the runtimes.
         min_volume_mm3: smallest segmented component kept as a candidate.
         min_diameter_mm: smallest candidate's volume-equivalent diameter.
+        views: mirror images of a likely candidate's crop the classifier averages (1, 2, 4 or 8).
+        views_from: classifier probability of the plain crop from which ``views`` are averaged.
         png: write ``png/<uid>_<k>.png`` for each nodule above ``threshold``.
         max_png: draw at most this many per scan, the most probable first (None: all).
         progress: progress bars; default: when stderr is a terminal.
@@ -228,6 +235,10 @@ def run_detection(
     from nodulekit.deploy.runtime import load_cls_runner, load_seg_runner
 
     _check_options(threshold, seg_threshold, batch_size, threads, min_volume_mm3, max_png, min_diameter_mm)
+    if views not in VIEW_COUNTS:
+        raise ValueError(f"views must be one of {VIEW_COUNTS}, got {views}")
+    if not (math.isfinite(views_from) and 0.0 <= views_from <= 1.0):
+        raise ValueError(f"views_from must lie in [0, 1], got {views_from}")
     if seg is None or cls is None:
         from nodulekit.models.shipped import shipped_model
 
@@ -270,7 +281,7 @@ def run_detection(
             try:
                 res = detect_scan(ct, seg_runner, cls_runner, seg_threshold=seg_threshold, batch_size=batch_size,
                                   min_volume_mm3=min_volume_mm3, min_diameter_mm=min_diameter_mm,
-                                  progress=progress)
+                                  views=views, views_from=views_from, progress=progress)
             except Exception as exc:  # noqa: BLE001 - one scan a runtime cannot take must not stop the batch
                 what = str(exc) if isinstance(exc, NonFiniteOutput) else f"{type(exc).__name__}: {exc}"
                 msg = " ".join(f"{item}: {what}".split())
@@ -322,7 +333,7 @@ def run_detection(
         summary = _summary(scans, failed, total_s, csv_path, json_path, seg=str(seg), cls=str(cls), backend=backend,
                            cls_backend=cls_backend, cls_int8=cls_int8, threshold=threshold, seg_threshold=seg_threshold,
                            batch_size=batch_size, threads=threads, min_volume_mm3=min_volume_mm3,
-                           min_diameter_mm=min_diameter_mm, max_png=max_png)
+                           min_diameter_mm=min_diameter_mm, views=views, views_from=views_from, max_png=max_png)
         summary["written"] = bool(scans) or not earlier
         if summary["written"]:
             _commit(out_dir, staging, rows, {**summary, "scans": scans})
