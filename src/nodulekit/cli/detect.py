@@ -84,7 +84,8 @@ def run(args) -> int:
         seg_threshold=args.seg_threshold, batch_size=args.batch_size, threads=args.threads,
         min_volume_mm3=MIN_VOLUME_MM3 if args.min_volume is None else args.min_volume,
         min_diameter_mm=MIN_DIAMETER_MM if args.min_diameter is None else args.min_diameter,
-        views=args.views, views_from=args.views_from, png=not args.no_png, max_png=args.max_png, progress=False if args.no_progress else None,
+        views=args.views, views_from=args.views_from, png=not args.no_png, max_png=args.max_png,
+        progress=False if args.no_progress else None,
         allow_external_data=args.allow_external_data, html=args.html, dicom_seg=args.dicom_seg,
         dicom_sr=args.dicom_sr, nifti=args.nifti,
     )

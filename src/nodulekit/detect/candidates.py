@@ -531,8 +531,8 @@ def classify(ct, candidates: list[Finding], runner: Callable[[np.ndarray], np.nd
     A candidate the plain crop scores at ``views_from`` or more is scored again on the crop's
     mirror images (:func:`flip_views`), and its probability is the mean over the ``views``. The
     classifier's errors on one view are partly its own noise, which the mean averages out;
-    the candidates below ``views_from`` are left with one view, which keeps the cost near a
-    quarter of scoring every view of every candidate.
+    the candidates below ``views_from`` are left with one view, which keeps the cost at about a
+    third of scoring every view of every candidate.
     ``timings`` (a dict) gets ``crops`` and ``cls_network``, seconds spent cutting and running.
 
     What bounds this stage is the classifier's 3D convolutions: about 0.3 GMAC a crop, on a

@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from nodulekit import CLS_THRESHOLD, SEG_THRESHOLD
-from nodulekit.detect.candidates import (MIN_DIAMETER_MM, MIN_VOLUME_MM3, VIEW_COUNTS, VIEWS, VIEWS_FROM, borders_lung,
-                                         classify, clean_mask,
-                                         find_candidates, segment_slices)
+from nodulekit.detect.candidates import (MIN_DIAMETER_MM, MIN_VOLUME_MM3, VIEW_COUNTS, VIEWS, VIEWS_FROM,
+                                         borders_lung, classify, clean_mask, find_candidates, segment_slices)
 from nodulekit.detect.lung_mask import lung_masks, lung_volume_ml
 from nodulekit.errors import InputError
 from nodulekit.log import get_logger
