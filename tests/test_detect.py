@@ -217,6 +217,13 @@ def test_classify_averages_mirror_images_of_likely_candidates():
         classify(ct, found, Runner(), views_from=1.5)
 
 
+def test_run_detection_refuses_bad_views_before_any_scan(tmp_path):
+    for views, views_from in ((3, 0.2), (8, float("nan")), (8, 1.5)):
+        with pytest.raises(ValueError, match="views"):
+            run_detection([tmp_path / "none.mhd"], None, None, tmp_path / "out", views=views, views_from=views_from)
+    assert not (tmp_path / "out").exists()
+
+
 def test_specks_below_min_volume_are_dropped():
     ct = phantom_ct()
     ct.hu[14, 56, 80] = 0  # one voxel (25 mm^3) in the left lung

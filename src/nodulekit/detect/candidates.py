@@ -510,6 +510,15 @@ def _peaks(depth: np.ndarray, spacing_zyx: np.ndarray, *, min_radius_mm: float =
     return [(tuple(float(v) for v in centers[i]), float(radii[i])) for i in kept]
 
 
+def check_views(views: int, views_from: float) -> None:
+    """Raise ValueError unless ``views`` is one of :data:`VIEW_COUNTS` and ``views_from`` a
+    probability: :func:`classify`'s own check, which a batch runs before its first scan."""
+    if views not in VIEW_COUNTS:
+        raise ValueError(f"views must be one of {VIEW_COUNTS}, got {views!r}")
+    if not (math.isfinite(views_from) and 0.0 <= views_from <= 1.0):
+        raise ValueError(f"views_from must be a probability in [0, 1], got {views_from!r}")
+
+
 def flip_views(n: int) -> list[tuple[int, ...]]:
     """The first ``n`` of the 8 mirror images of a ``(N, C, D, H, W)`` crop, as the axes each flips:
     the crop itself, then across the slices, the rows and the columns, then their pairs and all three."""
@@ -542,9 +551,8 @@ def classify(ct, candidates: list[Finding], runner: Callable[[np.ndarray], np.nd
 
     from nodulekit.detect.crops import cls_crops
 
+    check_views(views, views_from)
     flips = flip_views(views)[1:]
-    if not 0.0 <= views_from <= 1.0:
-        raise ValueError(f"views_from must be a probability in [0, 1], got {views_from!r}")
     spacing, context = getattr(runner, "crop_spacing", None), getattr(runner, "context", None)
 
     def run(x: np.ndarray) -> np.ndarray:

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from nodulekit import CLS_THRESHOLD, SEG_THRESHOLD
-from nodulekit.detect.candidates import (MIN_DIAMETER_MM, MIN_VOLUME_MM3, VIEW_COUNTS, VIEWS, VIEWS_FROM,
-                                         borders_lung, classify, clean_mask, find_candidates, segment_slices)
+from nodulekit.detect.candidates import (MIN_DIAMETER_MM, MIN_VOLUME_MM3, VIEWS, VIEWS_FROM, borders_lung,
+                                         check_views, classify, clean_mask, find_candidates, segment_slices)
 from nodulekit.detect.lung_mask import lung_masks, lung_volume_ml
 from nodulekit.errors import InputError
 from nodulekit.log import get_logger
@@ -234,10 +234,7 @@ def run_detection(
     from nodulekit.deploy.runtime import load_cls_runner, load_seg_runner
 
     _check_options(threshold, seg_threshold, batch_size, threads, min_volume_mm3, max_png, min_diameter_mm)
-    if views not in VIEW_COUNTS:
-        raise ValueError(f"views must be one of {VIEW_COUNTS}, got {views}")
-    if not (math.isfinite(views_from) and 0.0 <= views_from <= 1.0):
-        raise ValueError(f"views_from must lie in [0, 1], got {views_from}")
+    check_views(views, views_from)  # here, not in the scan loop, which reports a scan's error and goes on
     if seg is None or cls is None:
         from nodulekit.models.shipped import shipped_model
 
