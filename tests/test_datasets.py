@@ -128,6 +128,23 @@ def test_augment_is_seedable_and_3d():
         RandAffine(shift=-1)
 
 
+@pytest.mark.parametrize("flip_slices", [False, True])
+def test_augment_mirrors_the_slices_only_when_asked(flip_slices):
+    # every slice holds its own value, so a pure flip shows in the order of the slices
+    x = torch.arange(6.0)[:, None, None].expand(6, 8, 8).repeat(32, 1, 1, 1, 1) * 100 - 300
+    aug = RandAffine(flip=False, shift=0, scale=0, rotate_deg=0, noise_hu=0, flip_slices=flip_slices)
+    out = aug(x, generator=torch.Generator().manual_seed(0))
+    mirrored = torch.tensor([torch.allclose(o, torch.flip(i, dims=[1]), atol=1e-2) for o, i in zip(out, x)])
+    kept = torch.tensor([torch.allclose(o, i, atol=1e-2) for o, i in zip(out, x)])
+    assert bool((mirrored | kept).all())
+    assert int(mirrored.sum()) in (range(5, 28) if flip_slices else [0])  # about half of 32 when asked
+    # without it, a seeded run draws exactly the transforms it drew before the option
+    theta = RandAffine().randomize(5, 3, torch.Generator().manual_seed(1))
+    assert torch.equal(RandAffine(flip_slices=False).randomize(5, 3, torch.Generator().manual_seed(1)), theta)
+    # 2D batches have no slice axis to mirror
+    assert RandAffine(flip_slices=True).randomize(4, 2, torch.Generator().manual_seed(1)).shape == (4, 2, 3)
+
+
 def test_augment_is_one_interpolation_per_batch(monkeypatch):
     # what keeps augmentation cheap: the whole batch (image and label) goes through a single
     # grid_sample call, whatever the batch size; speed itself is measured by benchmarks, not here

@@ -147,6 +147,18 @@ def test_a_recipe_may_give_the_classifier_a_context_channel():
             parse_recipe(bad)
 
 
+def test_a_recipe_may_mirror_the_slices_and_average_the_classifiers_weights():
+    assert parse_recipe("z:cls_flip_slices=on,cls_ema=0.99") == ("z", {"cls_flip_slices": True, "cls_ema": 0.99})
+    assert parse_recipe("z:cls_flip_slices=off") == ("z", {"cls_flip_slices": False})
+    settings = replace(demo.DemoConfig(), cls_flip_slices=True, cls_ema=0.99).cls_settings()
+    assert (settings["flip_slices"], settings["ema"]) == (True, 0.99)
+    # left out, they leave the settings (and so the cached runs' keys) as they were
+    assert not {"flip_slices", "ema"} & set(demo.DemoConfig().cls_settings())
+    for bad in ("a:cls_flip_slices=1", "a:cls_ema=x"):
+        with pytest.raises(Exception, match="--recipe"):
+            parse_recipe(bad)
+
+
 def test_a_recipe_may_set_the_segmentations_false_negative_weight():
     from nodulekit.demo import DemoConfig
     from nodulekit.errors import InputError

@@ -72,6 +72,46 @@ def test_norm_run_saves_the_dlwpt_layout_and_resumes(synth_data, tmp_path):
     assert load_cls_model(tmp_path / "run" / "cls.pt")[0].norm is False
 
 
+def test_a_weight_average_is_validated_saved_and_resumed(synth_data, tmp_path, monkeypatch):
+    import torch
+
+    import nodulekit.train.cls as cls_module
+    from nodulekit.train.cls import ClsTrainConfig, train_cls
+
+    scored = []
+    real_scorer = cls_module.fast_scorer
+
+    def spy(model, device="cpu"):
+        scored.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_scorer(model, device)
+
+    monkeypatch.setattr(cls_module, "fast_scorer", spy)
+    cfg = dict(data=str(synth_data), out=str(tmp_path / "run"), epochs=1, steps_per_epoch=3, batch_size=4,
+               val_max_negatives=20, progress=False, cache_dir=str(tmp_path / "cache"), ema=0.5,
+               flip_slices=True, hard_pool=0)
+    train_cls(ClsTrainConfig(**cfg))
+    last = read_checkpoint(tmp_path / "run" / "cls_last.pt")
+    average = {k[len("module."):]: v for k, v in last["ema_state"].items() if k.startswith("module.")}
+    assert int(last["ema_state"]["n_averaged"]) == 3  # one update per step
+    # validation scored the average, not the weights the optimizer left
+    assert len(scored) == 1 and all(torch.equal(scored[0][k], v) for k, v in average.items())
+    assert not all(torch.equal(last["model_state"][k], v) for k, v in average.items())
+    # cls.pt holds the average with its batch norms merged, as the detector loads it
+    from nodulekit.models.classifier import LunaModel
+
+    merged = LunaModel(norm=True)
+    merged.load_state_dict(average)
+    merged.crop_spacing = None
+    saved = read_checkpoint(tmp_path / "run" / "cls.pt")["model_state"]
+    assert all(torch.allclose(saved[k], v) for k, v in merged.eval().folded().state_dict().items())
+    assert read_checkpoint(tmp_path / "run" / "cls.pt")["config"]["flip_slices"] is True
+    result = train_cls(ClsTrainConfig(**{**cfg, "epochs": 2, "resume": True}))
+    assert [r["epoch"] for r in result["history"]] == [1, 2]
+    assert int(read_checkpoint(tmp_path / "run" / "cls_last.pt")["ema_state"]["n_averaged"]) == 6
+    with pytest.raises(ValueError, match="ema"):
+        train_cls(ClsTrainConfig(**{**cfg, "out": str(tmp_path / "x"), "ema": 1.0}))
+
+
 def test_keep_last_epoch_with_detector_negatives(synth_data, tmp_path, monkeypatch):
     import nodulekit.train.cls as cls_module
     from nodulekit.data.luna import candidates_table, read_candidates, write_candidates

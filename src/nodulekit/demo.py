@@ -75,6 +75,8 @@ class DemoConfig:
     cls_hard_pool: int | None = 512
     cls_steps: int | None = None  # ClsTrainConfig.steps_per_epoch
     cls_context: float | None = None  # ClsTrainConfig.context: one channel, as dlwpt
+    cls_flip_slices: bool | None = None  # ClsTrainConfig.flip_slices
+    cls_ema: float | None = None  # ClsTrainConfig.ema
     cls_val_negatives: int | None = 1000  # ClsTrainConfig.val_max_negatives: half, for a faster validation
     mine_slices: int | None = 24  # middle slices of each training scan the segmentation mines
     # StudyConfig.finetune_epochs and finetune_samples_per_epoch (in steps): the pruned model
@@ -127,7 +129,8 @@ class DemoConfig:
                 # batches as without it)
                 "workers": 1,
                 **_given(steps_per_epoch=self.cls_steps, val_max_negatives=self.cls_val_negatives,
-                         hard_pool=self.cls_hard_pool, context=self.cls_context)}
+                         hard_pool=self.cls_hard_pool, context=self.cls_context,
+                         flip_slices=self.cls_flip_slices, ema=self.cls_ema)}
 
     def study_settings(self) -> dict:
         """``StudyConfig`` arguments of the demo's compression study (but ``rknn``, which depends on

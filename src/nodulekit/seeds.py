@@ -73,7 +73,7 @@ def parse_recipe(text: str) -> tuple[str, dict]:
         if key in WORD_FIELDS:
             if value not in WORD_FIELDS[key]:
                 raise InputError("--recipe", f"{item!r}: expected one of {', '.join(WORD_FIELDS[key])}")
-            overrides[key] = value
+            overrides[key] = {"on": True, "off": False}.get(value, value)
             continue
         real = key in REAL_FIELDS
         try:
@@ -90,9 +90,9 @@ def parse_recipe(text: str) -> tuple[str, dict]:
 # their number, so that the recipes differ in nothing else)
 RECIPE_FIELDS = ("seg_epochs", "seg_steps", "seg_val_every", "seg_fn_weight", "cls_epochs", "cls_detector_from",
                  "cls_detector_every", "cls_hard_pool", "cls_steps", "cls_val_negatives", "mine_slices",
-                 "cls_context", "synth_hila")
-REAL_FIELDS = ("cls_context", "seg_fn_weight")
-WORD_FIELDS = {"synth_hila": ("simple", "lobar")}  # nodulekit.data.synth.hila.HILA, without importing the generator
+                 "cls_context", "cls_flip_slices", "cls_ema", "synth_hila")
+REAL_FIELDS = ("cls_context", "cls_ema", "seg_fn_weight")
+WORD_FIELDS = {"synth_hila": ("simple", "lobar"), "cls_flip_slices": ("on", "off")}  # nodulekit.data.synth.hila.HILA, without importing the generator
 
 
 def base_config(base: str, out: Path):

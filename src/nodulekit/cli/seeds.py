@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def add_parser(sub):
     from nodulekit.cli._config import number_type, output_folder
-    from nodulekit.seeds import BASES, DATA_SEED, RECIPE_FIELDS
+    from nodulekit.seeds import BASES, DATA_SEED, REAL_FIELDS, RECIPE_FIELDS, WORD_FIELDS
 
     p = sub.add_parser(
         "seeds",
@@ -19,8 +19,9 @@ def add_parser(sub):
                                        "seriesuids.csv (make froc-independent generates runs/independent/data)")
     p.add_argument("--recipe", action="append", default=None, metavar="NAME[:FIELD=VALUE,...]",
                    help="a recipe to judge, repeatable (default: the base alone, named after it); fields: "
-                        + ", ".join(RECIPE_FIELDS) + " (whole numbers; cls_context and seg_fn_weight real numbers; "
-                        "synth_hila simple or lobar)")
+                        + ", ".join(RECIPE_FIELDS) + " (whole numbers; " + " and ".join(REAL_FIELDS)
+                        + " real numbers; " + "; ".join(f"{k} {' or '.join(v)}" for k, v in WORD_FIELDS.items())
+                        + ")")
     p.add_argument("--base", choices=BASES, default="demo", help="recipe the overrides start from (default: demo)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     p.add_argument("--data-seed", type=int, default=DATA_SEED,

@@ -46,6 +46,9 @@ class RandAffine:
 
     Attributes:
         flip: mirror each in-plane axis (row, col) with probability 0.5.
+        flip_slices: 3D only: mirror the index (slice) axis with probability 0.5 too. A nodule or a
+            vessel looks the same from head or feet; off by default so that a seeded run draws the
+            same transforms as before the option.
         shift: largest translation, as a fraction of the side (0.1 = 10 %).
         scale: largest relative zoom in or out (0.2 = 0.8x to 1.2x), the same on every axis.
         rotate_deg: largest in-plane rotation in degrees (180 = any angle).
@@ -57,6 +60,7 @@ class RandAffine:
     scale: float = 0.2
     rotate_deg: float = 180.0
     noise_hu: float = 25.0
+    flip_slices: bool = False
 
     def __post_init__(self):
         for name in ("shift", "scale", "rotate_deg", "noise_hu"):
@@ -76,6 +80,8 @@ class RandAffine:
             signs = torch.where(torch.rand(n, 2, generator=generator) < 0.5, -1.0, 1.0)
             theta[:, 0, 0] = signs[:, 0]
             theta[:, 1, 1] = signs[:, 1]
+        if self.flip_slices and ndim == 3:
+            theta[:, 2, 2] = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
         angle = uniform(n) * math.radians(self.rotate_deg)
         cos, sin = torch.cos(angle), torch.sin(angle)
         rot = torch.eye(ndim).repeat(n, 1, 1)

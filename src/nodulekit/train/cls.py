@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from nodulekit.data.augment import RandAffine
@@ -41,6 +42,8 @@ class ClsTrainConfig(TrainConfig):
     out: str = setting("runs/cls", "run folder (cls.pt, cls_last.pt, log.csv, tb/, roc.png, summary.json)")
     steps_per_epoch: int = setting(60, "optimizer steps per epoch (per process under DDP)", check=POSITIVE)
     lr: float = setting(1e-3, "peak Adam learning rate (warm-up, then cosine decay)", check=POSITIVE)
+    # a candidate looks the same from head or feet, and detection scores its slice-mirrored crop too
+    flip_slices: bool = setting(False, "the augmentation also mirrors the crops across the slices")
     augment_scale: float = setting(0.2, "largest relative zoom of the augmentation (0.2: content 0.83x to 1.25x "
                                         "its size)", check=FRACTION)
     crop_spacing: tuple[float, float, float] | None = setting(
@@ -80,6 +83,11 @@ class ClsTrainConfig(TrainConfig):
     # a few dozen listed nodules show too few small ones on vessels and at the pleura to learn them
     insert_share: float = setting(0.5, "share of the positives that are synthetic nodules inserted at non-nodule "
                                        "candidates (nodulekit.data.insert; 0: listed nodules only)", check=SHARE)
+    # the weights of the last steps differ by the batches they last saw; their running mean
+    # scores like a small ensemble of them at the cost of one model
+    ema: float | None = setting(None, "keep an exponential moving average of the weights, with this decay per step "
+                                      "(0.99: about the last 100 steps), and validate and save it instead of the "
+                                      "weights themselves; 0 or unset: off", check=FRACTION, zero_is_none=True)
     # without normalization the plain convolutions sit at chance for the first epochs at some seeds
     norm: bool = setting(True, "batch norm after every convolution while training; the checkpoints hold it "
                                "merged into the convolutions (dlwpt's layout), except cls_last.pt, which resumes "
@@ -255,6 +263,8 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
 
     if cfg.keep not in KEEP:
         raise ValueError(f"keep must be 'best' or 'last', got {cfg.keep!r}")
+    if cfg.ema is not None and not 0 <= cfg.ema < 1:
+        raise ValueError(f"ema must be in [0, 1), got {cfg.ema}")
     t_start = time.perf_counter()
     ctx = init_distributed(cfg.device)
     dev = ctx.device
@@ -289,9 +299,14 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
             model = LunaModel(norm=cfg.norm, context=context)
         model = model.to(dev, memory_format=CHANNELS_LAST)
         model.crop_spacing = None if cfg.crop_spacing is None else tuple(float(v) for v in cfg.crop_spacing)
+        # the batch norms' running statistics are averaged with the weights
+        ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+               if cfg.ema else None)
+        kept = model if ema is None else ema.module  # what is validated and saved as cls.pt
         net = wrap_model(model, ctx)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        aug = (RandAffine(flip=True, shift=0.1, scale=cfg.augment_scale, rotate_deg=180.0, noise_hu=25.0)
+        aug = (RandAffine(flip=True, shift=0.1, scale=cfg.augment_scale, rotate_deg=180.0, noise_hu=25.0,
+                          flip_slices=cfg.flip_slices)
                if cfg.augment else None)
         # a context channel spans `context` times the field of view: shifted by as many mm, not voxels
         fov = None if context is None else (1.0, context)
@@ -308,6 +323,10 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
             ck = read_checkpoint(out / "cls_last.pt")
             model.load_state_dict(ck["model_state"])
             opt.load_state_dict(ck["optimizer_state"])
+            if ema is not None:
+                if "ema_state" not in ck:
+                    raise InputError(out / "cls_last.pt", "holds no weight average to resume with --ema")
+                ema.load_state_dict(ck["ema_state"])
             start, history, best = int(ck["epoch"]), list(ck.get("history", [])), ck.get("best_auc")
             _runlog.set_rng_state(ck.get("rng"))
             log.info("resuming %s at epoch %d of %d", out / "cls_last.pt", start + 1, cfg.epochs)
@@ -347,12 +366,14 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if ema is not None:
+                    ema.update_parameters(model)
                 loss_sum += loss.item()
             row = {"epoch": epoch + 1, "loss": mean_across(loss_sum / steps, ctx), "lr": opt.param_groups[0]["lr"],
                    "train_s": time.perf_counter() - t0}
             labels = probs = None
             if ctx.is_main and ((epoch + 1) % max(1, cfg.val_every) == 0 or epoch + 1 == cfg.epochs):
-                labels, probs = predict_cls(fast_scorer(model, dev), val_ds, device=dev)
+                labels, probs = predict_cls(fast_scorer(kept, dev), val_ds, device=dev)
                 row.update(cls_metrics(labels, probs, recall_target=cfg.recall_target))
             row["seconds"] = time.perf_counter() - t0
             row = _runlog.clean_row(row)
@@ -370,11 +391,12 @@ def train_cls(cfg: ClsTrainConfig) -> dict:
             if writes:
                 meta = {"epoch": epoch + 1, "metrics": row, "config": config}
                 if improved or cfg.keep == "last":
-                    save_cls_checkpoint(out / "cls.pt", model.folded(), **meta)
+                    save_cls_checkpoint(out / "cls.pt", kept.folded(), **meta)
                     if labels is not None:
                         save_roc_png(out / "roc.png", labels, probs)
                 save_cls_checkpoint(out / "cls_last.pt", model, **meta, optimizer_state=opt.state_dict(),
-                                    history=history, best_auc=best, rng=_runlog.rng_state())
+                                    history=history, best_auc=best, rng=_runlog.rng_state(),
+                                    **({} if ema is None else {"ema_state": ema.state_dict()}))
                 _runlog.write_csv(out / "log.csv", history)
                 tb.scalars(row, epoch + 1, prefix="cls/")
             barrier(ctx)
