@@ -114,6 +114,66 @@ def test_weights_cli_refuses_a_split_with_nothing_to_train_on(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+def test_a_run_left_uninstalled_records_itself_beside_its_models(tmp_path, monkeypatch):
+    import json
+
+    from nodulekit import demo
+    from nodulekit.demo import StageResult
+    from nodulekit.release import RUN_INFO, ReleaseConfig, build_weights, install_run
+
+    # the stages stand in (training is what the demo's tests cover): each hands back what the next reads
+    pair = {kind: shipped.shipped_model(kind) for kind in ("seg", "cls")}
+    monkeypatch.setattr(demo, "data_stage", lambda cfg, out: StageResult({}, {"data": out}))
+    monkeypatch.setattr(demo, "train_seg_stage", lambda cfg, out, files: StageResult(
+        {"best": {"dice": 0.5}}, {"checkpoint": pair["seg"]}))
+    monkeypatch.setattr(demo, "mine_stage", lambda cfg, out, files, ckpt: StageResult({}, {"candidates": out}))
+    monkeypatch.setattr(demo, "train_cls_stage", lambda cfg, out, files, cands: StageResult(
+        {"best": {"auc": 0.9}}, {"checkpoint": pair["cls"]}))
+    monkeypatch.setattr(demo, "detect_stage", lambda cfg, out, files, models: StageResult({}, {"csv": out}))
+    monkeypatch.setattr(demo, "evaluate_stage", lambda out, files, csv: StageResult(
+        {"cpm": 0.8, "n_scans": 4, "n_nodules": 12}, {}))
+    out = tmp_path / "run"
+    info = build_weights(ReleaseConfig(out=str(out), install=False, seed=7))
+    record = json.loads((out / RUN_INFO).read_text())
+    assert record.pop("checkpoints") == {kind: str(path.resolve()) for kind, path in pair.items()}
+    assert record == json.loads(json.dumps(info))
+    assert info["recipe"]["seed"] == 7 and info["held_out"]["cpm"] == 0.8 and info["training"]["cls"] == {"auc": 0.9}
+    doc = install_run(out, tmp_path / "pkg")
+    assert doc["recipe"]["seed"] == 7 and doc["files"]["seg"]["sha256"] == shipped.sha256(pair["seg"])
+
+
+def test_a_judged_run_installs_as_it_was_trained(tmp_path, capsys):
+    import json
+    import shutil
+
+    from nodulekit.cli import main
+    from nodulekit.release import RUN_INFO, install_run
+
+    run = tmp_path / "run"
+    (run / "models").mkdir(parents=True)
+    with pytest.raises(InputError, match="weights.json.*not the folder of a finished"):
+        install_run(run, tmp_path / "pkg")
+    info = {"recipe": {"command": "make weights", "seed": 101}, "seconds": 1200.0,
+            "held_out": {"cpm": 0.9, "n_scans": 4, "n_nodules": 12}}
+    (run / RUN_INFO).write_text(json.dumps(info))
+    with pytest.raises(InputError, match="holds no recipe and checkpoints"):
+        install_run(run, tmp_path / "pkg")
+    checkpoints = {kind: str(run / "models" / f"{kind}.pt") for kind in ("seg", "cls")}
+    (run / RUN_INFO).write_text(json.dumps({**info, "checkpoints": checkpoints}))
+    with pytest.raises(InputError, match="seg.pt.*checkpoint is gone"):
+        install_run(run, tmp_path / "pkg")
+    for kind in ("seg", "cls"):
+        shutil.copyfile(shipped.shipped_model(kind), checkpoints[kind])
+    doc = install_run(run, tmp_path / "pkg")
+    on_disk = json.loads((tmp_path / "pkg" / shipped.MANIFEST).read_text())
+    assert on_disk == doc and doc["recipe"] == info["recipe"] and doc["held_out"] == info["held_out"]
+    assert doc["files"]["cls"]["sha256"] == shipped.sha256(run / "models" / "cls.pt")
+    (run / RUN_INFO).write_text("{not json")
+    assert main(["weights", "--install-from", str(run)]) != 0
+    err = capsys.readouterr().err
+    assert "weights.json" in err and "unreadable run record" in err and "Traceback" not in err
+
+
 def test_the_model_card_shows_every_mark_above_the_threshold(tmp_path):
     import sys
 

@@ -20,6 +20,7 @@ from nodulekit.log import get_logger
 log = get_logger("release")
 
 RELEASE_SEED = 100  # a draw of its own: the demo (seed 0) and the independent draw (seed 1) stay unseen
+RUN_INFO = "weights.json"  # a run's record in its folder: what the manifest holds but the files
 
 
 @dataclass
@@ -64,6 +65,7 @@ def build_weights(cfg: ReleaseConfig) -> dict:
     """Train, check and (with ``cfg.install``) install the shipped weights. Returns the manifest
     written (or that would be written)."""
     from nodulekit import demo as D
+    from nodulekit.io import write_json
     from nodulekit.models.shipped import WEIGHTS_DIR, install_weights
 
     out = Path(cfg.out)
@@ -96,8 +98,43 @@ def build_weights(cfg: ReleaseConfig) -> dict:
         "created": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     log.info("weights trained in %.0f s; held-out CPM %.3f", seconds, info["held_out"]["cpm"] or float("nan"))
+    # beside the pair it describes, so that a run judged after training can be installed as it is
+    # (install_run)
+    write_json(out / RUN_INFO, {**info, "checkpoints": {"seg": str(Path(seg.files["checkpoint"]).resolve()),
+                                                       "cls": str(Path(cls.files["checkpoint"]).resolve())}})
     if not cfg.install:
         return info
     doc = install_weights(seg.files["checkpoint"], cls.files["checkpoint"], info)
     log.info("installed into %s", WEIGHTS_DIR)
+    return doc
+
+
+def install_run(out: str | Path, folder: str | Path | None = None) -> dict:
+    """Install the pair a finished :func:`build_weights` run left in ``out`` (its record,
+    ``weights.json``, names the checkpoints) into ``folder`` (default: the package's), as that run
+    would have with ``install``. Returns the manifest written."""
+    import json
+
+    from nodulekit.errors import InputError
+    from nodulekit.models.shipped import WEIGHTS_DIR, install_weights
+
+    out = Path(out)
+    record = out / RUN_INFO
+    if not record.is_file():
+        raise InputError(record, "missing: not the folder of a finished `nodulekit weights` run")
+    try:
+        info = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(record, f"unreadable run record ({exc})") from None
+    checkpoints = info.pop("checkpoints", None) if isinstance(info, dict) else None
+    if not (isinstance(info, dict) and isinstance(info.get("recipe"), dict) and isinstance(checkpoints, dict)
+            and all(isinstance(checkpoints.get(k), str) for k in ("seg", "cls"))):
+        raise InputError(record, "holds no recipe and checkpoints: not written by `nodulekit weights`")
+    pair = [Path(checkpoints[kind]) for kind in ("seg", "cls")]
+    for path in pair:
+        if not path.is_file():
+            raise InputError(path, "missing: the run's checkpoint is gone")
+    folder = WEIGHTS_DIR if folder is None else Path(folder)
+    doc = install_weights(*pair, info, folder)
+    log.info("installed %s into %s", out, folder)
     return doc

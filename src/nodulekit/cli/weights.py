@@ -18,7 +18,12 @@ def add_parser(sub):
                     "manifest (hashes, recipe, time, held-out CPM) into the package, where `nodulekit detect` "
                     "finds them when --seg and --cls are not given.")
     p.add_argument("--out", default=d.out, type=output_folder, help="working folder (default: %(default)s)")
-    p.add_argument("--no-install", action="store_true", help="train and score, but leave the package's weights")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--no-install", action="store_true", help="train and score, but leave the package's weights "
+                                                                "(OUT/weights.json records the run)")
+    mode.add_argument("--install-from", metavar="DIR", default=None,
+                      help="train nothing: install the pair a finished `--no-install` run left in DIR "
+                           "(the training options are ignored)")
     positive = number_type(int, POSITIVE)
     for name, what in (("scans", "synthetic scans"), ("val_scans", "of them held out"),
                        ("seg_epochs", "segmentation epochs"), ("seg_steps", "segmentation steps per epoch"),
@@ -32,8 +37,14 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from nodulekit.release import ReleaseConfig, build_weights
+    from nodulekit.release import ReleaseConfig, build_weights, install_run
 
+    if args.install_from is not None:
+        doc = install_run(args.install_from)
+        cpm = (doc.get("held_out") or {}).get("cpm")
+        print(f"installed the weights of {args.install_from} (seed {doc['recipe'].get('seed')}"
+              + ("" if cpm is None else f"; held-out CPM {cpm:.3f}") + ")")
+        return 0
     cfg = ReleaseConfig(out=args.out, install=not args.no_install, scans=args.scans, val_scans=args.val_scans,
                         seed=args.seed, seg_epochs=args.seg_epochs, seg_steps=args.seg_steps,
                         cls_epochs=args.cls_epochs, cls_steps=args.cls_steps,
