@@ -42,7 +42,8 @@ class ClsTrainConfig(TrainConfig):
     out: str = setting("runs/cls", "run folder (cls.pt, cls_last.pt, log.csv, tb/, roc.png, summary.json)")
     steps_per_epoch: int = setting(60, "optimizer steps per epoch (per process under DDP)", check=POSITIVE)
     lr: float = setting(1e-3, "peak Adam learning rate (warm-up, then cosine decay)", check=POSITIVE)
-    # a candidate looks the same from head or feet, and detection scores its slice-mirrored crop too
+    # a candidate looks the same from head or feet, and detection scores its slice-mirrored crop too;
+    # off by default, as it gained no CPM on the synthetic draws
     flip_slices: bool = setting(False, "the augmentation also mirrors the crops across the slices")
     augment_scale: float = setting(0.2, "largest relative zoom of the augmentation (0.2: content 0.83x to 1.25x "
                                         "its size)", check=FRACTION)
@@ -83,8 +84,8 @@ class ClsTrainConfig(TrainConfig):
     # a few dozen listed nodules show too few small ones on vessels and at the pleura to learn them
     insert_share: float = setting(0.5, "share of the positives that are synthetic nodules inserted at non-nodule "
                                        "candidates (nodulekit.data.insert; 0: listed nodules only)", check=SHARE)
-    # the weights of the last steps differ by the batches they last saw; their running mean
-    # scores like a small ensemble of them at the cost of one model
+    # the weights of the last steps differ by the batches they last saw, and a running mean of them
+    # is the usual remedy for that noise; off by default, as it gained no CPM on the synthetic draws
     ema: float | None = setting(None, "keep an exponential moving average of the weights, with this decay per step "
                                       "(0.99: about the last 100 steps), and validate and save it instead of the "
                                       "weights themselves; 0 or unset: off", check=FRACTION, zero_is_none=True)
