@@ -11,8 +11,8 @@ def add_parser(sub):
     d = ReleaseConfig()
     p = sub.add_parser(
         "weights",
-        help="train the shipped weights (the release recipe: 3x the demo's scans and training, about 20 min on "
-             "2 cores)",
+        help="train the shipped weights (the release recipe: 3x the demo's scans, longer training, about 30 min "
+             "on 2 cores)",
         description="Generate a larger synthetic draw than the demo's, train the segmentation and the classifier "
                     "on it for longer, detect and score the held-out scans, and install seg.pt, cls.pt and their "
                     "manifest (hashes, recipe, time, held-out CPM) into the package, where `nodulekit detect` "
