@@ -154,7 +154,7 @@ def test_a_recipe_may_mirror_the_slices_and_average_the_classifiers_weights():
     assert (settings["flip_slices"], settings["ema"]) == (True, 0.99)
     # left out, they leave the settings (and so the cached runs' keys) as they were
     assert not {"flip_slices", "ema"} & set(demo.DemoConfig().cls_settings())
-    for bad in ("a:cls_flip_slices=1", "a:cls_ema=x"):
+    for bad in ("a:cls_flip_slices=1", "a:cls_ema=x", "a:cls_ema=1"):
         with pytest.raises(Exception, match="--recipe"):
             parse_recipe(bad)
 

@@ -82,6 +82,8 @@ def parse_recipe(text: str) -> tuple[str, dict]:
             raise InputError("--recipe", f"{item!r}: {value!r} is not a {'number' if real else 'whole number'}") from None
         if real and not (math.isfinite(overrides[key]) and overrides[key] >= 0):
             raise InputError("--recipe", f"{item!r}: {value!r} is not a finite number >= 0")
+        if key in BELOW_ONE and overrides[key] >= 1:
+            raise InputError("--recipe", f"{item!r}: {value!r} is not below 1")
     return name, overrides
 
 
@@ -92,7 +94,9 @@ RECIPE_FIELDS = ("seg_epochs", "seg_steps", "seg_val_every", "seg_fn_weight", "c
                  "cls_detector_every", "cls_hard_pool", "cls_steps", "cls_val_negatives", "mine_slices",
                  "cls_context", "cls_flip_slices", "cls_ema", "synth_hila")
 REAL_FIELDS = ("cls_context", "cls_ema", "seg_fn_weight")
-WORD_FIELDS = {"synth_hila": ("simple", "lobar"), "cls_flip_slices": ("on", "off")}  # nodulekit.data.synth.hila.HILA, without importing the generator
+WORD_FIELDS = {"synth_hila": ("simple", "lobar"),  # nodulekit.data.synth.hila.HILA, without importing the generator
+               "cls_flip_slices": ("on", "off")}
+BELOW_ONE = ("cls_ema",)  # a decay: 1 would never move the average
 
 
 def base_config(base: str, out: Path):
