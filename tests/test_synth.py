@@ -257,3 +257,54 @@ def test_a_thick_slice_scan_blurs_along_z_and_keeps_its_nodules(monkeypatch):
     monkeypatch.setattr(scan, "SUB_SLICE_MM", 10.0)  # one sample per slice: the slice's centre plane
     z_point, x_point = steps(generate_scan(1, 4, size=256, max_slices=40).ct.hu)
     assert z_profile < 0.7 * z_point and x_profile > 0.7 * x_point
+
+
+def test_thick_share_draws_3mm_scans_from_a_stream_of_its_own(tmp_path, capsys, monkeypatch):
+    """``thick_share`` reconstructs that share of a draw's scans at 3 mm, as routine clinical CT
+    is, and leaves every other scan byte for byte as the draw without it; the share is checked and
+    recorded, and a cached draw with another share is not reused."""
+    from nodulekit.cli import main
+    from nodulekit.data.synth.scan import THICK_SLICE_MM, is_thick
+    from nodulekit.demo import DemoConfig
+    from nodulekit.errors import InputError
+    from nodulekit.release import ReleaseConfig
+
+    shares = [np.mean([is_thick(3, i, share) for i in range(2000)]) for share in (0.0, 0.25, 1.0)]
+    assert shares[0] == 0.0 and abs(shares[1] - 0.25) < 0.03 and shares[2] == 1.0
+    tiny = dict(size=64, max_slices=8)
+    thick = next(i for i in range(50) if is_thick(0, i, 0.5))
+    thin = next(i for i in range(50) if not is_thick(0, i, 0.5))
+    plain, drawn = generate_scan(0, thick, **tiny), generate_scan(0, thick, thick_share=0.5, **tiny)
+    assert drawn.ct.spacing[2] == THICK_SLICE_MM != plain.ct.spacing[2]
+    assert drawn.ct.spacing[:2] == plain.ct.spacing[:2] and drawn.ct.seriesuid == plain.ct.seriesuid
+    assert drawn.meta["spacing_xyz"][2] == THICK_SLICE_MM
+    np.testing.assert_array_equal(generate_scan(0, thin, thick_share=0.5, **tiny).ct.hu,
+                                  generate_scan(0, thin, **tiny).ct.hu)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(InputError, match="thick_share"):
+            generate_scan(0, 0, thick_share=bad, **tiny)
+        with pytest.raises(InputError, match="thick_share"):
+            generate_dataset(tmp_path / "x", 1, 0, thick_share=bad, progress=False, **tiny)
+    assert not (tmp_path / "x" / "synth.json").exists()
+
+    assert main(["synth", "--out", str(tmp_path / "d"), "--scans", "2", "--size", "64", "--max-slices", "8",
+                 "--thick-share", "1", "--no-progress"]) == 0
+    doc = json.loads((tmp_path / "d" / "synth.json").read_text())
+    assert doc["parameters"]["thick_share"] == 1.0
+    assert [s["spacing_xyz"][2] for s in doc["scans"]] == [THICK_SLICE_MM] * 2
+    for cmd in (["synth", "--out", str(tmp_path / "e"), "--scans", "1"], ["weights", "--no-install"]):
+        with pytest.raises(SystemExit):
+            main([*cmd, "--thick-share", "1.5"])
+        assert "share in [0, 1]" in capsys.readouterr().err
+
+    # the demo's and the release's data stage pass the share on, and redraw a cached draw of another share
+    import nodulekit.data.synth as synth
+    import nodulekit.demo as D
+
+    assert ReleaseConfig(thick_share=0.3).demo().synth_thick_share == 0.3
+    calls, real = [], synth.generate_dataset
+    monkeypatch.setattr(synth, "generate_dataset", lambda *a, **k: calls.append(k["thick_share"]) or real(*a, **k))
+    D._synth(DemoConfig(scans=2, size=64, max_slices=8, seed=0, synth_thick_share=1.0), tmp_path / "d")
+    assert calls == []  # the CLI's draw above: the same arguments, reused
+    D._synth(DemoConfig(scans=2, size=64, max_slices=8, seed=0), tmp_path / "d")
+    assert calls == [0.0]

@@ -54,6 +54,7 @@ class DemoConfig:
     size: int = 512
     max_slices: int | None = None
     synth_hila: str = "simple"  # the draw's hilar anatomy (generate_dataset's hila)
+    synth_thick_share: float = 0.0  # the draw's share of 3 mm scans (generate_dataset's thick_share)
     # SegTrainConfig.epochs and steps_per_epoch: fewer, longer epochs, so that validation costs less
     seg_epochs: int | None = 8
     seg_steps: int | None = 200
@@ -429,18 +430,19 @@ def _synth(cfg: DemoConfig, data: Path) -> dict:
     marker = data / "synth.json"
     seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
     wanted = {"n_scans": cfg.scans, "seed": seed, "size": cfg.size, "max_slices": cfg.max_slices,
-              "hila": cfg.synth_hila, "version": GENERATOR_VERSION}
+              "hila": cfg.synth_hila, "thick_share": cfg.synth_thick_share, "version": GENERATOR_VERSION}
     if marker.is_file():
         # the generator is deterministic: the same arguments and version give the same bytes, so
         # reuse them
         doc = json.loads(marker.read_text())
-        have = {"hila": "simple", **doc.get("parameters", {})}  # a draw from before the choice existed
+        # a draw from before these choices existed was drawn with their defaults
+        have = {"hila": "simple", "thick_share": 0.0, **doc.get("parameters", {})}
         if all(have.get(k) == v for k, v in wanted.items()):
             log.info("reusing the synthetic dataset in %s", data)
             return doc["summary"]
     shutil.rmtree(data, ignore_errors=True)
     return generate_dataset(data, cfg.scans, seed, size=cfg.size, max_slices=cfg.max_slices,
-                            workers=cfg.workers, hila=cfg.synth_hila)
+                            workers=cfg.workers, hila=cfg.synth_hila, thick_share=cfg.synth_thick_share)
 
 
 def train_seg_stage(cfg: DemoConfig, out: Path, data: dict[str, Path], threads: int | None = None) -> StageResult:

@@ -45,12 +45,14 @@ class ReleaseConfig:
     cls_detector_every: int = 1
     cls_hard_pool: int = 1024
     mine_slices: int = 24
+    # share of the draw's scans with 3 mm slices (generate_scan's thick_share)
+    thick_share: float = 0.0
     size: int = 512  # smaller and shorter scans only for trying the recipe out
     max_slices: int | None = None
 
     def demo(self) -> DemoConfig:
         return replace(DemoConfig(), out=self.out, seed=self.seed, scans=self.scans, size=self.size,
-                       max_slices=self.max_slices,
+                       max_slices=self.max_slices, synth_thick_share=self.thick_share,
                        val_fraction=_held_out_share(self.scans, self.val_scans), seg_epochs=self.seg_epochs,
                        seg_steps=self.seg_steps, seg_val_every=max(1, self.seg_epochs // 4),
                        cls_epochs=self.cls_epochs, cls_steps=self.cls_steps,

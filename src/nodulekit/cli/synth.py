@@ -23,7 +23,7 @@ def add_parser(sub):
     import argparse
 
     from nodulekit.cli._config import number_type, output_folder
-    from nodulekit.train.config import POSITIVE
+    from nodulekit.train.config import POSITIVE, SHARE
 
     p = sub.add_parser(
         "synth", help="generate a synthetic LUNA16-format CT dataset with nodules",
@@ -40,6 +40,9 @@ def add_parser(sub):
     p.add_argument("--hila", choices=("simple", "lobar"), default="simple",
                    help="hilar anatomy: simple (one trunk per tree) or lobar (lobar trunks branching at the hilum, "
                         "superior and inferior veins, hilar lymph nodes); default simple")
+    p.add_argument("--thick-share", type=number_type(float, SHARE), default=0.0, metavar="F",
+                   help="share of scans with 3 mm slices, as routine clinical CT has, beyond LUNA16's 0.625-2.5 mm "
+                        "(default 0)")
     p.add_argument("--workers", type=number_type(int, POSITIVE), default=1, metavar="W",
                    help="worker processes (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -50,7 +53,8 @@ def run(args) -> int:
     from nodulekit.data.synth import generate_dataset
 
     s = generate_dataset(args.out, args.scans, args.seed, size=args.size, max_slices=args.max_slices,
-                         workers=args.workers, progress=not args.no_progress, hila=args.hila)
+                         workers=args.workers, progress=not args.no_progress, hila=args.hila,
+                         thick_share=args.thick_share)
     ratio = s["candidates_class0"] / max(1, s["candidates_class1"])
     print(f"scans       {s['scans']}")
     print(f"nodules     {s['nodules']}  (annotations.csv)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 def add_parser(sub):
     from nodulekit.cli._config import number_type, output_folder
     from nodulekit.release import ReleaseConfig
-    from nodulekit.train.config import POSITIVE
+    from nodulekit.train.config import POSITIVE, SHARE
 
     d = ReleaseConfig()
     p = sub.add_parser(
@@ -32,6 +32,8 @@ def add_parser(sub):
                        ("mine_slices", "middle slices of each training scan mined")):
         p.add_argument(f"--{name.replace('_', '-')}", type=positive, default=getattr(d, name),
                        help=f"{what} (default: %(default)s)")
+    p.add_argument("--thick-share", type=number_type(float, SHARE), default=d.thick_share, metavar="F",
+                   help="share of the draw's scans with 3 mm slices, as routine clinical CT has (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the draw and the training (default: %(default)s)")
     p.set_defaults(func=run)
 
@@ -48,7 +50,8 @@ def run(args) -> int:
     cfg = ReleaseConfig(out=args.out, install=not args.no_install, scans=args.scans, val_scans=args.val_scans,
                         seed=args.seed, seg_epochs=args.seg_epochs, seg_steps=args.seg_steps,
                         cls_epochs=args.cls_epochs, cls_steps=args.cls_steps,
-                        cls_detector_from=args.cls_detector_from, mine_slices=args.mine_slices)
+                        cls_detector_from=args.cls_detector_from, mine_slices=args.mine_slices,
+                        thick_share=args.thick_share)
     if cfg.val_scans >= cfg.scans:
         from nodulekit.errors import InputError
 

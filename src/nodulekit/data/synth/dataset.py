@@ -11,7 +11,7 @@ import numpy as np
 
 from nodulekit.data.ct import write_ct
 from nodulekit.data.synth.hila import HILA
-from nodulekit.data.synth.scan import GENERATOR_VERSION, generate_scan
+from nodulekit.data.synth.scan import GENERATOR_VERSION, check_thick_share, generate_scan
 from nodulekit.data.volume import CTVolume
 from nodulekit.errors import InputError
 from nodulekit.log import get_logger
@@ -27,8 +27,8 @@ def _xyz(p) -> str:
 
 
 def _write_one(args) -> dict:
-    out_dir, seed, index, size, max_slices, hila = args
-    scan = generate_scan(seed, index, size=size, max_slices=max_slices, hila=hila)
+    out_dir, seed, index, size, max_slices, hila, thick_share = args
+    scan = generate_scan(seed, index, size=size, max_slices=max_slices, hila=hila, thick_share=thick_share)
     uid = scan.ct.seriesuid
     write_ct(scan.ct, out_dir / "subset0" / f"{uid}.mhd")
     mask = CTVolume(scan.labels, scan.ct.origin, scan.ct.spacing, scan.ct.direction, seriesuid=uid)
@@ -45,7 +45,8 @@ def _write_one(args) -> dict:
 
 
 def generate_dataset(out_dir, n_scans: int, seed: int, *, size: int = 512, max_slices: int | None = None,
-                     workers: int = 1, progress: bool = True, hila: str = "simple") -> dict:
+                     workers: int = 1, progress: bool = True, hila: str = "simple",
+                     thick_share: float = 0.0) -> dict:
     """Generate ``n_scans`` synthetic CT scans with nodules in the LUNA16 layout under ``out_dir``.
 
     Writes ``subset0/<uid>.mhd+.raw`` (int16 HU), ``masks/<uid>.mhd+.zraw`` (uint16 labels, k = the
@@ -61,6 +62,7 @@ def generate_dataset(out_dir, n_scans: int, seed: int, *, size: int = 512, max_s
         workers: processes; 1 renders in this process.
         progress: show a tqdm progress bar.
         hila: ``simple`` or ``lobar`` hilar anatomy (:func:`~nodulekit.data.synth.generate_scan`).
+        thick_share: share of scans with 3 mm slices (:func:`~nodulekit.data.synth.generate_scan`).
 
     Returns:
         Summary dict: ``scans``, ``nodules``, ``excluded``, ``candidates``, ``candidates_class0``,
@@ -75,7 +77,8 @@ def generate_dataset(out_dir, n_scans: int, seed: int, *, size: int = 512, max_s
     t0 = time.perf_counter()
     if hila not in HILA:  # before any worker starts
         raise InputError("--hila", f"{hila!r}: expected one of {', '.join(HILA)}")
-    jobs = [(out, seed, i, size, max_slices, hila) for i in range(n_scans)]
+    thick_share = check_thick_share(thick_share)
+    jobs = [(out, seed, i, size, max_slices, hila, thick_share) for i in range(n_scans)]
     log.info("generating %d scans (seed %d, %dx%d) into %s", n_scans, seed, size, size, out)
     bar = dict(total=n_scans, desc="synth", unit="scan", disable=not progress)
     if workers > 1:
@@ -102,7 +105,7 @@ def generate_dataset(out_dir, n_scans: int, seed: int, *, size: int = 512, max_s
         "candidates_class1": n1,
     }
     params = {"seed": seed, "n_scans": n_scans, "size": size, "max_slices": max_slices,
-              "hila": hila, "generator": "nodulekit.data.synth", "version": GENERATOR_VERSION}
+              "hila": hila, "thick_share": thick_share, "generator": "nodulekit.data.synth", "version": GENERATOR_VERSION}
     doc = {"parameters": params, "summary": summary, "scans": [res["meta"] for res in results]}
     (out / "synth.json").write_text(json.dumps(doc, indent=1) + "\n")
     summary["seconds"] = round(time.perf_counter() - t0, 2)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -24,6 +24,10 @@ GENERATOR_VERSION = 2
 # Scans of thinner slices are drawn as they are; thicker ones on sub-slices this far apart at most,
 # averaged into their slices (:func:`slice_samples`)
 SUB_SLICE_MM = 0.9
+# The slice spacing of a thick-slice scan (``thick_share``): routine clinical chest CT is often
+# reconstructed at 3 mm, beyond LUNA16's 2.5 mm, and there a vessel cut obliquely or end-on is a
+# small blob on a single slice that a model trained on thinner slices only has never seen
+THICK_SLICE_MM = 3.0
 
 
 @dataclass
@@ -54,7 +58,7 @@ def series_uid(seed: int, index: int) -> str:
 
 
 def generate_scan(seed: int, index: int, *, size: int = 512, max_slices: int | None = None,
-                  hila: str = "simple") -> SyntheticScan:
+                  hila: str = "simple", thick_share: float = 0.0) -> SyntheticScan:
     """Generate scan ``index`` of the dataset drawn with ``seed`` (deterministic).
 
     Args:
@@ -66,19 +70,36 @@ def generate_scan(seed: int, index: int, *, size: int = 512, max_slices: int | N
         hila: ``simple`` (each lung's artery, vein and bronchus trees grow from one trunk) or
             ``lobar`` (lobar trunks branching at the hilum, superior and inferior veins, hilar lymph
             nodes: :mod:`nodulekit.data.synth.hila`). The same seed draws another scan with each.
+        thick_share: the share of scans reconstructed at ``THICK_SLICE_MM`` instead of LUNA16's
+            spacings (0 to 1). Which scans are thick comes from a stream of its own: a scan that
+            stays thin is the scan drawn without the option, and a thick one has its body and lungs.
 
     Returns:
         A :class:`SyntheticScan`.
     """
-    return render_scan(seed, index, size=size, max_slices=max_slices, hila=hila)
+    return render_scan(seed, index, size=size, max_slices=max_slices, hila=hila, thick_share=thick_share)
+
+
+def check_thick_share(thick_share: float) -> float:
+    """``thick_share`` as a float, or an :class:`InputError` when it is not a share (0 to 1)."""
+    share = float(thick_share)
+    if not 0.0 <= share <= 1.0:  # also refuses NaN
+        raise InputError("synth", f"thick_share must be between 0 and 1, got {thick_share}")
+    return share
+
+
+def is_thick(seed: int, index: int, thick_share: float) -> bool:
+    """Whether scan ``index`` of the draw ``seed`` is reconstructed at ``THICK_SLICE_MM``."""
+    return thick_share > 0 and np.random.default_rng([seed, index, 3000]).uniform() < thick_share
 
 
 def render_scan(seed: int, index: int, *, size: int = 512, max_slices: int | None = None,
-                flip: str | None = None, hila: str = "simple") -> SyntheticScan:
+                flip: str | None = None, hila: str = "simple", thick_share: float = 0.0) -> SyntheticScan:
     """:func:`generate_scan` with an optional forced storage flip (``''``, ``'x'``, ``'y'``, ``'z'``)."""
     if hila not in hila_mod.HILA:
         raise InputError("synth", f"hila must be one of {', '.join(hila_mod.HILA)}, got {hila!r}")
     lobar = hila == "lobar"
+    thick_share = check_thick_share(thick_share)
     if seed < 0 or index < 0:
         raise InputError("synth", f"seed and index must be >= 0, got {seed}, {index}")
     if size < 64 or (max_slices is not None and max_slices < 8):
@@ -86,6 +107,8 @@ def render_scan(seed: int, index: int, *, size: int = 512, max_slices: int | Non
     rng = np.random.default_rng([seed, index, 55555])
     an = sample_anatomy(rng)
     acq = sample_acquisition(rng, size, an.body_width)
+    if is_thick(seed, index, thick_share):
+        acq = replace(acq, spacing=(acq.spacing[0], acq.spacing[1], THICK_SLICE_MM))
     flip_axis = acq.flip if flip is None else flip
     sx, _, sz = acq.spacing
     fov = acq.fov_mm
