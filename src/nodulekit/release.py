@@ -93,7 +93,8 @@ def build_weights(cfg: ReleaseConfig) -> dict:
     info = {
         "recipe": {"command": "make weights", **asdict(cfg)},
         "trained_on": f"synthetic LUNA16-format CT (nodulekit synth, seed {cfg.seed}, {cfg.scans} scans, "
-                      f"{cfg.val_scans} held out)",
+                      f"{cfg.val_scans} held out"
+                      + (f", a share of {cfg.thick_share:g} with 3 mm slices" if cfg.thick_share else "") + ")",
         "seconds": seconds,
         "stage_seconds": stages.timings,
         "held_out": {"cpm": froc.summary.get("cpm"), "cpm_ci": froc.summary.get("cpm_ci"),
