@@ -105,7 +105,8 @@ def generate_dataset(out_dir, n_scans: int, seed: int, *, size: int = 512, max_s
         "candidates_class1": n1,
     }
     params = {"seed": seed, "n_scans": n_scans, "size": size, "max_slices": max_slices,
-              "hila": hila, "thick_share": thick_share, "generator": "nodulekit.data.synth", "version": GENERATOR_VERSION}
+              "hila": hila, "thick_share": thick_share, "generator": "nodulekit.data.synth",
+              "version": GENERATOR_VERSION}
     doc = {"parameters": params, "summary": summary, "scans": [res["meta"] for res in results]}
     (out / "synth.json").write_text(json.dumps(doc, indent=1) + "\n")
     summary["seconds"] = round(time.perf_counter() - t0, 2)
