@@ -177,7 +177,8 @@ def test_a_recipe_may_train_on_the_lobar_hila_draw(synth_data, tmp_path, monkeyp
     from nodulekit.errors import InputError
 
     assert parse_recipe("hila:synth_hila=lobar") == ("hila", {"synth_hila": "lobar"})
-    for bad in ("a:synth_hila=1", "a:synth_hila=fancy"):
+    assert parse_recipe("t:synth_thick_share=0.25") == ("t", {"synth_thick_share": 0.25})
+    for bad in ("a:synth_hila=1", "a:synth_hila=fancy", "a:synth_thick_share=1.5", "a:synth_thick_share=-1"):
         with pytest.raises(InputError):
             parse_recipe(bad)
 
@@ -185,7 +186,7 @@ def test_a_recipe_may_train_on_the_lobar_hila_draw(synth_data, tmp_path, monkeyp
     draws = []
 
     def data_stage(cfg, out):  # one folder per draw, as the real stage writes
-        draws.append(cfg.synth_hila)
+        draws.append(cfg.synth_hila if not cfg.synth_thick_share else f"{cfg.synth_hila} {cfg.synth_thick_share}")
         (out / "split.json").write_text("{}")
         return StageResult({"scans": 4}, {"data": out, "split": out / "split.json"})
 
@@ -193,10 +194,12 @@ def test_a_recipe_may_train_on_the_lobar_hila_draw(synth_data, tmp_path, monkeyp
     monkeypatch.setattr(seeds, "_score", lambda runs, *a, **k: {r.cls_key: {"cpm": 0.5, "n_scans": 1, "n_nodules": 1}
                                                                for r in runs})
     cfg = SeedsConfig(independent=str(synth_data), out=str(tmp_path / "seeds"), seeds=(0,),
-                      recipes={"demo": {}, "hila": {"synth_hila": "lobar"}, "hila_short": {"synth_hila": "lobar",
-                                                                                           "cls_epochs": 3}})
+                      recipes={"demo": {}, "hila": {"synth_hila": "lobar"},
+                               "hila_short": {"synth_hila": "lobar", "cls_epochs": 3},
+                               "thick": {"synth_thick_share": 0.25}})
     summary = judge_recipes(cfg, progress=False)
-    # a draw per anatomy; a segmentation per draw, shared by the recipes that train on it
-    assert sorted(draws) == ["lobar", "simple"] and len(calls["seg"]) == 2 and calls["mine"] == 2
-    assert len(calls["cls"]) == 3
-    assert [r["settings"]["synth_hila"] for r in summary["recipes"]] == ["simple", "lobar", "lobar"]
+    # a draw per anatomy and share of 3 mm scans; a segmentation per draw, shared by the recipes that train on it
+    assert sorted(draws) == ["lobar", "simple", "simple 0.25"] and len(calls["seg"]) == 3 and calls["mine"] == 3
+    assert len(calls["cls"]) == 4
+    assert [r["settings"]["synth_hila"] for r in summary["recipes"]] == ["simple", "lobar", "lobar", "simple"]
+    assert [r["settings"]["synth_thick_share"] for r in summary["recipes"]] == [0.0, 0.0, 0.0, 0.25]

@@ -5,7 +5,7 @@ CPM of several training seeds and their spread; recipes scored on the same draw 
 seeds are compared seed by seed. Each
 recipe is the demo's (or the release recipe's) settings with some overridden
 (:class:`nodulekit.demo.DemoConfig` fields). Every seed trains on the same synthetic draw (the one
-with the recipe's hilar anatomy, when a recipe changes it) and is scored on a second draw that
+with the recipe's hilar anatomy or share of 3 mm scans, when a recipe changes them) and is scored on a second draw that
 nothing was trained or chosen on (``make froc-independent``'s), by LUNA16's FROC.
 
 Stages are cached by their settings under ``out``: recipes that differ only in the classifier
@@ -84,19 +84,22 @@ def parse_recipe(text: str) -> tuple[str, dict]:
             raise InputError("--recipe", f"{item!r}: {value!r} is not a finite number >= 0")
         if key in BELOW_ONE and overrides[key] >= 1:
             raise InputError("--recipe", f"{item!r}: {value!r} is not below 1")
+        if key in AT_MOST_ONE and overrides[key] > 1:
+            raise InputError("--recipe", f"{item!r}: {value!r} is not a share (0 to 1)")
     return name, overrides
 
 
-# the settings a recipe may change: the training ones, and the generator's anatomy (a recipe that
-# changes it trains on the same seed's draw with that anatomy; the scans and the held-out split keep
-# their number, so that the recipes differ in nothing else)
+# the settings a recipe may change: the training ones, and the generator's anatomy and slices (a
+# recipe that changes them trains on the same seed's draw with that anatomy or share of 3 mm scans;
+# the scans and the held-out split keep their number, so that the recipes differ in nothing else)
 RECIPE_FIELDS = ("seg_epochs", "seg_steps", "seg_val_every", "seg_fn_weight", "cls_epochs", "cls_detector_from",
                  "cls_detector_every", "cls_hard_pool", "cls_steps", "cls_val_negatives", "mine_slices",
-                 "cls_context", "cls_flip_slices", "cls_ema", "synth_hila")
-REAL_FIELDS = ("cls_context", "cls_ema", "seg_fn_weight")
+                 "cls_context", "cls_flip_slices", "cls_ema", "synth_hila", "synth_thick_share")
+REAL_FIELDS = ("cls_context", "cls_ema", "seg_fn_weight", "synth_thick_share")
 WORD_FIELDS = {"synth_hila": ("simple", "lobar"),  # nodulekit.data.synth.hila.HILA, without importing the generator
                "cls_flip_slices": ("on", "off")}
 BELOW_ONE = ("cls_ema",)  # a decay: 1 would never move the average
+AT_MOST_ONE = ("synth_thick_share",)  # a share of the draw's scans
 
 
 def base_config(base: str, out: Path):
@@ -172,22 +175,24 @@ def judge_recipes(cfg: SeedsConfig, *, progress: bool = True) -> dict:
     base = base_config(cfg.base, out)
     base = replace(base, data_seed=cfg.data_seed, progress=progress)
 
-    def draw(hila: str):
-        # the key of the simple anatomy's draw is the one it had before the choice existed
+    def draw(hila: str, thick: float):
+        # the key of the default draw is the one it had before these choices existed
         key = (cfg.base, cfg.data_seed, base.scans, base.size, base.max_slices)
         key += () if hila == "simple" else (hila,)
-        return _cached(out / "data" / _key(*key),
-                       lambda f: D.data_stage(replace(base, out=str(f), synth_hila=hila), f))
+        key += () if not thick else (("thick_share", thick),)
+        draw_cfg = replace(base, synth_hila=hila, synth_thick_share=thick)
+        return _cached(out / "data" / _key(*key), lambda f: D.data_stage(replace(draw_cfg, out=str(f)), f))
 
     runs = []
-    draws: dict[str, object] = {}
+    draws: dict[tuple, object] = {}
     for name, overrides in cfg.recipes.items():
         for seed in cfg.seeds:
             dcfg = replace(base, seed=seed, **overrides)
             run = _Run(name, seed, dcfg)
-            if dcfg.synth_hila not in draws:
-                draws[dcfg.synth_hila] = draw(dcfg.synth_hila)
-            run.data = data = draws[dcfg.synth_hila]
+            which = (dcfg.synth_hila, dcfg.synth_thick_share)
+            if which not in draws:
+                draws[which] = draw(*which)
+            run.data = data = draws[which]
             run.seg_key = _key(data.files["data"], _trained(dcfg.seg_settings()), dcfg.mine_slices)
             run.cls_key = _key(run.seg_key, _trained(dcfg.cls_settings()))
             runs.append(run)

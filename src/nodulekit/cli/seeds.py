@@ -11,7 +11,8 @@ def add_parser(sub):
         "seeds",
         help="train recipes at several seeds and score each on an independent draw (mean CPM and spread)",
         description="Train each recipe (the demo's or the release recipe's settings, some overridden) at every "
-                    "seed on the same synthetic draw (synth_hila=lobar: the draw with lobar hila), detect on an "
+                    "seed on the same synthetic draw (synth_hila=lobar: the draw with lobar hila; synth_thick_share=F: "
+                    "that share of its scans at 3 mm), detect on an "
                     "independent LUNA16-layout draw and score "
                     "LUNA16's FROC; print and write each recipe's mean CPM, its spread and the CPM per seed "
                     "(OUT/seeds.json, OUT/seeds.md). Finished stages are cached under OUT and reused.")
