@@ -5,8 +5,9 @@ CPM of several training seeds and their spread; recipes scored on the same draw 
 seeds are compared seed by seed. Each
 recipe is the demo's (or the release recipe's) settings with some overridden
 (:class:`nodulekit.demo.DemoConfig` fields). Every seed trains on the same synthetic draw (the one
-with the recipe's hilar anatomy or share of 3 mm scans, when a recipe changes them) and is scored on a second draw that
-nothing was trained or chosen on (``make froc-independent``'s), by LUNA16's FROC.
+with the recipe's hilar anatomy or share of 3 mm scans, when a recipe changes them) and is scored
+on a second draw that nothing was trained or chosen on (``make froc-independent``'s), by LUNA16's
+FROC.
 
 Stages are cached by their settings under ``out``: recipes that differ only in the classifier
 share the segmentation and its mined negatives, and the independent scans are segmented once per
