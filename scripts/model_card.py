@@ -91,9 +91,10 @@ def render(manifest: dict, froc: dict, real: dict, img_dir: Path, card: Path, de
     ]
     used = real.get("settings", {})
     if used.get("views", 1) > 1:
+        mean = used.get("view_mean", "arithmetic")  # detections made before the option averaged arithmetically
         lines += ["", f"Detection here is `nodulekit detect`'s default: a candidate whose crop the classifier scores "
-                      f"at {used['views_from']:g} or more gets the mean over {used['views']} mirror images of the "
-                      "crop (`--views`)."]
+                      f"at {used['views_from']:g} or more gets the {mean} mean over {used['views']} mirror images of "
+                      "the crop (`--views`, `--view-mean`)."]
     if demo_froc is not None:
         lines += ["", f"The demo's recipe (`make demo`, then `make froc-independent`) on the same draw: "
                       f"{_froc_line(demo_froc)}."]

@@ -170,8 +170,9 @@ def test_classifier_crops_follow_the_runners_crop_spacing():
 
 def test_classify_averages_mirror_images_of_likely_candidates():
     """A candidate whose plain crop scores views_from or more gets the mean over the crop's mirror
-    images; one below it keeps its one view; views=1 is the plain crop alone."""
-    from nodulekit.detect.candidates import classify, flip_views
+    images, geometric by default (arithmetic on request); one below it keeps its one view; views=1
+    is the plain crop alone."""
+    from nodulekit.detect.candidates import VIEW_MEAN, classify, flip_views
     from nodulekit.detect.crops import cls_crops
 
     ct = phantom_ct()
@@ -196,16 +197,24 @@ def test_classify_averages_mirror_images_of_likely_candidates():
     views = [Runner()(np.ascontiguousarray(np.flip(x, axis=a)) if a else x) for a in flip_views(8)]
     assert len({round(float(v[0]), 6) for v in views}) == 8
 
+    geometric = {n: np.exp(np.mean(np.log(views[:n]), axis=0)) for n in (1, 2, 4, 8)}
+    assert VIEW_MEAN == "geometric"
     for n in (1, 2, 4, 8):
+        for mean, expected in (("geometric", geometric[n]), ("arithmetic", np.mean(views[:n], axis=0))):
+            cands = [copy.copy(c) for c in found]
+            classify(ct, cands, Runner(), views=n, views_from=0.0, view_mean=mean)
+            np.testing.assert_allclose([c.probability for c in cands], expected, rtol=1e-6)
         cands = [copy.copy(c) for c in found]
         classify(ct, cands, Runner(), views=n, views_from=0.0)
-        np.testing.assert_allclose([c.probability for c in cands], np.mean(views[:n], axis=0), rtol=1e-6)
+        np.testing.assert_allclose([c.probability for c in cands], geometric[n], rtol=1e-6)
+    # the geometric mean is at most the arithmetic, equal only where every view agrees
+    assert np.all(geometric[8] < np.mean(views, axis=0))
     # only the likelier candidate is scored again: the other keeps its plain crop's probability
     cut = float(np.mean(plain))
     cands = [copy.copy(c) for c in found]
     classify(ct, cands, Runner(), views=8, views_from=cut)
     hi = int(np.argmax(plain))
-    assert cands[hi].probability == pytest.approx(np.mean(views, axis=0)[hi], rel=1e-6)
+    assert cands[hi].probability == pytest.approx(geometric[8][hi], rel=1e-6)
     assert cands[1 - hi].probability == pytest.approx(plain[1 - hi], rel=1e-6)
     # ... and views_from above every plain score costs one pass only
     Runner.calls = 0
@@ -215,12 +224,27 @@ def test_classify_averages_mirror_images_of_likely_candidates():
         classify(ct, found, Runner(), views=3)
     with pytest.raises(ValueError, match="views_from"):
         classify(ct, found, Runner(), views_from=1.5)
+    with pytest.raises(ValueError, match="view_mean"):
+        classify(ct, found, Runner(), view_mean="median")
+
+
+def test_pool_views_floors_a_view_of_zero():
+    """One view at exactly 0 must not veto the others to 0 (nor give NaN): it counts as 1e-6."""
+    from nodulekit.detect.candidates import pool_views
+
+    probs = np.array([[0.0, 0.9], [0.9, 0.9]])
+    pooled = pool_views(probs)
+    assert np.all(np.isfinite(pooled))
+    np.testing.assert_allclose(pooled, [np.sqrt(1e-6 * 0.9), 0.9])
+    np.testing.assert_allclose(pool_views(probs, "arithmetic"), [0.45, 0.9])
 
 
 def test_run_detection_refuses_bad_views_before_any_scan(tmp_path):
-    for views, views_from in ((3, 0.2), (8, float("nan")), (8, 1.5)):
-        with pytest.raises(ValueError, match="views"):
-            run_detection([tmp_path / "none.mhd"], None, None, tmp_path / "out", views=views, views_from=views_from)
+    for views, views_from, mean in ((3, 0.2, "geometric"), (8, float("nan"), "geometric"), (8, 1.5, "geometric"),
+                                    (8, 0.2, "mode")):
+        with pytest.raises(ValueError, match="view"):
+            run_detection([tmp_path / "none.mhd"], None, None, tmp_path / "out", views=views, views_from=views_from,
+                          view_mean=mean)
     assert not (tmp_path / "out").exists()
 
 

@@ -838,7 +838,8 @@ def cases() -> list[Case]:
     for opt, values in (("--threshold", ("2", "nan", "-1", "inf", "x")), ("--seg-threshold", ("2", "nan", "-1", "x")),
                         ("--batch-size", ("0", "-2", "x")), ("--threads", ("0", "-1")),
                         ("--min-volume", ("-5", "nan", "inf")), ("--min-diameter", ("-1", "nan", "inf", "x")),
-                        ("--max-png", ("-1", "x")), ("--views", ("3", "0", "x")), ("--views-from", ("2", "-1", "nan"))):
+                        ("--max-png", ("-1", "x")), ("--views", ("3", "0", "x")), ("--views-from", ("2", "-1", "nan")),
+                        ("--view-mean", ("median", ""))):
         for v in values:
             add(Case(f"detect-option{opt}={v}", "detect", _detect_option(opt, v)))
     for args, name in ((("--scans", "0"), "--scans"), (("--scans", "-1"), "--scans"), (("--size", "0"), "--size"),

@@ -206,7 +206,11 @@ def test_the_model_card_shows_every_mark_above_the_threshold(tmp_path):
     assert "make seeds" not in text and "mirror images" not in text
     views = model_card.render(manifest, froc, {**real, "settings": {"views": 8, "views_from": 0.2}},
                               card.parent / "img" / "mc", card, None, 0.5)
-    assert "scores at 0.2 or more gets the mean over 8 mirror images" in views
+    assert "scores at 0.2 or more gets the arithmetic mean over 8 mirror images" in views
+    views = model_card.render(manifest, froc, {**real, "settings": {"views": 8, "views_from": 0.2,
+                                                                    "view_mean": "geometric"}},
+                              card.parent / "img" / "mc", card, None, 0.5)
+    assert "scores at 0.2 or more gets the geometric mean over 8 mirror images" in views
     seeds = {"base": "demo", "data_seed": 0, "independent": {"n_scans": 30, "n_nodules": 100},
              "recipes": [{"name": "demo", "overrides": {}, "cpm_mean": 0.558, "cpm_sd": 0.0172,
                           "seeds": [{"cpm": 0.561}, {"cpm": 0.573}, {"cpm": 0.539}]}]}

@@ -235,7 +235,7 @@ def _score(runs: list[_Run], indep: Path, out: Path, *, threads: int, progress: 
 
     from nodulekit.data.ct import iter_ct_inputs
     from nodulekit.deploy.runtime import load_cls_runner, load_seg_runner
-    from nodulekit.detect.candidates import VIEWS, VIEWS_FROM, classify
+    from nodulekit.detect.candidates import VIEW_MEAN, VIEWS, VIEWS_FROM, classify
     from nodulekit.detect.pipeline import MIN_SLICES, csv_row, detect_scan, write_nodules_csv
     from nodulekit.evaluate.froc import evaluate_froc
     from nodulekit.io import write_json
@@ -244,7 +244,7 @@ def _score(runs: list[_Run], indep: Path, out: Path, *, threads: int, progress: 
     by_seg: dict[str, list[_Run]] = {}
     # a score stands for the draw it was made on and the way its candidates were classified: the
     # same folder may score another draw later
-    draw = {"data": str(indep.resolve()), "views": VIEWS, "views_from": VIEWS_FROM,
+    draw = {"data": str(indep.resolve()), "views": VIEWS, "views_from": VIEWS_FROM, "view_mean": VIEW_MEAN,
             **{name: hashlib.sha1((indep / name).read_bytes()).hexdigest() for name in ("annotations.csv",
                                                                                      "seriesuids.csv")}}
     for run in runs:

@@ -9,7 +9,7 @@ from nodulekit.deploy import BACKENDS
 
 def add_parser(sub):
     from nodulekit.cli._config import NON_NEGATIVE, add_cls_threshold, number_type, output_folder
-    from nodulekit.detect.candidates import VIEW_COUNTS, VIEWS, VIEWS_FROM
+    from nodulekit.detect.candidates import VIEW_COUNTS, VIEW_MEAN, VIEW_MEANS, VIEWS, VIEWS_FROM
     from nodulekit.train.config import POSITIVE, SHARE
 
     p = sub.add_parser("detect", help="detect lung nodules in CT scans (table, JSON, PNGs; viewer, DICOM SEG/SR)",
@@ -50,6 +50,9 @@ def add_parser(sub):
     p.add_argument("--views-from", type=number_type(float, SHARE), default=VIEWS_FROM,
                    help="classifier probability of the plain crop from which a candidate gets --views (default "
                         "%(default)s)")
+    p.add_argument("--view-mean", choices=VIEW_MEANS, default=VIEW_MEAN,
+                   help="how the views' probabilities are averaged (default %(default)s: the mean of their logs, "
+                        "so a candidate must score high on every view)")
     p.add_argument("--batch-size", type=number_type(int, POSITIVE), default=4, help="slices per segmentation call")
     p.add_argument("--threads", type=number_type(int, POSITIVE), default=2, help="CPU threads of the runtimes")
     p.add_argument("--no-png", action="store_true", help="do not draw the nodules")
@@ -84,7 +87,8 @@ def run(args) -> int:
         seg_threshold=args.seg_threshold, batch_size=args.batch_size, threads=args.threads,
         min_volume_mm3=MIN_VOLUME_MM3 if args.min_volume is None else args.min_volume,
         min_diameter_mm=MIN_DIAMETER_MM if args.min_diameter is None else args.min_diameter,
-        views=args.views, views_from=args.views_from, png=not args.no_png, max_png=args.max_png,
+        views=args.views, views_from=args.views_from, view_mean=args.view_mean, png=not args.no_png,
+        max_png=args.max_png,
         progress=False if args.no_progress else None,
         allow_external_data=args.allow_external_data, html=args.html, dicom_seg=args.dicom_seg,
         dicom_sr=args.dicom_sr, nifti=args.nifti,

@@ -54,6 +54,14 @@ VIEW_COUNTS = (1, 2, 4, 8)
 VIEWS = 8
 # ... when its plain crop scores this much or more
 VIEWS_FROM = 0.2
+# The views are pooled by their geometric mean, the mean of their log-probabilities: a nodule scores
+# high on every view, so one view that scores low weighs more than one that scores high, and a
+# vessel end whose noise lifts a few views above the threshold stays below it.
+VIEW_MEANS = ("geometric", "arithmetic")
+VIEW_MEAN = "geometric"
+# a view's probability is floored here before its log is taken: a view that scores 0 would
+# otherwise veto every other
+_LOG_FLOOR = 1e-6
 
 
 @dataclass
@@ -510,13 +518,24 @@ def _peaks(depth: np.ndarray, spacing_zyx: np.ndarray, *, min_radius_mm: float =
     return [(tuple(float(v) for v in centers[i]), float(radii[i])) for i in kept]
 
 
-def check_views(views: int, views_from: float) -> None:
-    """Raise ValueError unless ``views`` is one of :data:`VIEW_COUNTS` and ``views_from`` a
-    probability: :func:`classify`'s own check, which a batch runs before its first scan."""
+def check_views(views: int, views_from: float, view_mean: str = VIEW_MEAN) -> None:
+    """Raise ValueError unless ``views`` is one of :data:`VIEW_COUNTS`, ``views_from`` a
+    probability and ``view_mean`` one of :data:`VIEW_MEANS`: :func:`classify`'s own check, which a
+    batch runs before its first scan."""
     if views not in VIEW_COUNTS:
         raise ValueError(f"views must be one of {VIEW_COUNTS}, got {views!r}")
     if not (math.isfinite(views_from) and 0.0 <= views_from <= 1.0):
         raise ValueError(f"views_from must be a probability in [0, 1], got {views_from!r}")
+    if view_mean not in VIEW_MEANS:
+        raise ValueError(f"view_mean must be one of {VIEW_MEANS}, got {view_mean!r}")
+
+
+def pool_views(probs: np.ndarray, view_mean: str = VIEW_MEAN) -> np.ndarray:
+    """``(views, N)`` probabilities -> ``(N,)``: their geometric or arithmetic mean (:data:`VIEW_MEAN`)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if view_mean == "arithmetic":
+        return probs.mean(axis=0)
+    return np.exp(np.log(np.clip(probs, _LOG_FLOOR, 1.0)).mean(axis=0))
 
 
 def flip_views(n: int) -> list[tuple[int, ...]]:
@@ -529,7 +548,7 @@ def flip_views(n: int) -> list[tuple[int, ...]]:
 
 def classify(ct, candidates: list[Finding], runner: Callable[[np.ndarray], np.ndarray],
              *, batch_size: int = 32, size=CLS_CROP, views: int = VIEWS, views_from: float = VIEWS_FROM,
-             timings: dict | None = None) -> None:
+             view_mean: str = VIEW_MEAN, timings: dict | None = None) -> None:
     """Set ``probability`` of each candidate from the classifier runner (in place).
 
     Crops are cut at the runner's ``crop_spacing`` (mm per voxel; ``None``: native voxels), the
@@ -538,10 +557,10 @@ def classify(ct, candidates: list[Finding], runner: Callable[[np.ndarray], np.nd
     runner gets ``batch_size`` crops a call (a runtime with a fixed batch splits them itself).
 
     A candidate the plain crop scores at ``views_from`` or more is scored again on the crop's
-    mirror images (:func:`flip_views`), and its probability is the mean over the ``views``. The
-    classifier's errors on one view are partly its own noise, which the mean averages out;
-    the candidates below ``views_from`` are left with one view, which keeps the cost at about a
-    third of scoring every view of every candidate.
+    mirror images (:func:`flip_views`), and its probability is the ``view_mean`` of the ``views``
+    (:func:`pool_views`). The classifier's errors on one view are partly its own noise, which the
+    mean averages out; the candidates below ``views_from`` are left with one view, which keeps the
+    cost at about a third of scoring every view of every candidate.
     ``timings`` (a dict) gets ``crops`` and ``cls_network``, seconds spent cutting and running.
 
     What bounds this stage is the classifier's 3D convolutions: about 0.3 GMAC a crop, on a
@@ -551,7 +570,7 @@ def classify(ct, candidates: list[Finding], runner: Callable[[np.ndarray], np.nd
 
     from nodulekit.detect.crops import cls_crops
 
-    check_views(views, views_from)
+    check_views(views, views_from, view_mean)
     flips = flip_views(views)[1:]
     spacing, context = getattr(runner, "crop_spacing", None), getattr(runner, "context", None)
 
@@ -570,8 +589,8 @@ def classify(ct, candidates: list[Finding], runner: Callable[[np.ndarray], np.nd
         if again.size:
             sel = x[again]
             mirrored = np.concatenate([np.ascontiguousarray(np.flip(sel, axis=axes)) for axes in flips])
-            total = probs[again] + run(mirrored).reshape(len(flips), again.size).sum(axis=0)
-            probs[again] = total / views
+            probs[again] = pool_views(np.vstack([probs[again][None], run(mirrored).reshape(len(flips), again.size)]),
+                                      view_mean)
         t_crop, t_net = t_crop + t1 - t0, t_net + time.perf_counter() - t1
         for c, p in zip(chunk, probs):
             c.probability = float(p)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from nodulekit import CLS_THRESHOLD, SEG_THRESHOLD
-from nodulekit.detect.candidates import (MIN_DIAMETER_MM, MIN_VOLUME_MM3, VIEWS, VIEWS_FROM, borders_lung,
+from nodulekit.detect.candidates import (MIN_DIAMETER_MM, MIN_VOLUME_MM3, VIEW_MEAN, VIEWS, VIEWS_FROM, borders_lung,
                                          check_views, classify, clean_mask, find_candidates, segment_slices)
 from nodulekit.detect.lung_mask import lung_masks, lung_volume_ml
 from nodulekit.errors import InputError
@@ -68,7 +68,8 @@ class _Checked:
 
 def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = SEG_THRESHOLD, batch_size: int = 4,
                 min_volume_mm3: float = MIN_VOLUME_MM3, min_diameter_mm: float = MIN_DIAMETER_MM,
-                views: int = VIEWS, views_from: float = VIEWS_FROM, progress: bool = False) -> dict:
+                views: int = VIEWS, views_from: float = VIEWS_FROM, view_mean: str = VIEW_MEAN,
+                progress: bool = False) -> dict:
     """Detect nodule candidates in one scan and classify them.
 
     Args:
@@ -81,8 +82,9 @@ def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = SEG_THRESH
         min_volume_mm3: smallest component kept as a candidate.
         min_diameter_mm: smallest volume-equivalent diameter of a candidate (one blob of a split
             component included).
-        views, views_from: a candidate whose crop scores ``views_from`` or more is scored as the
-            mean over ``views`` mirror images of it (:func:`~nodulekit.detect.candidates.classify`).
+        views, views_from, view_mean: a candidate whose crop scores ``views_from`` or more is scored
+            as the ``view_mean`` over ``views`` mirror images of it
+            (:func:`~nodulekit.detect.candidates.classify`).
         progress: show a progress bar over the segmented slices.
 
     Returns:
@@ -120,7 +122,8 @@ def detect_scan(ct, seg_runner, cls_runner, *, seg_threshold: float = SEG_THRESH
 
     if cls_runner is not None:
         t = time.perf_counter()
-        classify(ct, candidates, cls_runner, views=views, views_from=views_from, timings=timings)
+        classify(ct, candidates, cls_runner, views=views, views_from=views_from, view_mean=view_mean,
+                 timings=timings)
         timings["classification"] = time.perf_counter() - t
     return {
         "candidates": candidates,
@@ -177,6 +180,7 @@ def run_detection(
     min_diameter_mm: float = MIN_DIAMETER_MM,
     views: int = VIEWS,
     views_from: float = VIEWS_FROM,
+    view_mean: str = VIEW_MEAN,
     png: bool = True,
     max_png: int | None = None,
     progress: bool | None = None,
@@ -207,6 +211,8 @@ def run_detection(
         min_diameter_mm: smallest candidate's volume-equivalent diameter.
         views: mirror images of a likely candidate's crop the classifier averages (1, 2, 4 or 8).
         views_from: classifier probability of the plain crop from which ``views`` are averaged.
+        view_mean: how the views are averaged, ``geometric`` (the mean of their log-probabilities)
+            or ``arithmetic`` (:func:`~nodulekit.detect.candidates.pool_views`).
         png: write ``png/<uid>_<k>.png`` for each nodule above ``threshold``.
         max_png: draw at most this many per scan, the most probable first (None: all).
         progress: progress bars; default: when stderr is a terminal.
@@ -234,7 +240,7 @@ def run_detection(
     from nodulekit.deploy.runtime import load_cls_runner, load_seg_runner
 
     _check_options(threshold, seg_threshold, batch_size, threads, min_volume_mm3, max_png, min_diameter_mm)
-    check_views(views, views_from)  # here, not in the scan loop, which reports a scan's error and goes on
+    check_views(views, views_from, view_mean)  # here, not in the scan loop, which reports a scan's error and goes on
     if seg is None or cls is None:
         from nodulekit.models.shipped import shipped_model
 
@@ -277,7 +283,8 @@ def run_detection(
             try:
                 res = detect_scan(ct, seg_runner, cls_runner, seg_threshold=seg_threshold, batch_size=batch_size,
                                   min_volume_mm3=min_volume_mm3, min_diameter_mm=min_diameter_mm,
-                                  views=views, views_from=views_from, progress=progress)
+                                  views=views, views_from=views_from, view_mean=view_mean,
+                                  progress=progress)
             except Exception as exc:  # noqa: BLE001 - one scan a runtime cannot take must not stop the batch
                 what = str(exc) if isinstance(exc, NonFiniteOutput) else f"{type(exc).__name__}: {exc}"
                 msg = " ".join(f"{item}: {what}".split())
@@ -329,7 +336,8 @@ def run_detection(
         summary = _summary(scans, failed, total_s, csv_path, json_path, seg=str(seg), cls=str(cls), backend=backend,
                            cls_backend=cls_backend, cls_int8=cls_int8, threshold=threshold, seg_threshold=seg_threshold,
                            batch_size=batch_size, threads=threads, min_volume_mm3=min_volume_mm3,
-                           min_diameter_mm=min_diameter_mm, views=views, views_from=views_from, max_png=max_png)
+                           min_diameter_mm=min_diameter_mm, views=views, views_from=views_from, view_mean=view_mean,
+                           max_png=max_png)
         summary["written"] = bool(scans) or not earlier
         if summary["written"]:
             _commit(out_dir, staging, rows, {**summary, "scans": scans})

@@ -217,11 +217,11 @@ def bench_scan(ct_path: str | Path, seg: str | Path, cls: str | Path, *, variant
             a[0] == b[0] and abs(a[1] - b[1]) <= 1e-3 for a, b in zip(cands, ref))
         out_rows.append({**doc, "stages_s": stages, "n_candidates": row.runs[0]["n_candidates"],
                          "n_nodules": row.runs[0]["n_nodules"], "same_as_first": same})
-    from nodulekit.detect.candidates import VIEWS, VIEWS_FROM
+    from nodulekit.detect.candidates import VIEW_MEAN, VIEWS, VIEWS_FROM
 
     return {"cpu": cpu_info(), "threads": threads, "repeats": repeats, "scan": str(ct_path),
             "shape_zyx": list(ct.shape), "read_s": round(read_s, 3), "views": VIEWS, "views_from": VIEWS_FROM,
-            "rows": out_rows}
+            "view_mean": VIEW_MEAN, "rows": out_rows}
 
 
 def format_table(result: dict) -> str:
@@ -243,5 +243,7 @@ def format_table(result: dict) -> str:
                  f"{result['threads']} threads, median of {result['repeats']} interleaved runs, scan "
                  f"{'x'.join(map(str, result['shape_zyx']))}, read {result['read_s']:.2f} s. "
                  "candidates: the 3D components after clean_up; crops + cls_network: the classification"
-                 + (f" ({result['views']} views from {result['views_from']:g})." if "views" in result else "."))
+                 + (f" ({result['views']} views from {result['views_from']:g}"
+                    + (f", their {result['view_mean']} mean" if "view_mean" in result else "") + ")."
+                    if "views" in result else "."))
     return "\n".join(lines)
