@@ -237,13 +237,15 @@ def format_table(result: dict) -> str:
         cells = [f"{s[c]:.2f}" if c in s else "-" for c in cols]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['n_candidates']} | "
                      f"{'yes' if r['same_as_first'] else 'no'} |")
+    # results saved before the views (or their mean) were recorded say nothing of them
+    views = "."
+    if "views" in result:
+        mean = f", their {result['view_mean']} mean" if "view_mean" in result else ""
+        views = f" ({result['views']} views from {result['views_from']:g}{mean})."
     cpu = result["cpu"]
     lines.append("")
     lines.append(f"CPU: {cpu['model_name']} ({cpu['cpus']} CPUs; {', '.join(cpu['key_flags']) or 'no AVX2'}), "
                  f"{result['threads']} threads, median of {result['repeats']} interleaved runs, scan "
                  f"{'x'.join(map(str, result['shape_zyx']))}, read {result['read_s']:.2f} s. "
-                 "candidates: the 3D components after clean_up; crops + cls_network: the classification"
-                 + (f" ({result['views']} views from {result['views_from']:g}"
-                    + (f", their {result['view_mean']} mean" if "view_mean" in result else "") + ")."
-                    if "views" in result else "."))
+                 "candidates: the 3D components after clean_up; crops + cls_network: the classification" + views)
     return "\n".join(lines)
